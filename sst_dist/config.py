@@ -1,0 +1,299 @@
+"""Recipes: dataclasses, YAML loading, `--set key=value` overrides, validation.
+
+A recipe says *what* to train. Every key a user can write is a field below; anything else is
+rejected here, early, with one line naming the key and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import yaml
+
+METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
+OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+class ConfigError(ValueError):
+    """A mistake in a recipe or on the command line; the message is one line for the user."""
+
+
+@dataclass
+class ModelConfig:
+    size: str = "tiny"  # a key of sst_dist.models.OPT_SIZES
+    seq_len: int = 128
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class SSTConfig:
+    steps_per_iteration: int = 200  # T3: optimizer steps between resamples
+    iterations_per_round: int | None = None  # T2: iterations between re-SVDs; None = k // rank
+    renormalize: bool = True  # active u_i, v_i back to unit length after each step
+    uniform_mix: bool = False  # p_i = (1/k + sigma_i / sum(sigma)) / 2 instead of p_i ~ sigma_i
+    reset_s_state: bool = False  # also zero the Adam state of s at each resample
+    path: str = "dense"  # dense: form W once per micro-batch | factored: x -> Vh -> s -> U
+
+
+@dataclass
+class LoRAConfig:
+    alpha: float | None = None  # scaling alpha / rank; None means alpha = rank (scale 1)
+
+
+@dataclass
+class ReLoRAConfig:
+    reset_every: int = 200  # T3: merge, re-init and reset the factors every this many steps
+
+
+@dataclass
+class GaLoreConfig:
+    rank: int | None = None  # None = the recipe's rank
+    update_proj_gap: int = 200
+    scale: float = 0.25
+    proj_type: str = "std"
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # full-rank parameters
+    lowrank_lr: float = 1e-3  # s, u_active, vh_active; LoRA/ReLoRA* factors
+    warmup_steps: int = 2000
+    rewarm_steps: int = 20  # linear lr re-warm of the low-rank group after each reset
+    weight_decay: float = 0.0
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # 0 disables
+
+
+@dataclass
+class TrainConfig:
+    global_batch: int = 8  # sequences per optimizer step, whatever the world size
+    micro_batch: int | None = None  # sequences per rank per forward; None = global_batch / world
+    max_steps: int = 40
+    log_every: int = 1
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64
+
+
+@dataclass
+class DataConfig:
+    source: str = "sample"  # sample | local | openwebtext
+    path: str | None = None  # source=local: a folder of .txt/.jsonl/.parquet files
+    hf_dataset: str = "Skylion007/openwebtext"
+    tokenizer: str = "auto"  # auto | opt | bundled | a local tokenizer path
+    cache_dir: str = "data"  # where prepared shards live
+    val_fraction: float = 0.01
+    num_proc: int = 0  # tokenizer processes; 0 = all cores
+    max_docs: int | None = None  # stop preparing after this many documents
+
+
+@dataclass
+class EvalConfig:
+    every_steps: int = 0  # 0 disables periodic evaluation
+    tokens: int = 65536  # held-out tokens per evaluation
+
+
+@dataclass
+class CheckpointConfig:
+    every_steps: int = 0  # 0: only at the end and on SIGTERM/SIGINT
+    keep: int = 2
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "sst-dist"
+    name: str | None = None
+
+
+@dataclass
+class Recipe:
+    method: str = "sst"
+    rank: int = 64
+    targets: list[str] = field(default_factory=lambda: list(OPT_TARGETS))
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sst: SSTConfig = field(default_factory=SSTConfig)
+    lora: LoRAConfig = field(default_factory=LoRAConfig)
+    relora: ReLoRAConfig = field(default_factory=ReLoRAConfig)
+    galore: GaLoreConfig = field(default_factory=GaLoreConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _allowed_keys(cls) -> str:
+    return ", ".join(f.name for f in dataclasses.fields(cls))
+
+
+def _coerce(value, annotation, key: str):
+    """Checks `value` against a field's type, converting the harmless cases (int -> float)."""
+    origin = typing.get_origin(annotation)
+    args = typing.get_args(annotation)
+    if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+        if value is None and type(None) in args:
+            return None
+        inner = [a for a in args if a is not type(None)]
+        return _coerce(value, inner[0], key)
+    if origin is list:
+        if isinstance(value, str):
+            value = [v.strip() for v in value.split(",") if v.strip()]
+        if not isinstance(value, list):
+            raise ConfigError(f"{key}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], key) for v in value]
+    if annotation is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    if annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)  # YAML 1.1 reads 1e-3 as a string
+            except ValueError:
+                pass
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    if annotation is str:
+        if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{key}: expected a string, got {value!r}")
+    return value
+
+
+def _build(cls, data: dict, prefix: str = ""):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{prefix.rstrip('.') or 'recipe'}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        if key not in names:
+            raise ConfigError(f"unknown recipe key '{prefix}{key}'; allowed here: {_allowed_keys(cls)}")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value or {}, f"{prefix}{key}.")
+        else:
+            kwargs[key] = _coerce(value, hint, f"{prefix}{key}")
+    return cls(**kwargs)
+
+
+def _set_dotted(tree: dict, dotted: str):
+    if "=" not in dotted:
+        raise ConfigError(f"--set {dotted!r}: expected dotted.key=value")
+    key, raw = dotted.split("=", 1)
+    value = yaml.safe_load(raw) if raw != "" else None
+    parts = key.strip().split(".")
+    node = tree
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {key}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _positive(key: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key}: {value!r} must be {bound}")
+
+
+def validate(recipe: Recipe) -> Recipe:
+    from sst_dist.models import OPT_SIZES, min_target_dim
+
+    _choice("method", recipe.method, METHODS)
+    _choice("model.size", recipe.model.size, tuple(OPT_SIZES))
+    for t in recipe.targets:
+        _choice("targets", t, OPT_TARGETS)
+    if not recipe.targets and recipe.method != "full":
+        raise ConfigError(f"targets: empty; choose from {', '.join(OPT_TARGETS)}")
+    if recipe.rank <= 0:
+        raise ConfigError(f"rank: {recipe.rank} must be a positive integer")
+    if recipe.method != "full":
+        limit = min_target_dim(recipe.model.size, recipe.targets)
+        if recipe.rank > limit:
+            raise ConfigError(
+                f"rank: {recipe.rank} exceeds min(out, in) = {limit} of model '{recipe.model.size}';"
+                f" use 1..{limit}"
+            )
+        if recipe.galore.rank is not None and not 0 < recipe.galore.rank <= limit:
+            raise ConfigError(f"galore.rank: {recipe.galore.rank} must be in 1..{limit}")
+    _choice("sst.path", recipe.sst.path, ("dense", "factored"))
+    _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
+    _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
+    _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))
+    _choice("data.source", recipe.data.source, ("sample", "local", "openwebtext"))
+    _choice("wandb.mode", recipe.wandb.mode, ("offline", "online", "disabled"))
+    if recipe.data.source == "local" and not recipe.data.path:
+        raise ConfigError("data.path: required when data.source is 'local' (a folder of text files)")
+    for key, value in [
+        ("sst.steps_per_iteration", recipe.sst.steps_per_iteration),
+        ("sst.iterations_per_round", recipe.sst.iterations_per_round),
+        ("relora.reset_every", recipe.relora.reset_every),
+        ("galore.update_proj_gap", recipe.galore.update_proj_gap),
+        ("model.seq_len", recipe.model.seq_len),
+        ("train.global_batch", recipe.train.global_batch),
+        ("train.micro_batch", recipe.train.micro_batch),
+        ("train.max_steps", recipe.train.max_steps),
+        ("train.log_every", recipe.train.log_every),
+        ("optim.lr", recipe.optim.lr),
+        ("optim.lowrank_lr", recipe.optim.lowrank_lr),
+        ("checkpoint.keep", recipe.checkpoint.keep),
+        ("eval.tokens", recipe.eval.tokens),
+    ]:
+        _positive(key, value)
+    for key, value in [
+        ("optim.warmup_steps", recipe.optim.warmup_steps),
+        ("optim.rewarm_steps", recipe.optim.rewarm_steps),
+        ("optim.weight_decay", recipe.optim.weight_decay),
+        ("optim.grad_clip", recipe.optim.grad_clip),
+        ("eval.every_steps", recipe.eval.every_steps),
+        ("checkpoint.every_steps", recipe.checkpoint.every_steps),
+    ]:
+        _positive(key, value, allow_zero=True)
+    if not 0.0 < recipe.data.val_fraction < 1.0:
+        raise ConfigError(f"data.val_fraction: {recipe.data.val_fraction} must be in (0, 1)")
+    return recipe
+
+
+def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Recipe:
+    """Reads a YAML recipe (or the defaults), applies `dotted.key=value` overrides, validates."""
+    tree: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"--recipe {path}: no such file")
+        try:
+            tree = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            mark = getattr(err, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark else ""
+            raise ConfigError(f"--recipe {path}:{where} is not valid YAML") from None
+    for item in overrides:
+        _set_dotted(tree, item)
+    return validate(_build(Recipe, tree))

@@ -1,0 +1,84 @@
+"""The seam for a plain single-process torch optimizer: parameters and states are ordinary tensors."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from sst_dist.engines.base import Backend, zero_moments
+
+
+class TorchBackend(Backend):
+    def __init__(self, optimizer: torch.optim.Optimizer | None = None, device=None):
+        self.optimizer = optimizer
+        self._device = torch.device(device or "cpu")
+
+    def read(self, param):
+        return param.detach().clone()
+
+    @torch.no_grad()
+    def write(self, param, value):
+        param.copy_(value.to(device=param.device, dtype=param.dtype))
+
+    def reset_state(self, param, index=None, dim=0):
+        if self.optimizer is not None:
+            zero_moments(self.optimizer.state.get(param, {}), index, dim)
+
+    def optimizer_state(self, param, key):
+        if self.optimizer is None:
+            return None
+        tensor = self.optimizer.state.get(param, {}).get(key)
+        return None if tensor is None else tensor.detach().clone()
+
+    @property
+    def compute_device(self):
+        return self._device
+
+
+class TorchEngine:
+    """A single-process trainer engine: AdamW over the given groups, grad accumulation, clipping."""
+
+    name = "torch"
+    rank, world_size = 0, 1
+
+    def __init__(self, model, param_groups: list[dict], recipe, device: torch.device, accumulation: int,
+                 dtype: torch.dtype = torch.float32):
+        self.model = model
+        # fp32 weights and states; bf16 only inside autocast, and only on a GPU
+        self.autocast_dtype = dtype if device.type == "cuda" and dtype == torch.bfloat16 else None
+        self.device = device
+        self.accumulation = accumulation
+        o = recipe.optim
+        self.optimizer = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay)
+        self.grad_clip = o.grad_clip
+        self.backend = TorchBackend(self.optimizer, device)
+
+    def forward_context(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast("cuda", dtype=self.autocast_dtype)
+
+    def backward(self, loss):
+        (loss / self.accumulation).backward()
+
+    def step(self):
+        if self.grad_clip:
+            params = [p for g in self.optimizer.param_groups for p in g["params"]]
+            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_learning_rates(self, lrs: dict[str, float]):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["name"]]
+
+    def save(self, path):
+        torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
+                   path / "state.pt")
+
+    def load(self, path):
+        state = torch.load(path / "state.pt", map_location=self.device, weights_only=True)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])

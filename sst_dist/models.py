@@ -1,0 +1,56 @@
+"""OPT models by size name, built from config (no download): the published shapes plus `tiny`."""
+
+from __future__ import annotations
+
+from transformers import OPTConfig, OPTForCausalLM
+
+# hidden, layers, heads, ffn (Zhang et al. 2022, Table 1; HF facebook/opt-* configs)
+OPT_SIZES: dict[str, dict] = {
+    "tiny": dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, ffn_dim=256),
+    "125m": dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, ffn_dim=3072),
+    # 350m is the odd one: post-LayerNorm and a 512-wide embedding projected in and out.
+    "350m": dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, ffn_dim=4096,
+                 word_embed_proj_dim=512, do_layer_norm_before=False),
+    "1.3b": dict(hidden_size=2048, num_hidden_layers=24, num_attention_heads=32, ffn_dim=8192),
+    "2.7b": dict(hidden_size=2560, num_hidden_layers=32, num_attention_heads=32, ffn_dim=10240),
+    "6.7b": dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, ffn_dim=16384),
+    "13b": dict(hidden_size=5120, num_hidden_layers=40, num_attention_heads=40, ffn_dim=20480),
+    "30b": dict(hidden_size=7168, num_hidden_layers=48, num_attention_heads=56, ffn_dim=28672),
+    "66b": dict(hidden_size=9216, num_hidden_layers=64, num_attention_heads=72, ffn_dim=36864),
+}
+OPT_VOCAB = 50272  # the OPT tokenizer's 50265 entries padded to a multiple of 8
+
+
+def target_shapes(size: str) -> dict[str, tuple[int, int]]:
+    """(out, in) of each targetable linear in one decoder layer."""
+    dims = OPT_SIZES[size]
+    h, f = dims["hidden_size"], dims["ffn_dim"]
+    attn = {name: (h, h) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
+    return {**attn, "fc1": (f, h), "fc2": (h, f)}
+
+
+def min_target_dim(size: str, targets) -> int:
+    shapes = target_shapes(size)
+    return min(min(shapes[t]) for t in targets)
+
+
+def opt_config(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
+               attn_implementation: str = "sdpa") -> OPTConfig:
+    dims = dict(OPT_SIZES[size])
+    dims.setdefault("word_embed_proj_dim", dims["hidden_size"])
+    config = OPTConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=max(seq_len, 2048 if size != "tiny" else seq_len),
+        dropout=0.0,  # pretraining from scratch, as in the paper's OPT runs
+        attention_dropout=0.0,
+        activation_dropout=0.0,
+        pad_token_id=1, bos_token_id=2, eos_token_id=2,
+        **dims,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
+                attn_implementation: str = "sdpa") -> OPTForCausalLM:
+    return OPTForCausalLM(opt_config(size, vocab_size, seq_len, attn_implementation))

@@ -1,0 +1,383 @@
+"""Sparse Spectral Training (Zhao et al., ICML 2025): every formula of the method, nothing else.
+
+A targeted linear layer keeps its weight as a full SVD, W = U diag(s) Vh with k = min(out, in).
+All k singular values train; r active singular vectors (columns U[:, S], rows Vh[S, :]) train as
+the fixed-shape parameters `u_active` (out x r) and `vh_active` (r x in); the rest of U and Vh are
+frozen, non-trainable parameters. See DESIGN §1.
+
+Engine-facing work (resample, re-SVD, the per-step clamp and renormalisation) goes through the
+seam in `sst_dist.engines.base.Backend`, so the same code is right under ZeRO and FSDP.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+PATHS = ("dense", "factored")
+
+
+# ----------------------------------------------------------------------------- tensor math
+
+def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    """float64 if any input is float64 (tests), else float32: SVD and sampling never run in bf16."""
+    return torch.float64 if any(t.dtype == torch.float64 for t in tensors) else torch.float32
+
+
+def merged_factors(U, Vh, u_active, vh_active, idx):
+    """U (out, k), Vh (k, in) with the active columns / rows (idx: r) replaced by the trained ones."""
+    idx = idx.to(U.device)
+    return (U.index_copy(1, idx, u_active.to(U.dtype)),
+            Vh.index_copy(0, idx, vh_active.to(Vh.dtype)))
+
+
+def dense_from_factors(U, s, Vh):
+    """W = U diag(s) Vh: (out, k), (k,), (k, in) -> (out, in)."""
+    return (U * s) @ Vh
+
+
+def sampling_probabilities(s: torch.Tensor, uniform_mix: bool = False) -> torch.Tensor:
+    """p_i ~ sigma_i (DESIGN §1), optionally mixed half-and-half with uniform. s: (k,) -> (k,)."""
+    weights = s.detach().double().clamp_min(0)
+    k = weights.numel()
+    total = weights.sum()
+    p = weights / total if total > 0 else torch.full_like(weights, 1.0 / k)
+    if uniform_mix:
+        p = 0.5 * (p + 1.0 / k)
+    # multinomial without replacement needs r positive entries; a floor far below any real sigma
+    # keeps zeroed singular values drawable last rather than failing the draw
+    return (p + 1e-30).clamp_min(1e-30)
+
+
+def sample_active(s: torch.Tensor, rank: int, generator: torch.Generator | None = None,
+                  uniform_mix: bool = False) -> torch.Tensor:
+    """Draws r distinct indices from p_i ~ sigma_i, without replacement. Returns LongTensor (r,)."""
+    p = sampling_probabilities(s, uniform_mix)
+    return torch.multinomial(p, rank, replacement=False, generator=generator)
+
+
+def assign_slots(old_idx: torch.Tensor | None, drawn: torch.Tensor):
+    """Places a new draw into the r slots of u_active / vh_active.
+
+    An index drawn again keeps its slot (its vectors and optimizer moments carry on); new indices
+    fill the freed slots in draw order. Returns (new_idx (r,), reset_slots (n,)): the slots whose
+    vectors changed, whose optimizer state must be reset.
+    """
+    if old_idx is None:
+        return drawn.clone(), torch.arange(drawn.numel())
+    old_idx = old_idx.to(drawn.device)
+    keep = torch.isin(old_idx, drawn)
+    fresh = drawn[~torch.isin(drawn, old_idx)]
+    new_idx = old_idx.clone()
+    new_idx[~keep] = fresh
+    return new_idx, (~keep).nonzero().flatten()
+
+
+def layer_generator(seed: int, layer_index: int, iteration: int) -> torch.Generator:
+    """The sampling RNG of one layer at one iteration: a pure function of its coordinates, so any
+    rank can draw it, the draw does not depend on the world size, and a resumed run needs no
+    saved RNG state."""
+    state = np.random.SeedSequence([seed, layer_index, iteration]).generate_state(2, np.uint64)
+    return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
+
+
+def renormalized(s, u_active, vh_active, idx):
+    """Active u_i, v_i scaled back to unit length, their norms folded into s_i so W is unchanged.
+
+    s (k,), u_active (out, r), vh_active (r, in). Returns the three new tensors.
+    """
+    u_norm = u_active.norm(dim=0).clamp_min(torch.finfo(u_active.dtype).tiny)
+    v_norm = vh_active.norm(dim=1).clamp_min(torch.finfo(vh_active.dtype).tiny)
+    s = s.clone()
+    s[idx] = s[idx] * (u_norm * v_norm).to(s.dtype)
+    return s, u_active / u_norm, vh_active / v_norm[:, None]
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _SSTMatmul(torch.autograd.Function):
+    """y = x Wᵀ with W = U_eff diag(s) Vh_eff, and SST's enhanced gradient.
+
+    ∂L/∂s_i = u_iᵀ G v_i as usual, but the active vectors get G v_i and Gᵀ u_i (no σ_i factor),
+    computed here rather than by dividing the exact gradient by σ_i, which can be 0. G = gyᵀ x.
+    The frozen U, Vh get no gradient.
+    """
+
+    @staticmethod
+    @torch.amp.custom_fwd(device_type="cuda")
+    def forward(ctx, x, U, Vh, s, u_active, vh_active, idx, path):
+        U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
+        if path == "dense":
+            y = x @ dense_from_factors(U_eff, s, Vh_eff).T
+            ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx)
+        else:
+            h = x @ Vh_eff.T  # (..., k)
+            y = (h * s) @ U_eff.T
+            ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx, h)
+        ctx.path = path
+        return y
+
+    @staticmethod
+    @torch.amp.custom_bwd(device_type="cuda")
+    def backward(ctx, gy):
+        x, U, Vh, s, u_active, vh_active, idx = ctx.saved_tensors[:7]
+        U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = gy.reshape(-1, gy.shape[-1])
+        grad_x = grad_s = grad_u = grad_vh = None
+        if ctx.path == "dense":
+            if ctx.needs_input_grad[0]:
+                grad_x = gy @ dense_from_factors(U_eff, s, Vh_eff)
+            G = g2.T @ x2  # (out, in): the dense weight gradient
+            GV = G @ Vh_eff.T  # (out, k): column i is G v_i
+            grad_s = (U_eff * GV).sum(0)
+            grad_u = GV[:, idx]
+            grad_vh = U_eff[:, idx].T @ G
+        else:
+            (h,) = ctx.saved_tensors[7:]
+            h2 = h.reshape(-1, h.shape[-1])
+            gh = g2 @ U_eff  # (T, k): column i is gy · u_i
+            if ctx.needs_input_grad[0]:
+                grad_x = (gh * s).reshape(*gy.shape[:-1], -1) @ Vh_eff
+            grad_s = (gh * h2).sum(0)
+            grad_u = g2.T @ h2[:, idx]
+            grad_vh = gh[:, idx].T @ x2
+        return grad_x, None, None, grad_s, grad_u, grad_vh, None, None
+
+
+# ----------------------------------------------------------------------------- the layer
+
+class SSTLinear(nn.Module):
+    """A linear layer trained in its spectral form. Parameters:
+
+    U (out, k), Vh (k, in): frozen (requires_grad=False) so an engine shards them like any weight;
+    s (k,), u_active (out, r), vh_active (r, in), bias (out,): trainable.
+    Buffer active_indices (r,): which singular indices the active slots hold.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
+                 path: str = "dense", device=None, dtype=None):
+        super().__init__()
+        k = min(in_features, out_features)
+        if not 0 < rank <= k:
+            raise ValueError(f"rank must be in 1..{k} for a {out_features}x{in_features} layer, got {rank}")
+        if path not in PATHS:
+            raise ValueError(f"path must be one of {PATHS}, got {path!r}")
+        factory = dict(device=device, dtype=dtype)
+        self.in_features, self.out_features, self.rank, self.path = in_features, out_features, rank, path
+        self.U = nn.Parameter(torch.empty(out_features, k, **factory), requires_grad=False)
+        self.Vh = nn.Parameter(torch.empty(k, in_features, **factory), requires_grad=False)
+        self.s = nn.Parameter(torch.empty(k, **factory))
+        self.u_active = nn.Parameter(torch.empty(out_features, rank, **factory))
+        self.vh_active = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.register_buffer("active_indices", torch.arange(rank, device=device))
+
+    @property
+    def k(self) -> int:
+        return self.s.shape[0]
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, rank: int, generator: torch.Generator | None = None,
+                    path: str = "dense", uniform_mix: bool = False) -> "SSTLinear":
+        """The same function as `linear`, as a full SVD with r active vectors drawn from p ~ σ."""
+        weight = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
+                    path=path, device=weight.device, dtype=weight.dtype)
+        U, s, Vh = torch.linalg.svd(weight.to(compute_dtype(weight)), full_matrices=False)
+        layer.load_factors(U, s, Vh, sample_active(s.cpu(), rank, generator, uniform_mix))
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def load_factors(self, U, s, Vh, idx):
+        """Sets the whole spectral state from a factorisation and an active set (plain tensors)."""
+        idx = idx.to(self.active_indices.device)
+        self.U.copy_(U)
+        self.Vh.copy_(Vh)
+        self.s.copy_(s)
+        self.active_indices.copy_(idx)
+        self.u_active.copy_(U[:, idx.to(U.device)])
+        self.vh_active.copy_(Vh[idx.to(Vh.device)])
+
+    def forward(self, x):
+        y = _SSTMatmul.apply(x, self.U, self.Vh, self.s, self.u_active, self.vh_active,
+                             self.active_indices, self.path)
+        return y if self.bias is None else y + self.bias
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        U_eff, Vh_eff = merged_factors(self.U, self.Vh, self.u_active, self.vh_active, self.active_indices)
+        return dense_from_factors(U_eff, self.s, Vh_eff)
+
+    def sst_parameters(self) -> list[nn.Parameter]:
+        """The parameters trained at the low-rank learning rate (bias is full-rank)."""
+        return [self.s, self.u_active, self.vh_active]
+
+    # The three methods below act on this layer's own tensors, for single-process use. Training
+    # under an engine goes through SSTController, which does the same through the seam.
+    @torch.no_grad()
+    def resample(self, generator: torch.Generator | None = None, uniform_mix: bool = False):
+        """Writes the active vectors back and draws a new active set; W is unchanged.
+        Returns the slots whose vectors changed (their optimizer state needs a reset)."""
+        U, Vh, new_idx, slots = resampled(self.U, self.Vh, self.s, self.u_active, self.vh_active,
+                                          self.active_indices, generator, uniform_mix)
+        self.U.copy_(U)
+        self.Vh.copy_(Vh)
+        self.active_indices.copy_(new_idx)
+        self.u_active.copy_(U[:, new_idx])
+        self.vh_active.copy_(Vh[new_idx])
+        return slots
+
+    @torch.no_grad()
+    def resvd(self, generator: torch.Generator | None = None, uniform_mix: bool = False):
+        """Re-orthogonalises by a fresh SVD of U diag(s) Vh and draws a new active set."""
+        U, s, Vh = resvd_factors(self.U, self.Vh, self.s, self.u_active, self.vh_active, self.active_indices)
+        self.load_factors(U, s, Vh, sample_active(s.cpu(), self.rank, generator, uniform_mix))
+
+    @torch.no_grad()
+    def post_step(self, renormalize: bool = True):
+        s = self.s.clamp_min(0)
+        if renormalize:
+            s, u, vh = renormalized(s, self.u_active, self.vh_active, self.active_indices)
+            self.u_active.copy_(u)
+            self.vh_active.copy_(vh)
+        self.s.copy_(s)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
+                f"rank={self.rank}, path={self.path}")
+
+
+def resampled(U, Vh, s, u_active, vh_active, idx, generator=None, uniform_mix=False):
+    """Writes u_active / vh_active back into U / Vh and draws the next active set.
+
+    Returns (U, Vh, new_idx, reset_slots); the new active vectors are U[:, new_idx], Vh[new_idx].
+    """
+    U, Vh = merged_factors(U, Vh, u_active, vh_active, idx)
+    drawn = sample_active(s.cpu(), idx.numel(), generator, uniform_mix)
+    new_idx, slots = assign_slots(idx.cpu(), drawn)
+    return U, Vh, new_idx.to(idx.device), slots
+
+
+def resvd_factors(U, Vh, s, u_active, vh_active, idx):
+    """A fresh SVD of the layer's current W, in float32 (float64 if the inputs are)."""
+    dtype = compute_dtype(U, s, u_active)
+    U_eff, Vh_eff = merged_factors(U.to(dtype), Vh.to(dtype), u_active.to(dtype), vh_active.to(dtype), idx)
+    return torch.linalg.svd(dense_from_factors(U_eff, s.to(dtype), Vh_eff), full_matrices=False)
+
+
+# ----------------------------------------------------------------------------- model level
+
+def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int = 0,
+              path: str = "dense", uniform_mix: bool = False) -> dict[str, SSTLinear]:
+    """Replaces every nn.Linear whose attribute name is in `targets` by an SSTLinear.
+
+    Returns the new layers by qualified name, in model order (their index is their owner key).
+    """
+    targets = set(targets)
+    found = [(name, module) for name, module in model.named_modules()
+             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
+    layers = {}
+    for index, (name, linear) in enumerate(found):
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix)
+        setattr(parent, attr, layer)
+        layers[name] = layer
+    return layers
+
+
+class SSTController:
+    """Runs the method's periodic work on all SST layers through an engine's seam.
+
+    Sampling is a pure function of (seed, layer, iteration), so every rank draws the same set with
+    no communication. The one costly step, the SVD of a layer, runs on the layer's owner rank and
+    its result is broadcast.
+    """
+
+    def __init__(self, layers: dict[str, SSTLinear], backend, *, seed: int = 0,
+                 renormalize: bool = True, uniform_mix: bool = False, reset_s_state: bool = False):
+        self.layers = list(layers.values())
+        self.backend = backend
+        self.seed, self.renormalize = seed, renormalize
+        self.uniform_mix, self.reset_s_state = uniform_mix, reset_s_state
+
+    @torch.no_grad()
+    def post_step(self):
+        """s >= 0, and (option) unit-length active vectors with their norms folded into s."""
+        read, write = self.backend.read, self.backend.write
+        for layer in self.layers:
+            s = read(layer.s).clamp_min(0)
+            if self.renormalize:
+                s, u, vh = renormalized(s, read(layer.u_active), read(layer.vh_active),
+                                        layer.active_indices.to(s.device))
+                write(layer.u_active, u)
+                write(layer.vh_active, vh)
+            write(layer.s, s)
+
+    @torch.no_grad()
+    def resample(self, iteration: int):
+        """Start of an iteration: write back, draw, load, reset the moments of changed slots."""
+        read = self.backend.read
+        for index, layer in enumerate(self.layers):
+            idx = layer.active_indices
+            U, Vh, new_idx, slots = resampled(
+                read(layer.U), read(layer.Vh), read(layer.s), read(layer.u_active),
+                read(layer.vh_active), idx, layer_generator(self.seed, index, iteration), self.uniform_mix)
+            self._load(layer, U, Vh, None, new_idx, slots)
+
+    @torch.no_grad()
+    def resvd(self, iteration: int):
+        """Start of a round: a fresh SVD per layer on its owner rank, then a full redraw."""
+        backend = self.backend
+        results = {}
+        for index, layer in enumerate(self.layers):
+            tensors = [backend.read(p) for p in (layer.U, layer.Vh, layer.s, layer.u_active, layer.vh_active)]
+            if backend.owner(index) == backend.rank:
+                dev = backend.compute_device
+                results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))
+        for index, layer in enumerate(self.layers):
+            dtype = compute_dtype(layer.s) if layer.s.dtype == torch.float64 else torch.float32
+            shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
+            U, s, Vh = results.get(index) or [
+                torch.empty(shape, dtype=dtype, device=backend.compute_device) for shape in shapes]
+            for t in (U, s, Vh):
+                backend.broadcast(t, backend.owner(index))
+            drawn = sample_active(s.cpu(), layer.rank, layer_generator(self.seed, index, iteration),
+                                  self.uniform_mix)
+            new_idx, slots = assign_slots(None, drawn)
+            self._load(layer, U, Vh, s, new_idx, slots)
+
+    def _load(self, layer: SSTLinear, U, Vh, s, new_idx, slots):
+        backend = self.backend
+        new_idx = new_idx.to(U.device)
+        backend.write(layer.U, U)
+        backend.write(layer.Vh, Vh)
+        if s is not None:
+            backend.write(layer.s, s)
+        layer.active_indices.copy_(new_idx.to(layer.active_indices.device))
+        backend.write(layer.u_active, U[:, new_idx])
+        backend.write(layer.vh_active, Vh[new_idx])
+        if slots.numel():
+            backend.reset_state(layer.u_active, slots, dim=1)
+            backend.reset_state(layer.vh_active, slots, dim=0)
+        if self.reset_s_state:
+            backend.reset_state(layer.s)
+
+    def state_dict(self) -> dict:
+        return {"active_indices": [layer.active_indices.tolist() for layer in self.layers]}
+
+    def load_state_dict(self, state: dict) -> None:
+        for layer, idx in zip(self.layers, state["active_indices"]):
+            layer.active_indices.copy_(torch.tensor(idx, dtype=torch.long))
+
+
+__all__ = ["SSTLinear", "apply_sst", "SSTController", "sample_active", "assign_slots",
+           "layer_generator", "resampled", "resvd_factors", "renormalized", "merged_factors",
+           "dense_from_factors", "sampling_probabilities"]

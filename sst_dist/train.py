@@ -1,0 +1,245 @@
+"""The training loop: build -> (resume) -> step -> log -> checkpoint. One file, top to bottom."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from sst_dist import checkpoint
+from sst_dist.config import ConfigError, Recipe
+from sst_dist.data import evaluate, open_data, prepare
+from sst_dist.engines import build_engine, distributed_context
+from sst_dist.methods import build_method
+from sst_dist.models import OPT_VOCAB, build_model
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+@dataclass
+class Run:
+    recipe: Recipe
+    output_dir: Path
+    engine: str = "torch"  # torch | deepspeed | fsdp
+    ds_config: str | None = None
+
+
+def resolve_device(recipe: Recipe, local_rank: int) -> torch.device:
+    want = recipe.train.device
+    if want == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device: cuda requested but no GPU is visible; use cpu or auto")
+    if want == "cuda" or (want == "auto" and torch.cuda.is_available()):
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def resolve_dtype(recipe: Recipe, device: torch.device) -> torch.dtype:
+    if recipe.train.dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    return DTYPES[recipe.train.dtype]
+
+
+def batch_geometry(recipe: Recipe, world_size: int) -> tuple[int, int]:
+    """(micro-batch per rank, gradient accumulation steps) from the recipe's global batch."""
+    global_batch = recipe.train.global_batch
+    if global_batch % world_size:
+        raise ConfigError(f"train.global_batch: {global_batch} is not divisible by {world_size} ranks")
+    per_rank = global_batch // world_size
+    micro = recipe.train.micro_batch or per_rank
+    if per_rank % micro:
+        raise ConfigError(f"train.micro_batch: {micro} does not divide the {per_rank} sequences per rank "
+                          f"(global_batch {global_batch} / {world_size} ranks)")
+    return micro, per_rank // micro
+
+
+def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
+    """Mean next-token cross-entropy of a (b, seq_len + 1) block, computed in fp32."""
+    logits = model(input_ids=block[:, :-1]).logits
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
+
+
+class StopFlag:
+    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step."""
+
+    def __init__(self):
+        self.raised = False
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+
+def main(run: Run) -> dict:
+    recipe = run.recipe
+    ctx = distributed_context(run.engine)
+    device = resolve_device(recipe, ctx.local_rank)
+    dtype = resolve_dtype(recipe, device)
+    micro, accumulation = batch_geometry(recipe, ctx.world_size)
+    is_main = ctx.rank == 0
+    out = run.output_dir
+    out.mkdir(parents=True, exist_ok=True)
+
+    # data: one rank tokenizes, the others wait and read the same shards
+    if is_main:
+        prepare(recipe.data, progress=True)
+    ctx.barrier()
+    data = open_data(recipe.data, seq_len=recipe.model.seq_len, global_batch=recipe.train.global_batch,
+                     seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
+
+    torch.manual_seed(recipe.seed)
+    vocab = data.vocab_size if recipe.model.size == "tiny" else max(OPT_VOCAB, data.vocab_size)
+    model = build_model(recipe.model.size, vocab_size=vocab, seq_len=recipe.model.seq_len,
+                        attn_implementation=recipe.model.attn_implementation)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    method = build_method(recipe, model)
+
+    lowrank_ids = {id(p) for p in method.lowrank_params}
+    full_params = [p for p in model.parameters() if p.requires_grad and id(p) not in lowrank_ids]
+    groups = [{"params": full_params, "lr": recipe.optim.lr, "name": "full"}]
+    if method.lowrank_params:
+        groups.append({"params": method.lowrank_params, "lr": recipe.optim.lowrank_lr, "name": "lowrank"})
+    engine = build_engine(run.engine, model, groups, recipe, device=device, dtype=dtype, micro_batch=micro,
+                          accumulation=accumulation, ds_config=run.ds_config, ctx=ctx)
+    method.attach(engine.backend, recipe)
+
+    state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
+    resume_from = checkpoint.latest_checkpoint(out)
+    if resume_from is not None:
+        engine.load(resume_from)
+        state = checkpoint.read_trainer_state(resume_from)
+        data.load_state_dict(state["data"])
+        if "torch_rng" in state:
+            torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+        if is_main:
+            print(f"resuming from {resume_from} at step {state['step']}", flush=True)
+
+    logger = MetricsLogger(out, recipe, is_main, resumed=resume_from is not None)
+    stop = StopFlag()
+    tokens_per_step = recipe.train.global_batch * recipe.model.seq_len
+    max_steps = recipe.train.max_steps
+    bar = tqdm(total=max_steps, initial=state["step"], disable=not is_main, desc=recipe.method,
+               unit="step", dynamic_ncols=True)
+    last_saved = state["step"]
+    step = state["step"]
+    while step < max_steps:
+        t0 = time.perf_counter()
+        event = method.before_step(step)
+        full_lr, lowrank_lr = method.schedule.learning_rates(step)
+        engine.set_learning_rates({"full": full_lr, "lowrank": lowrank_lr})
+
+        engine.model.train()
+        rows = data.next_batch().to(device)
+        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
+        for chunk in rows.split(micro):
+            with engine.forward_context():
+                loss = lm_loss(engine.model, chunk)
+            engine.backward(loss)
+            loss_sum += loss.detach().double()
+        engine.step()
+        method.after_step()
+        loss_value = ctx.mean(loss_sum / accumulation)
+
+        step += 1
+        elapsed = time.perf_counter() - t0
+        state["tokens"] += tokens_per_step
+        state["elapsed_s"] += elapsed
+        record = {"step": step, "loss": loss_value, "lr": full_lr, "lowrank_lr": lowrank_lr,
+                  "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 4),
+                  "tokens_per_s": round(tokens_per_step / elapsed, 1)}
+        if event:
+            record["event"] = event
+        if recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
+            record.update(run_eval(engine.model, data, recipe, device))
+        logger.log(record)
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss_value:.4f}")
+
+        stopping = ctx.any(stop.raised)
+        every = recipe.checkpoint.every_steps
+        if stopping or step == max_steps or (every and step % every == 0):
+            save(engine, data, state, step, out, recipe, ctx)
+            last_saved = step
+        if stopping:
+            if is_main:
+                print(f"stopped by signal at step {step}; checkpoint saved, re-run to resume", flush=True)
+            break
+    bar.close()
+    if last_saved != step:
+        save(engine, data, state, step, out, recipe, ctx)
+    logger.close()
+    ctx.barrier()
+    return {"step": step, "output_dir": str(out)}
+
+
+def run_eval(model, data, recipe: Recipe, device) -> dict:
+    model.eval()
+    batch = max(1, recipe.train.micro_batch or recipe.train.global_batch)
+    loss = evaluate(model, data.eval_batches(recipe.eval.tokens, batch), device=device)
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def save(engine, data, state, step, out, recipe, ctx) -> None:
+    path = checkpoint.partial_dir(out, step) if ctx.rank == 0 else checkpoint.checkpoint_root(out) / (
+        checkpoint.step_name(step) + ".partial")
+    ctx.barrier()
+    engine.save(path)
+    ctx.barrier()
+    if ctx.rank == 0:
+        trainer_state = {**state, "step": step, "data": data.state_dict(),
+                         "torch_rng": torch.get_rng_state().tolist(), "method": recipe.method}
+        checkpoint.commit(out, step, trainer_state, recipe.checkpoint.keep)
+    ctx.barrier()
+
+
+class MetricsLogger:
+    """metrics.jsonl (appended, one object per step) and wandb, on rank 0 only."""
+
+    def __init__(self, out: Path, recipe: Recipe, enabled: bool, resumed: bool):
+        self.enabled = enabled
+        self.wandb = None
+        if not enabled:
+            return
+        self.file = open(out / "metrics.jsonl", "a")
+        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+        if recipe.wandb.mode != "disabled":
+            import wandb
+
+            id_file = out / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=recipe.wandb.project, name=recipe.wandb.name, id=run_id,
+                                    resume="allow", mode=recipe.wandb.mode, dir=str(out),
+                                    config=recipe.to_dict())
+
+    def log(self, record: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            self.wandb.log({k: v for k, v in record.items() if k != "event"}, step=record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()
+
+
+def set_threads() -> None:
+    """One thread per local rank on CPU, so two gloo ranks do not fight over two cores."""
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
+    if local_world > 1 and not torch.cuda.is_available():
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

@@ -1,0 +1,235 @@
+"""The SST layer's math in float64 against the formulas of DESIGN §1."""
+
+import pytest
+import torch
+from torch import nn
+
+from sst_dist.engines.torch import TorchBackend
+from sst_dist.sst import (SSTController, SSTLinear, assign_slots, layer_generator, sample_active,
+                          sampling_probabilities)
+
+torch.set_default_dtype(torch.float64)
+PATHS = ("dense", "factored")
+
+
+def make_layer(out_f=12, in_f=8, rank=3, path="dense", seed=0):
+    torch.manual_seed(seed)
+    linear = nn.Linear(in_f, out_f).double()
+    return linear, SSTLinear.from_linear(linear, rank, torch.Generator().manual_seed(seed), path=path)
+
+
+def train_a_little(layer, steps=3, lr=0.05, seed=1):
+    """Moves the active vectors and s away from their SVD values, like training does."""
+    opt = torch.optim.AdamW([p for p in layer.parameters() if p.requires_grad], lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        x = torch.randn(5, layer.in_features, generator=g)
+        layer(x).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    return opt
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12), (10, 10)])
+@pytest.mark.parametrize("path", PATHS)
+def test_zero_distortion(shape, path):
+    linear, layer = make_layer(*shape, path=path)
+    x = torch.randn(4, 7, shape[1])
+    torch.testing.assert_close(layer(x), linear(x), rtol=0, atol=1e-12)
+    torch.testing.assert_close(layer.dense_weight(), linear.weight.detach(), rtol=0, atol=1e-12)
+
+
+def test_parameters_are_the_spectral_factors():
+    _, layer = make_layer(12, 8, rank=3)
+    trainable = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
+    frozen = {n: tuple(p.shape) for n, p in layer.named_parameters() if not p.requires_grad}
+    assert trainable == {"s": (8,), "u_active": (12, 3), "vh_active": (3, 8), "bias": (12,)}
+    assert frozen == {"U": (12, 8), "Vh": (8, 8)}
+    assert layer.active_indices.dtype == torch.long and layer.active_indices.shape == (3,)
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_enhanced_gradient_matches_formulas(path):
+    _, layer = make_layer(12, 8, rank=3, path=path)
+    train_a_little(layer)  # active vectors no longer equal the frozen columns
+    W = layer.dense_weight()
+    x = torch.randn(6, 8, requires_grad=True)
+    gy = torch.randn(6, 12)
+    layer(x).backward(gy)
+
+    dense = nn.Linear(8, 12).double()
+    with torch.no_grad():
+        dense.weight.copy_(W)
+        dense.bias.copy_(layer.bias)
+    x_ref = x.detach().clone().requires_grad_()
+    dense(x_ref).backward(gy)
+    G = dense.weight.grad  # dL/dW of an ordinary dense layer on the same input
+
+    idx = layer.active_indices
+    U = layer.U.detach().index_copy(1, idx, layer.u_active.detach())
+    V = layer.Vh.detach().index_copy(0, idx, layer.vh_active.detach()).T
+    torch.testing.assert_close(layer.s.grad, torch.diagonal(U.T @ G @ V), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.u_active.grad, G @ V[:, idx], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.vh_active.grad, U[:, idx].T @ G, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    # the exact gradient would carry sigma_i; SST's must not
+    sigma = layer.s.detach()[idx]
+    assert not torch.allclose(layer.u_active.grad, G @ V[:, idx] * sigma)
+    assert layer.U.grad is None and layer.Vh.grad is None
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_resample_and_resvd_preserve_the_function(path):
+    _, layer = make_layer(12, 8, rank=3, path=path)
+    train_a_little(layer)
+    x = torch.randn(5, 8)
+    before = layer(x).detach()
+    old = layer.active_indices.clone()
+    slots = layer.resample(torch.Generator().manual_seed(3))
+    torch.testing.assert_close(layer(x).detach(), before, rtol=0, atol=1e-10)
+    # kept indices keep their slot; changed slots are reported
+    changed = (layer.active_indices != old).nonzero().flatten()
+    assert torch.equal(changed, slots)
+    train_a_little(layer, seed=4)
+    before = layer(x).detach()
+    layer.resvd(torch.Generator().manual_seed(5))
+    torch.testing.assert_close(layer(x).detach(), before, rtol=0, atol=1e-10)
+    U, Vh = layer.U.detach(), layer.Vh.detach()
+    torch.testing.assert_close(U.T @ U, torch.eye(8), rtol=0, atol=1e-10)
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(8), rtol=0, atol=1e-10)
+
+
+def test_assign_slots_keeps_redrawn_indices_in_place():
+    old = torch.tensor([4, 7, 1])
+    new_idx, slots = assign_slots(old, torch.tensor([9, 1, 4]))
+    assert new_idx.tolist() == [4, 9, 1]
+    assert slots.tolist() == [1]
+    new_idx, slots = assign_slots(None, torch.tensor([2, 0]))
+    assert new_idx.tolist() == [2, 0] and slots.tolist() == [0, 1]
+
+
+def test_sampling_follows_sigma_weighted_law():
+    s = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.5, 0.25, 0.0, 3.0])
+    p = sampling_probabilities(s)
+    torch.testing.assert_close(p, s / s.sum(), rtol=0, atol=1e-12)
+    mixed = sampling_probabilities(s, uniform_mix=True)
+    torch.testing.assert_close(mixed, 0.5 * (1 / 8 + s / s.sum()), rtol=0, atol=1e-12)
+
+    g = torch.Generator().manual_seed(1234)
+    n = 40000
+    draws = torch.stack([sample_active(s, 1, g) for _ in range(n)]).flatten()
+    counts = torch.bincount(draws, minlength=8).double()
+
+    def chi2(expected_p):
+        expected = expected_p * n
+        mask = expected > 0
+        return float((((counts - expected) ** 2)[mask] / expected[mask]).sum())
+
+    # df = 6 (7 cells with mass); the 0.1% critical value is 22.46
+    assert chi2(s / s.sum()) < 22.46
+    assert chi2(torch.full((8,), 1 / 8)) > 1000  # clearly not uniform
+    assert counts[6] == 0  # sigma = 0 is never drawn while others remain
+
+
+def test_sampling_without_replacement_and_reproducible():
+    s = torch.rand(32) + 0.1
+    a = sample_active(s, 16, layer_generator(0, 3, 7))
+    b = sample_active(s, 16, layer_generator(0, 3, 7))
+    assert torch.equal(a, b) and a.unique().numel() == 16
+    assert not torch.equal(a, sample_active(s, 16, layer_generator(0, 3, 8)))
+
+
+def _model(rank=3, path="dense"):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8)).double()
+    for i in (0, 2):
+        model[i] = SSTLinear.from_linear(model[i], rank, torch.Generator().manual_seed(i), path=path)
+    return model
+
+
+def _step(model, opt, seed):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(6, 8, generator=g)
+    model(x).pow(2).mean().backward()
+    opt.step()
+    opt.zero_grad()
+
+
+def test_resample_prunes_exactly_the_resampled_slots():
+    model = _model()
+    layers = {"0": model[0], "2": model[2]}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    controller = SSTController(layers, TorchBackend(opt), seed=0)
+    for i in range(3):
+        _step(model, opt, i)
+        controller.post_step()
+    before = {p: {k: v.clone() for k, v in opt.state[p].items()} for p in model.parameters() if p in opt.state}
+    old = [layer.active_indices.clone() for layer in layers.values()]
+    x = torch.randn(4, 8)
+    out = model(x).detach()
+    # find an iteration whose draw both keeps and replaces slots, so both halves are tested
+    for iteration in range(1, 50):
+        layer_generator(0, 0, iteration)
+        drawn = sample_active(model[0].s.detach(), 3, layer_generator(0, 0, iteration))
+        if 0 < int(torch.isin(drawn, old[0]).sum()) < 3:
+            break
+    controller.resample(iteration)
+    torch.testing.assert_close(model(x).detach(), out, rtol=0, atol=1e-12)
+    pruned_any = kept_any = False
+    for layer, old_idx in zip(layers.values(), old):
+        changed = layer.active_indices != old_idx
+        for p, dim in ((layer.u_active, 1), (layer.vh_active, 0)):
+            for key in ("exp_avg", "exp_avg_sq"):
+                new, prev = opt.state[p][key], before[p][key]
+                sl = (slice(None), changed) if dim == 1 else (changed, slice(None))
+                kept = (slice(None), ~changed) if dim == 1 else (~changed, slice(None))
+                assert torch.count_nonzero(new[sl]) == 0
+                assert torch.equal(new[kept], prev[kept])
+                pruned_any |= bool(changed.any())
+                kept_any |= bool((~changed).any() and prev[kept].abs().sum() > 0)
+            assert torch.equal(opt.state[p]["step"], before[p]["step"])
+        for key in ("exp_avg", "exp_avg_sq"):  # s keeps its state by default
+            assert torch.equal(opt.state[layer.s][key], before[layer.s][key])
+    assert pruned_any and kept_any
+    for p in (model[0].bias, model[2].bias):
+        for key, value in before[p].items():
+            assert torch.equal(opt.state[p][key], value)
+
+
+def test_post_step_clamps_s_and_renormalises_without_changing_w():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)  # large steps push some sigma below 0
+    controller = SSTController({"0": model[0], "2": model[2]}, TorchBackend(opt), seed=0)
+    negative_seen = False
+    for i in range(5):
+        _step(model, opt, i)
+        negative_seen |= bool((model[0].s < 0).any() or (model[2].s < 0).any())
+        weights = [m.dense_weight().clone() for m in (model[0], model[2])]
+        controller.post_step()
+        for m, w in zip((model[0], model[2]), weights):
+            assert (m.s >= 0).all()
+            torch.testing.assert_close(m.u_active.norm(dim=0), torch.ones(3), rtol=0, atol=1e-12)
+            torch.testing.assert_close(m.vh_active.norm(dim=1), torch.ones(3), rtol=0, atol=1e-12)
+            w_clamped = (m.U.index_copy(1, m.active_indices, m.u_active) * m.s) @ m.Vh.index_copy(
+                0, m.active_indices, m.vh_active)
+            torch.testing.assert_close(m.dense_weight(), w_clamped)
+            # renormalisation alone is function-preserving: only the clamp may change W
+            if not negative_seen:
+                torch.testing.assert_close(m.dense_weight(), w, rtol=0, atol=1e-12)
+    assert negative_seen, "lr too small to exercise the clamp"
+
+
+def test_controller_resvd_matches_layer_resvd_and_resets_all_slots():
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    controller = SSTController({"0": model[0], "2": model[2]}, TorchBackend(opt), seed=0)
+    for i in range(3):
+        _step(model, opt, i)
+    x = torch.randn(4, 8)
+    out = model(x).detach()
+    controller.resvd(iteration=4)
+    torch.testing.assert_close(model(x).detach(), out, rtol=0, atol=1e-10)
+    for layer in (model[0], model[2]):
+        assert torch.all(layer.s[:-1] >= layer.s[1:])  # a fresh SVD: sorted spectrum
+        for p in (layer.u_active, layer.vh_active):
+            assert torch.count_nonzero(opt.state[p]["exp_avg"]) == 0
