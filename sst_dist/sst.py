@@ -307,19 +307,65 @@ class SSTController:
         self.backend = backend
         self.seed, self.renormalize = seed, renormalize
         self.uniform_mix, self.reset_s_state = uniform_mix, reset_s_state
+        self._slot_cache: dict = {}
 
     @torch.no_grad()
     def post_step(self):
-        """s >= 0, and (option) unit-length active vectors with their norms folded into s."""
-        read, write = self.backend.read, self.backend.write
-        for layer in self.layers:
-            s = read(layer.s).clamp_min(0)
-            if self.renormalize:
-                s, u, vh = renormalized(s, read(layer.u_active), read(layer.vh_active),
-                                        layer.active_indices.to(s.device))
-                write(layer.u_active, u)
-                write(layer.vh_active, vh)
-            write(layer.s, s)
+        """s >= 0 and (option) unit-length active vectors, their norms folded into s.
+
+        Runs every step, so it works on each rank's own shards: partial sums of squares per
+        active vector, one all-reduce for all layers, then the same local scaling on the fp32
+        master and on the model's low-precision copy. No gather.
+        """
+        backend = self.backend
+        pieces = [(layer, backend.shards(layer.u_active), backend.shards(layer.vh_active))
+                  for layer in self.layers] if self.renormalize else []
+        norms = None
+        if pieces:
+            dtype = torch.float64 if self.layers[0].s.dtype == torch.float64 else torch.float32
+            sums = torch.zeros(len(pieces), 2, self.layers[0].rank, dtype=dtype,
+                               device=backend.compute_device)
+            for i, (layer, (u_owned, _), (vh_owned, _)) in enumerate(pieces):
+                for shard in u_owned:
+                    sums[i, 0].index_add_(0, self._slots(shard, layer.rank, 1, sums.device),
+                                          shard.values.to(sums.device, dtype).square())
+                for shard in vh_owned:
+                    sums[i, 1].index_add_(0, self._slots(shard, layer.in_features, 0, sums.device),
+                                          shard.values.to(sums.device, dtype).square())
+            norms = backend.all_reduce_sum(sums).sqrt().clamp_min(torch.finfo(dtype).tiny)
+        for i, layer in enumerate(self.layers):
+            owned, mirrors = backend.shards(layer.s)
+            if norms is None:
+                for shard in owned + mirrors:
+                    shard.values.clamp_(min=0)
+                continue
+            _, (u_owned, u_mirrors), (vh_owned, vh_mirrors) = pieces[i]
+            u_norm, v_norm = norms[i, 0], norms[i, 1]
+            s_scale = torch.ones(layer.k, dtype=norms.dtype, device=norms.device)
+            s_scale[layer.active_indices.to(norms.device)] = u_norm * v_norm
+            for shard in owned + mirrors:
+                scale = s_scale[self._positions(shard, norms.device)]
+                shard.values.copy_((shard.values * scale.to(shard.values)).clamp_(min=0))
+            for shard in u_owned + u_mirrors:
+                slot = self._slots(shard, layer.rank, 1, norms.device)
+                shard.values.div_(u_norm[slot].to(shard.values))
+            for shard in vh_owned + vh_mirrors:
+                slot = self._slots(shard, layer.in_features, 0, norms.device)
+                shard.values.div_(v_norm[slot].to(shard.values))
+
+    def _positions(self, shard, device) -> torch.Tensor:
+        return torch.arange(shard.start, shard.start + shard.values.numel(), device=device)
+
+    def _slots(self, shard, width: int, axis: int, device) -> torch.Tensor:
+        """Which active slot each element of a flat shard belongs to: the column of a (out, r)
+        u_active (axis 1, width r) or the row of an (r, in) vh_active (axis 0, width in). Cached:
+        shard layouts never change, since the shapes never do."""
+        key = (shard.values.data_ptr(), shard.start, shard.values.numel(), width, axis, str(device))
+        cached = self._slot_cache.get(key)
+        if cached is None:
+            pos = self._positions(shard, device)
+            cached = self._slot_cache[key] = pos % width if axis == 1 else pos // width
+        return cached
 
     @torch.no_grad()
     def resample(self, iteration: int):

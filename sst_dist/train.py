@@ -160,6 +160,8 @@ def main(run: Run) -> dict:
                   "tokens_per_s": round(tokens_per_step / elapsed, 1)}
         if event:
             record["event"] = event
+        if device.type == "cuda":
+            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
         if recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
             record.update(run_eval(engine.model, data, recipe, device))
         logger.log(record)

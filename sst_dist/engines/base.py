@@ -9,8 +9,17 @@ these verbs instead. Every verb is collective: all ranks call it, in the same or
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Shard:
+    """A writable flat view of part of a parameter, and where it starts in the flattened whole."""
+
+    values: torch.Tensor
+    start: int
 
 
 class Backend(ABC):
@@ -34,6 +43,20 @@ class Backend(ABC):
     def optimizer_state(self, param: torch.nn.Parameter, key: str) -> torch.Tensor | None:
         """The full optimizer state `key` ('exp_avg', 'exp_avg_sq') of `param`, read through the
         engine; None before the first step."""
+
+    @abstractmethod
+    def shards(self, param: torch.nn.Parameter) -> tuple[list[Shard], list[Shard]]:
+        """(owned, mirrors) for elementwise updates done locally, with no gather.
+
+        `owned`: this rank's pieces of the authoritative value (the fp32 master); over all ranks they
+        cover each element exactly once, so partial sums over them can be all-reduced. `mirrors`:
+        other local copies (the low-precision model weights) that must receive the same change.
+        """
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tensor)
+        return tensor
 
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """`tensor` as rank `src` holds it, on every rank (in place where possible)."""

@@ -6,7 +6,7 @@ import contextlib
 
 import torch
 
-from sst_dist.engines.base import Backend, zero_moments
+from sst_dist.engines.base import Backend, Shard, zero_moments
 
 
 class TorchBackend(Backend):
@@ -24,6 +24,9 @@ class TorchBackend(Backend):
     def reset_state(self, param, index=None, dim=0):
         if self.optimizer is not None:
             zero_moments(self.optimizer.state.get(param, {}), index, dim)
+
+    def shards(self, param):
+        return [Shard(param.data.view(-1), 0)], []
 
     def optimizer_state(self, param, key):
         if self.optimizer is None:

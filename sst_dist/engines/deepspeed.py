@@ -1,0 +1,252 @@
+"""DeepSpeed ZeRO 1/2/3 behind the seam.
+
+ZeRO owns the fp32 masters and Adam moments as flat partitions; the model's own tensors are
+low-precision copies (stage 1/2: full on every rank; stage 3: `ds_tensor` partitions). A write
+therefore goes to the master *and* to the low-precision copy, or the next forward runs on stale
+values; a state reset zeroes only this rank's fragment, located through DeepSpeed's own mapping,
+with no gather (DESIGN §3).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import deepspeed
+import torch
+import torch.distributed as dist
+from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
+                             safe_get_local_fp32_param, safe_get_local_optimizer_state,
+                             safe_set_full_fp32_param, safe_set_local_optimizer_state)
+
+from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+from sst_dist.config import ConfigError
+from sst_dist.engines.base import Backend, Shard
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def _is_zero3(param) -> bool:
+    return hasattr(param, "ds_id")
+
+
+def _resident_full(param) -> bool:
+    """ZeRO-3 keeps small ("persistent") parameters gathered between steps: the forward then reads
+    param.data, not the partition, so a write must reach both."""
+    return _is_zero3(param) and param.data.numel() == param.ds_numel
+
+
+def _slot_mask(param, index, dim) -> torch.Tensor:
+    """A flat boolean mask over the full parameter: True where the state must be zeroed."""
+    mask = torch.zeros(param.ds_shape if _is_zero3(param) else param.shape, dtype=torch.bool)
+    if index is None:
+        mask.fill_(True)
+    else:
+        mask.index_fill_(dim, index.cpu(), True)
+    return mask.flatten()
+
+
+def relink_state_fragments(zero_optimizer) -> None:
+    """Points every parameter's `_hp_mapping` at its slice of the current Adam state.
+
+    ZeRO-1/2 steps its param groups one at a time and links the state after the first group's
+    step, when the later groups have no state yet; those stay unlinked for good ("exp_avg not found
+    in optimizer state fragment"), so the safe_* state API fails on every group but the first.
+    Re-linking only makes views, and is idempotent.
+    """
+    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
+        pairs = zip(zero_optimizer.bit16_groups, zero_optimizer.single_partition_of_fp32_groups)
+    elif hasattr(zero_optimizer, "fp32_groups_flat_partition"):
+        pairs = zip(zero_optimizer.bf16_groups, zero_optimizer.fp32_groups_flat_partition)
+    else:
+        return
+    state = zero_optimizer.optimizer.state
+    for lp_params, flat in pairs:
+        if flat in state and state[flat]:
+            lazy_init_hp_params_optimizer_state(lp_params, flat, state)
+
+
+class DeepSpeedBackend(Backend):
+    def __init__(self, engine, device: torch.device):
+        self.engine = engine
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._device = device
+
+    @property
+    def compute_device(self):
+        return self._device
+
+    def read(self, param):
+        if param.requires_grad:
+            value = safe_get_full_fp32_param(param)
+            if value is not None:
+                return value.detach().clone().to(self._device)
+        with self._gathered(param):
+            return param.data.detach().to(self._device, torch.float32).clone()
+
+    @torch.no_grad()
+    def write(self, param, value):
+        value = value.to(self._device, torch.float32).reshape(self._shape(param))
+        if param.requires_grad:
+            safe_set_full_fp32_param(param, value)
+            if _is_zero3(param):
+                # the bf16 partition must follow its fp32 master before the next forward
+                param.ds_tensor.data.copy_(safe_get_local_fp32_param(param).to(param.ds_tensor.dtype))
+                if _resident_full(param):
+                    param.data.copy_(value.to(param.dtype))
+                return
+        if _is_zero3(param):
+            with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
+                if self.rank == 0:
+                    param.data.copy_(value.to(param.dtype))
+        else:
+            param.data.copy_(value.to(param.dtype))
+
+    @torch.no_grad()
+    def reset_state(self, param, index=None, dim=0):
+        if not param.requires_grad:
+            return
+        mask = _slot_mask(param, index, dim)
+        if _is_zero3(param):
+            optimizer = param._z3_optimizer
+            for key in MOMENTS:
+                local = safe_get_local_optimizer_state(param, key)
+                start = optimizer._get_param_partition_rank(param) * local.numel()
+                part = mask[start:start + local.numel()]
+                part = torch.cat([part, part.new_zeros(local.numel() - part.numel())])
+                local = local.clone()
+                local[part.to(local.device)] = 0
+                safe_set_local_optimizer_state(param, local, key)
+            return
+        relink_state_fragments(self.engine.optimizer)
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:  # this rank's partition holds no piece of the parameter
+            return
+        address = mapping.lp_fragment_address
+        part = mask[address.start:address.start + address.numel]
+        for key in MOMENTS:
+            fragment = mapping.get_hp_fragment(key)
+            fragment.view(-1)[part.to(fragment.device)] = 0
+
+    def shards(self, param):
+        if _is_zero3(param):
+            optimizer = param._z3_optimizer
+            # the partition itself, not safe_get_local_fp32_param's .to(device) copy (offload)
+            master, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
+            start = optimizer._get_param_partition_rank(param) * param.ds_tensor.numel()
+            valid = max(0, min(param.ds_tensor.numel(), param.ds_numel - start))
+            mirrors = [Shard(param.ds_tensor.data.view(-1).narrow(0, 0, valid), start)]
+            if _resident_full(param):
+                mirrors.append(Shard(param.data.view(-1), 0))
+            return [Shard(master.view(-1).narrow(0, 0, valid), start)], mirrors
+        mapping = getattr(param, "_hp_mapping", None)
+        owned = []
+        if mapping is not None:
+            owned.append(Shard(mapping.get_hp_fragment().view(-1), mapping.lp_fragment_address.start))
+        return owned, [Shard(param.data.view(-1), 0)]
+
+    def optimizer_state(self, param, key):
+        if not _is_zero3(param):
+            relink_state_fragments(self.engine.optimizer)
+        value = safe_get_full_optimizer_state(param, key)
+        return None if value is None else value.detach().clone().reshape(self._shape(param))
+
+    def _shape(self, param):
+        return param.ds_shape if _is_zero3(param) else param.shape
+
+    def _gathered(self, param):
+        if _is_zero3(param):
+            return deepspeed.zero.GatheredParameters([param])
+        return contextlib.nullcontext()
+
+
+def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accumulation, world_size) -> dict:
+    """Reads a ds_config and fills its "auto" fields from the recipe, so the two cannot disagree."""
+    if path is None:
+        config = {"zero_optimization": {"stage": 2}}
+    else:
+        try:
+            config = json.loads(Path(path).read_text())
+        except json.JSONDecodeError as err:
+            raise ConfigError(f"--ds-config {path}: not valid JSON (line {err.lineno})") from None
+    o = recipe.optim
+    bf16 = dtype == torch.bfloat16 and device.type == "cuda"
+    filled = {
+        "train_batch_size": recipe.train.global_batch,
+        "train_micro_batch_size_per_gpu": micro_batch,
+        "gradient_accumulation_steps": accumulation,
+        "gradient_clipping": o.grad_clip,
+    }
+    for key, value in filled.items():
+        current = config.get(key, "auto")
+        if current != "auto" and current != value:
+            raise ConfigError(f"--ds-config: {key} is {current} but the recipe and world size give {value};"
+                              f" set it to \"auto\"")
+        config[key] = value
+    config.setdefault("bf16", {})["enabled"] = bf16
+    config.setdefault("steps_per_print", 10**9)
+    optimizer = config.get("optimizer")
+    if optimizer is not None:
+        if optimizer.get("type", "").lower() not in ("adamw", "adam"):
+            raise ConfigError(f"--ds-config: optimizer.type {optimizer.get('type')!r}; use AdamW")
+        params = optimizer.setdefault("params", {})
+        for key, value in {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
+                           "weight_decay": o.weight_decay}.items():
+            if params.get(key, "auto") == "auto":
+                params[key] = value
+    return config
+
+
+class DeepSpeedEngine:
+    name = "deepspeed"
+
+    def __init__(self, model, param_groups, recipe, *, device, dtype, micro_batch, accumulation,
+                 ds_config, ctx):
+        self.device = device
+        self.accumulation = accumulation
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+        config = load_ds_config(ds_config, recipe, device=device, dtype=dtype, micro_batch=micro_batch,
+                                accumulation=accumulation, world_size=ctx.world_size)
+        client_optimizer = None
+        if device.type != "cuda" or "optimizer" not in config:
+            # on CPU DeepSpeed's own AdamW would JIT-compile a C++ op: torch's AdamW is the same math
+            config.pop("optimizer", None)
+            o = recipe.optim
+            client_optimizer = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), eps=o.eps,
+                                                 weight_decay=o.weight_decay)
+        elif recipe.optim.weight_decay:
+            for group in param_groups:
+                group.setdefault("weight_decay", recipe.optim.weight_decay)
+        self.config = config
+        self.model, self.optimizer, _, _ = deepspeed.initialize(
+            model=model, model_parameters=None if client_optimizer else param_groups,
+            optimizer=client_optimizer, config=config)
+        self.backend = DeepSpeedBackend(self.model, device)
+        self._micro = 0
+
+    def forward_context(self):
+        return contextlib.nullcontext()
+
+    def backward(self, loss):
+        self.model.backward(loss)
+        self._micro += 1
+        if self._micro < self.accumulation:
+            self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def step(self):
+        self.model.step()
+        self._micro = 0
+
+    def set_learning_rates(self, lrs):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["name"]]
+
+    def save(self, path):
+        self.model.save_checkpoint(str(path), tag="engine", save_latest=False)
+
+    def load(self, path):
+        loaded, _ = self.model.load_checkpoint(str(path), tag="engine", load_lr_scheduler_states=False)
+        if loaded is None:
+            raise ConfigError(f"checkpoint {path}: DeepSpeed could not read its engine state")

@@ -1,0 +1,71 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def quiet_env() -> dict:
+    env = dict(os.environ, WANDB_MODE="disabled", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false")
+    env.pop("WORLD_SIZE", None)
+    return env
+
+
+def pretrain(output_dir, recipe, *extra, launcher=None, nproc=1, timeout=600, check=True):
+    """Runs launch/pretrain.py as a user would: plain python, `deepspeed` or `torchrun`."""
+    args = ["launch/pretrain.py", "--recipe", recipe, "--output-dir", str(output_dir),
+            "--set", "wandb.mode=disabled", *extra]
+    if launcher == "deepspeed":
+        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
+    elif launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), *args]
+    else:
+        cmd = [sys.executable, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def read_metrics(output_dir) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def losses(output_dir) -> dict[int, float]:
+    return {m["step"]: m["loss"] for m in read_metrics(output_dir)}
+
+
+def assert_curves_match(reference: dict, other: dict, rel: float, steps: int):
+    assert sorted(other) == sorted(reference) == list(range(1, steps + 1)), (sorted(other), sorted(reference))
+    worst = max(abs(other[s] - reference[s]) / abs(reference[s]) for s in reference)
+    assert worst <= rel, f"largest relative loss difference {worst:.3g} > {rel}"
+
+
+@pytest.fixture(scope="session")
+def single_process_curves(tmp_path_factory):
+    """Single-process (torch engine) reference runs, computed once per recipe per session."""
+    cache = {}
+
+    def get(recipe, *extra):
+        key = (recipe, extra)
+        if key not in cache:
+            out = tmp_path_factory.mktemp("ref")
+            pretrain(out, recipe, *extra)
+            cache[key] = losses(out)
+        return cache[key]
+
+    return get

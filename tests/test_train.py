@@ -1,0 +1,65 @@
+"""The single-process trainer end to end: recipes learn, runs resume exactly, signals checkpoint."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import ROOT, losses, pretrain, quiet_env, read_metrics
+
+
+@pytest.mark.parametrize("method", ["sst", "full", "lora", "relora"])
+def test_tiny_recipes_reduce_the_loss(tmp_path, single_process_curves, method):
+    curve = single_process_curves(f"recipes/tiny-{method}.yaml")
+    assert sorted(curve) == list(range(1, 41))
+    first, last = sum(curve[s] for s in (1, 2, 3)) / 3, sum(curve[s] for s in (38, 39, 40)) / 3
+    assert last < first - 1.0, (first, last)
+
+
+def test_metrics_fields_and_events(tmp_path):
+    pretrain(tmp_path, "recipes/tiny-sst.yaml", "--max-steps", "21", "--set", "eval.every_steps=10",
+             "--set", "eval.tokens=2048")
+    metrics = read_metrics(tmp_path)
+    assert [m["step"] for m in metrics] == list(range(1, 22))
+    for m in metrics:
+        assert {"step", "loss", "lr", "tokens", "elapsed_s"} <= set(m)
+    assert metrics[-1]["tokens"] == 21 * 8 * 128
+    assert [m["step"] for m in metrics if "eval_loss" in m] == [10, 20, 21]
+    events = {m["step"]: m["event"] for m in metrics if "event" in m}
+    assert events == {6: "resample", 11: "resample", 16: "resample", 21: "resvd"}
+
+
+def test_resume_continues_exactly_and_appends(tmp_path, single_process_curves):
+    reference = single_process_curves("recipes/tiny-sst.yaml")
+    pretrain(tmp_path, "recipes/tiny-sst.yaml", "--max-steps", "20")
+    pretrain(tmp_path, "recipes/tiny-sst.yaml")
+    resumed = losses(tmp_path)
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 41))
+    for step in range(21, 41):
+        assert abs(resumed[step] - reference[step]) <= 1e-6 * abs(reference[step]), step
+
+
+def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, single_process_curves):
+    reference = single_process_curves("recipes/tiny-sst.yaml")
+    cmd = [sys.executable, "launch/pretrain.py", "--recipe", "recipes/tiny-sst.yaml", "--output-dir",
+           str(tmp_path), "--set", "wandb.mode=disabled", "--max-steps", "100000"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=quiet_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if (tmp_path / "metrics.jsonl").exists() and len(read_metrics(tmp_path)) >= 5:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    stopped = len(read_metrics(tmp_path))
+    assert "checkpoint saved" in out
+    assert (tmp_path / "checkpoints" / "latest").is_file()
+    pretrain(tmp_path, "recipes/tiny-sst.yaml")  # max_steps back to 40
+    resumed = losses(tmp_path)
+    assert sorted(resumed) == list(range(1, 41))
+    for step in range(stopped + 1, 41):
+        assert abs(resumed[step] - reference[step]) <= 1e-6 * abs(reference[step]), step
