@@ -1,0 +1,427 @@
+"""Tokenize a source once into token shards (nanoGPT's habit), resumably, with many processes.
+
+Layout of a prepared folder `<cache_dir>/<source>-<tokenizer>[-n<max_docs>][-val<f>]/`:
+
+    manifest.json          settings, tokenizer fingerprint, one entry per finished part
+    tokenizer.json         the tokenizer that made the shards (decode, evaluate elsewhere)
+    train_00000.bin ...    token ids (uint16 when the vocabulary fits, else uint32), documents
+    val_00000.bin ...      joined as  doc0 EOS doc1 EOS ...
+
+The source is cut into *parts* of DOCS_PER_PART consecutive documents. A part's two files are
+written under a `.partial` name, renamed when complete, and only then added to the manifest
+(itself replaced atomically). A killed run loses at most the part in progress; the next run
+skips the documents of the finished parts and carries on. `complete: true` marks the end.
+
+Held-out split: document i goes to validation iff floor((i+1)f) > floor(if) for f =
+val_fraction: exactly that fraction, spread evenly through the corpus, the same whatever the
+number of processes.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import itertools
+import json
+import math
+import os
+import re
+import sys
+import zlib
+from collections import deque
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+from sst_dist.data.errors import DataError
+from sst_dist.data.tokenizer import SAMPLE_DIR, Tok, hub_reachable, load_tokenizer
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+DOCS_PER_PART = 65536  # about 70M OpenWebText tokens: 140 MB uint16 per train shard
+CHUNK_CHARS = 1 << 18  # characters per task: ~0.1 s of work, enough to hide the IPC, small enough to balance
+
+
+# ---------------------------------------------------------------- sources
+
+
+def _texts_jsonl(path: Path, field: str = "text") -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)[field]
+            except (json.JSONDecodeError, KeyError, TypeError):
+                text = None
+            if not isinstance(text, str):
+                raise DataError(f"{path}:{n}: not a JSON object with a '{field}' string")
+            yield text
+
+
+def _texts_parquet(path: Path) -> Iterator[str]:
+    import pyarrow.parquet as pq
+
+    try:
+        pf = pq.ParquetFile(path)
+        if "text" not in pf.schema_arrow.names:
+            raise DataError(f"{path}: no 'text' column (columns: {', '.join(pf.schema_arrow.names)})")
+        for batch in pf.iter_batches(columns=["text"], batch_size=4096):
+            yield from (t for t in batch.column(0).to_pylist() if t is not None)
+    except DataError:
+        raise
+    except Exception as err:
+        raise DataError(f"{path}: cannot read as parquet ({type(err).__name__})") from None
+
+
+def _texts_txt(path: Path) -> Iterator[str]:
+    opener = gzip.open if path.name.endswith(".gz") else open
+    with opener(path, "rb") as f:
+        yield f.read().decode("utf-8", errors="replace")
+
+
+_READERS = {
+    ".jsonl": _texts_jsonl, ".jsonl.gz": _texts_jsonl, ".json.gz": _texts_jsonl,
+    ".parquet": _texts_parquet, ".txt": _texts_txt, ".txt.gz": _texts_txt,
+}
+
+
+def _reader(path: Path):
+    for ext, fn in _READERS.items():
+        if path.name.endswith(ext):
+            return fn
+    return None
+
+
+def local_files(folder: str | Path) -> list[Path]:
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a folder")
+    files = sorted(p for p in root.rglob("*") if p.is_file() and _reader(p) is not None)
+    if not files:
+        raise DataError(f"data.path: {root} holds no .txt, .jsonl or .parquet files (.gz allowed)")
+    return files
+
+
+def sample_files() -> list[Path]:
+    files = sorted(SAMPLE_DIR.glob("*.jsonl.gz"))
+    if not files:
+        raise DataError(f"{SAMPLE_DIR}: the bundled sample is missing (no *.jsonl.gz)")
+    return files
+
+
+def _hf_texts(name: str) -> Iterator[str]:
+    """The hub dataset, streamed; with HF_HUB_OFFLINE=1, a copy in the local HF cache."""
+    offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
+    if not offline and not hub_reachable():
+        raise DataError(
+            f"data.hf_dataset={name}: the Hugging Face hub is not reachable from this machine; "
+            "use data.source=local with a downloaded copy (or HF_HUB_OFFLINE=1 for one in the "
+            "HF cache), or data.source=sample")
+    try:
+        import datasets
+
+        datasets.logging.set_verbosity_error()
+        if offline:
+            ds = datasets.load_dataset(name, split="train")
+        else:
+            ds = datasets.load_dataset(name, split="train", streaming=True)
+    except Exception as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise DataError(f"data.hf_dataset={name}: cannot load it ({reason}); set data.source=local "
+                        "and data.path to a downloaded copy, or data.source=sample") from None
+    for row in ds:
+        yield row["text"]
+
+
+def iter_documents(cfg) -> Iterator[str]:
+    """The documents of cfg.source in a fixed order (the order fixes the split and resume)."""
+    if cfg.source == "sample":
+        for path in sample_files():
+            yield from _texts_jsonl(path)
+    elif cfg.source == "local":
+        if not cfg.path:
+            raise DataError("data.path: required when data.source is 'local'")
+        for path in local_files(cfg.path):
+            yield from _reader(path)(path)
+    elif cfg.source == "openwebtext":
+        yield from _hf_texts(cfg.hf_dataset)
+    else:
+        raise DataError(f"data.source: {cfg.source!r} is not one of sample, local, openwebtext")
+
+
+# ---------------------------------------------------------------- naming
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
+
+
+def source_slug(cfg) -> str:
+    if cfg.source == "sample":
+        return "sample"
+    if cfg.source == "local":
+        path = Path(cfg.path).expanduser().resolve()
+        return f"local-{_slug(path.name)}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+    return _slug(cfg.hf_dataset.split("/")[-1])
+
+
+def folder_name(cfg, tok_name: str) -> str:
+    name = f"{source_slug(cfg)}-{tok_name}"
+    if cfg.max_docs is not None:
+        name += f"-n{cfg.max_docs}"
+    if cfg.val_fraction != 0.01:
+        name += f"-val{cfg.val_fraction:g}"
+    return name
+
+
+def is_val(index: int, fraction: float) -> bool:
+    return math.floor((index + 1) * fraction) > math.floor(index * fraction)
+
+
+# ---------------------------------------------------------------- manifest
+
+
+def read_manifest(folder: Path) -> dict | None:
+    path = folder / MANIFEST
+    if not path.is_file():
+        return None
+    try:
+        manifest = json.loads(path.read_text())
+        if manifest.get("format") != FORMAT:
+            raise ValueError
+        return manifest
+    except (ValueError, OSError, AttributeError):
+        raise DataError(f"{path}: corrupt or of another format; delete {folder} and prepare again") from None
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _settings(cfg, tok: Tok) -> dict:
+    return {
+        "source": cfg.source,
+        "path": str(Path(cfg.path).expanduser().resolve()) if cfg.source == "local" else None,
+        "hf_dataset": cfg.hf_dataset if cfg.source == "openwebtext" else None,
+        "tokenizer": tok.name,
+        "tokenizer_sha": tok.fingerprint,
+        "vocab_size": tok.vocab_size,
+        "eos_id": tok.eos_id,
+        "dtype": "uint16" if tok.vocab_size <= 1 << 16 else "uint32",
+        "val_fraction": cfg.val_fraction,
+        "max_docs": cfg.max_docs,
+        "docs_per_part": DOCS_PER_PART,
+    }
+
+
+# ---------------------------------------------------------------- workers
+
+_WORKER_TOK = None
+_WORKER_ARGS: tuple = ()
+
+
+def _init_worker(tok_json: str, eos_id: int, dtype: str, val_fraction: float) -> None:
+    global _WORKER_TOK, _WORKER_ARGS
+    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per process: num_proc is the knob
+    from tokenizers import Tokenizer
+
+    _WORKER_TOK = Tokenizer.from_str(tok_json)
+    _WORKER_ARGS = (eos_id, np.dtype(dtype), val_fraction)
+
+
+def _tokenize_chunk(task: tuple[int, list[str]]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """Documents [first, first+len) -> (train tokens, val tokens, documents, characters)."""
+    first, texts = task
+    eos_id, dtype, fraction = _WORKER_ARGS
+    encodings = _WORKER_TOK.encode_batch_fast(texts, add_special_tokens=False)
+    train: list[np.ndarray] = []
+    val: list[np.ndarray] = []
+    eos = np.array([eos_id], dtype=dtype)
+    for i, enc in enumerate(encodings):
+        out = val if is_val(first + i, fraction) else train
+        out.append(np.asarray(enc.ids, dtype=dtype))
+        out.append(eos)
+    empty = np.empty(0, dtype=dtype)
+    return (np.concatenate(train) if train else empty, np.concatenate(val) if val else empty,
+            len(texts), sum(map(len, texts)))
+
+
+def _ordered_map(pool, fn, tasks, window: int):
+    """pool.imap with at most `window` tasks in flight: imap would read a streamed source to
+    the end into memory before the first result comes back."""
+    pending: deque = deque()
+    for task in tasks:
+        pending.append(pool.apply_async(fn, (task,)))
+        if len(pending) >= window:
+            yield pending.popleft().get()
+    while pending:
+        yield pending.popleft().get()
+
+
+# ---------------------------------------------------------------- prepare
+
+
+class _ShardWriter:
+    def __init__(self, path: Path):
+        self.path = path
+        self.partial = path.with_name(path.name + ".partial")
+        self.file = open(self.partial, "wb")
+        self.tokens = 0
+        self.crc = 0
+
+    def write(self, arr: np.ndarray) -> None:
+        buf = arr.tobytes()
+        self.file.write(buf)
+        self.crc = zlib.crc32(buf, self.crc)
+        self.tokens += arr.size
+
+    def abort(self) -> None:
+        self.file.close()
+        self.partial.unlink(missing_ok=True)
+
+    def close(self) -> dict:
+        self.file.flush()
+        os.fsync(self.file.fileno())
+        self.file.close()
+        os.replace(self.partial, self.path)
+        return {"file": self.path.name, "tokens": self.tokens, "crc32": self.crc}
+
+
+def _chunks(docs: Iterator[str], first: int, stop: int):
+    """Groups documents [first, stop) into tasks of about CHUNK_CHARS characters."""
+    batch: list[str] = []
+    start = index = first
+    chars = 0
+    while index < stop:  # test before next(): a document read past `stop` would be lost
+        text = next(docs, None)
+        if text is None:
+            break
+        batch.append(text)
+        chars += len(text)
+        index += 1
+        if chars >= CHUNK_CHARS:
+            yield start, batch
+            batch, start, chars = [], index, 0
+    if batch:
+        yield start, batch
+
+
+def candidate_folders(cfg) -> list[Path]:
+    """Where cfg's prepared folder may be, found without the hub: `auto` for a hub or local
+    source means OPT's tokenizer if it loaded when the folder was made, else the bundled one."""
+    from sst_dist.data.tokenizer import load_bundled, load_local
+
+    if cfg.tokenizer == "bundled" or (cfg.tokenizer == "auto" and cfg.source == "sample"):
+        names = [load_bundled().name]
+    elif cfg.tokenizer == "opt":
+        names = ["opt"]
+    elif cfg.tokenizer == "auto":
+        names = ["opt", load_bundled().name]
+    else:
+        names = [load_local(cfg.tokenizer).name]
+    cache = Path(cfg.cache_dir).expanduser()
+    return [cache / folder_name(cfg, name) for name in names]
+
+
+def prepare(cfg, progress: bool = True) -> Path:
+    """Tokenizes cfg's source into shards unless a complete manifest is there; returns the folder."""
+    for folder in candidate_folders(cfg):  # done before: no source, no hub needed
+        manifest = read_manifest(folder)
+        if manifest is not None and manifest["complete"]:
+            return folder
+    docs = iter_documents(cfg)
+    first = next(docs, None)  # a missing folder or an unreachable hub fails here, before any write
+    if first is None:
+        raise DataError(f"data.source={cfg.source}: no documents to prepare")
+    docs = itertools.chain([first], docs)
+    tok = load_tokenizer(cfg.tokenizer, cfg.source)
+    folder = Path(cfg.cache_dir).expanduser() / folder_name(cfg, tok.name)
+    settings = _settings(cfg, tok)
+    manifest = read_manifest(folder)
+    if manifest is not None:
+        changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
+        if changed:
+            raise DataError(f"{folder / MANIFEST}: made with other {', '.join(changed)}; "
+                            f"delete {folder} or choose another data.cache_dir")
+        if manifest["complete"]:
+            return folder
+    else:
+        manifest = {"format": FORMAT, "settings": settings, "parts": [], "complete": False}
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "tokenizer.json").write_text(tok.json)
+    for stale in folder.glob("*.partial"):
+        stale.unlink()
+
+    num_proc = cfg.num_proc or os.cpu_count() or 1
+    done = sum(part["docs"] for part in manifest["parts"])
+    limit = cfg.max_docs if cfg.max_docs is not None else sys.maxsize
+    for _ in range(done):  # resume: the finished parts' documents, read but not tokenized
+        if next(docs, None) is None:
+            break
+
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        total = None if cfg.max_docs is None else cfg.max_docs
+        bar = tqdm(total=total, initial=done, unit="doc", desc=f"prepare {folder.name}",
+                   dynamic_ncols=True, mininterval=1.0)
+    init = (tok.json, tok.eos_id, settings["dtype"], cfg.val_fraction)
+    pool = None
+    if num_proc > 1:
+        import multiprocessing as mp
+
+        # fork, not spawn: spawn re-imports the caller's main script in every worker, which
+        # loops forever on a script without an `if __name__ == "__main__"` guard. The workers
+        # only run the Rust tokenizer (built afresh from JSON, one thread) and numpy copies, so
+        # the parent's threads (torch, a datasets stream) are never touched in them.
+        ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
+        pool = ctx.Pool(num_proc, initializer=_init_worker, initargs=init)
+        run = lambda tasks: _ordered_map(pool, _tokenize_chunk, tasks, window=2 * num_proc)  # noqa: E731
+    else:
+        _init_worker(*init)
+        run = lambda tasks: map(_tokenize_chunk, tasks)  # noqa: E731
+    try:
+        while done < limit:
+            stop = min(limit, done + DOCS_PER_PART)
+            index = len(manifest["parts"])
+            train = _ShardWriter(folder / f"train_{index:05d}.bin")
+            val = _ShardWriter(folder / f"val_{index:05d}.bin")
+            count = 0
+            for tr, va, ndocs, _chars in run(_chunks(docs, done, stop)):
+                train.write(tr)
+                val.write(va)
+                count += ndocs
+                if bar is not None:
+                    bar.update(ndocs)
+            if count == 0:
+                train.abort()
+                val.abort()
+                break
+            manifest["parts"].append({"docs": count, "train": train.close(), "val": val.close()})
+            done += count
+            _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+            if done < stop:  # the source ran out inside this part
+                break
+    finally:
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+        if bar is not None:
+            bar.close()
+    if not manifest["parts"]:
+        raise DataError(f"data.source={cfg.source}: no documents to prepare")
+    manifest["complete"] = True
+    manifest["docs"] = done
+    for split in ("train", "val"):
+        manifest[f"{split}_tokens"] = sum(part[split]["tokens"] for part in manifest["parts"])
+    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+    return folder
