@@ -61,6 +61,10 @@ class Backend(ABC):
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """`tensor` as rank `src` holds it, on every rank (in place where possible)."""
         if self.world_size > 1:
+            # gloo sends the storage as laid out: a transposed view (torch.linalg.svd's U and Vh
+            # are column-major) arrives scrambled on the other ranks. A receive buffer is already
+            # contiguous, so this copies only on the sender, whose own tensor is right as it is.
+            tensor = tensor.contiguous()
             torch.distributed.broadcast(tensor, src)
         return tensor
 

@@ -1,7 +1,12 @@
-"""Run under `torchrun --nproc_per_node 2`: trains a tiny SST model a few steps under FSDP2, resamples,
-and reads the result back *through the engine*. Writes one JSON report per rank.
+"""Run under `torchrun --nproc_per_node 2`: trains a tiny SST model under FSDP2 and reads each
+resample / re-SVD back *through the engine*. Writes one JSON report per rank, with an entry per event:
 
-    torchrun --nproc_per_node 2 tests/workers/fsdp_prune_check.py --out DIR [--skip-prune]
+    resample   a resample, as the trainer runs it
+    skipped    a later resample with the state reset disabled: the negative control, which the
+               test's check must flag
+    resvd      a re-SVD (every slot is new, so every active moment must be zero)
+
+    torchrun --nproc_per_node 2 tests/workers/fsdp_prune_check.py --out DIR
 """
 
 import argparse
@@ -21,80 +26,104 @@ from sst_dist.methods import build_method  # noqa: E402
 from sst_dist.models import build_model  # noqa: E402
 from sst_dist.sst import SSTController  # noqa: E402
 
+VOCAB = 128
+
 
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
-    parser.add_argument("--skip-prune", action="store_true", help="negative control: no state reset")
+    parser.add_argument("--device", default="cpu", help="cuda: one GPU per rank, bf16 compute")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
     recipe = load_recipe("recipes/tiny-sst.yaml", ["train.global_batch=4", "optim.warmup_steps=0"])
     ctx = distributed_context("fsdp")
+    device, dtype = torch.device("cpu"), torch.float32
+    if args.device == "cuda":
+        torch.cuda.set_device(ctx.local_rank)
+        device, dtype = torch.device("cuda", ctx.local_rank), torch.bfloat16
     torch.manual_seed(0)
-    model = build_model("tiny", vocab_size=128, seq_len=16)
+    model = build_model("tiny", vocab_size=VOCAB, seq_len=16).to(device)
     method = build_method(recipe, model)
     ids = {id(p) for p in method.lowrank_params}
     groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids],
                "lr": 1e-2, "name": "full"},
               {"params": method.lowrank_params, "lr": 1e-2, "name": "lowrank"}]
-    engine = build_engine("fsdp", model, groups, recipe, device=torch.device("cpu"),
-                          dtype=torch.float32, micro_batch=2, accumulation=1, ctx=ctx)
+    engine = build_engine("fsdp", model, groups, recipe, device=device, dtype=dtype, micro_batch=2,
+                          accumulation=1, ctx=ctx)
     backend = engine.backend
-    if args.skip_prune:
-        backend.reset_state = lambda *a, **k: None
     controller = SSTController(method.layers, backend, seed=0)
+    batches = torch.Generator().manual_seed(100 + ctx.rank)
+    probe = torch.randint(0, VOCAB, (1, 16), generator=torch.Generator().manual_seed(7)).to(device)
 
-    g = torch.Generator().manual_seed(100 + ctx.rank)
-    for _ in range(3):
-        x = torch.randint(0, 128, (2, 17), generator=g)
-        logits = engine.model(input_ids=x[:, :-1]).logits
-        engine.backward(torch.nn.functional.cross_entropy(logits.reshape(-1, 128), x[:, 1:].reshape(-1)))
-        engine.step()
-        controller.post_step()
+    def train(steps):
+        for _ in range(steps):
+            x = torch.randint(0, VOCAB, (2, 17), generator=batches).to(device)
+            logits = engine.model(input_ids=x[:, :-1]).logits.float()
+            engine.backward(torch.nn.functional.cross_entropy(logits.reshape(-1, VOCAB), x[:, 1:].reshape(-1)))
+            engine.step()
+            controller.post_step()
 
-    probe = torch.randint(0, 128, (1, 16), generator=torch.Generator().manual_seed(7))
-    with torch.no_grad():
-        before_logits = engine.model(input_ids=probe).logits
-    layers = list(method.layers.values())
-    old = [layer.active_indices.clone() for layer in layers]
-    controller.resample(iteration=1)
-    with torch.no_grad():
-        after_logits = engine.model(input_ids=probe).logits
+    def checked(event, all_new=False):
+        """Runs `event` and reports what the engine holds afterwards; `all_new`: every slot was
+        redrawn (a re-SVD), whether or not its index changed."""
+        with torch.no_grad():
+            before = engine.model(input_ids=probe).logits
+        layers = list(method.layers.values())
+        old = [None if all_new else layer.active_indices.clone() for layer in layers]
+        event()
+        with torch.no_grad():
+            after = engine.model(input_ids=probe).logits
+        report = {"logits_max_diff": float((after - before).abs().max()), "layers": []}
+        for layer, old_idx in zip(layers, old):
+            report["layers"].append(layer_report(engine, layer, old_idx))
+        return report
 
-    report = {"rank": ctx.rank, "layers": [],
-              "sharded": all(local_rows(p)[0].numel() < p.numel() for p in engine.params),
-              "logits_max_diff": float((after_logits - before_logits).abs().max())}
-    for layer, old_idx in zip(layers, old):
-        changed = (layer.active_indices != old_idx).nonzero().flatten()
-        kept = (layer.active_indices == old_idx).nonzero().flatten()
-        U, Vh = backend.read(layer.U), backend.read(layer.Vh)
-        entry = {"changed": changed.tolist(),
-                 "master_holds_new_vectors": max(
-                     float((backend.read(layer.u_active) - U[:, layer.active_indices]).abs().max()),
-                     float((backend.read(layer.vh_active) - Vh[layer.active_indices]).abs().max())),
-                 "full_changed_moment_abs": 0.0, "full_kept_moment_abs": 0.0, "local_changed_moment_abs": 0.0}
-        # u_active (out, r): the slots are columns, across the sharded rows; vh_active (r, in):
-        # the slots are rows, i.e. the sharded dim itself, so each rank holds some of them
-        for param, dim in ((layer.u_active, 1), (layer.vh_active, 0)):
-            for key in ("exp_avg", "exp_avg_sq"):
-                state = backend.optimizer_state(param, key)
-                entry["full_changed_moment_abs"] += float(state.index_select(dim, changed).abs().sum())
-                entry["full_kept_moment_abs"] += float(state.index_select(dim, kept).abs().sum())
-                entry["local_changed_moment_abs"] += local_changed_abs(engine, param, key, changed, dim)
-        report["layers"].append(entry)
+    train(3)
+    reports = {"rank": ctx.rank,
+               "sharded": all(local_rows(p)[0].numel() < p.numel() for p in engine.params)}
+    reports["resample"] = checked(lambda: controller.resample(iteration=1))
+    train(3)
+    reset_state = backend.reset_state
+    backend.reset_state = lambda *a, **k: None
+    reports["skipped"] = checked(lambda: controller.resample(iteration=2))
+    backend.reset_state = reset_state
+    train(2)
+    reports["resvd"] = checked(lambda: controller.resvd(iteration=3), all_new=True)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / f"rank{ctx.rank}.json").write_text(json.dumps(report))
+    (Path(args.out) / f"rank{ctx.rank}.json").write_text(json.dumps(reports))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def layer_report(engine, layer, old_idx):
+    backend = engine.backend
+    slots, now = torch.arange(layer.rank), layer.active_indices.cpu()
+    changed = slots if old_idx is None else (now != old_idx.cpu()).nonzero().flatten()
+    kept = slots[:0] if old_idx is None else (now == old_idx.cpu()).nonzero().flatten()
+    U, Vh = backend.read(layer.U).cpu(), backend.read(layer.Vh).cpu()
+    entry = {"changed": changed.tolist(),
+             "master_holds_new_vectors": max(
+                 float((backend.read(layer.u_active).cpu() - U[:, now]).abs().max()),
+                 float((backend.read(layer.vh_active).cpu() - Vh[now]).abs().max())),
+             "full_changed_moment_abs": 0.0, "full_kept_moment_abs": 0.0, "local_changed_moment_abs": 0.0}
+    # u_active (out, r): the slots are columns, across the sharded rows; vh_active (r, in): the
+    # slots are rows, i.e. the sharded dim itself, so each rank holds some of them
+    for param, dim in ((layer.u_active, 1), (layer.vh_active, 0)):
+        for key in ("exp_avg", "exp_avg_sq"):
+            state = backend.optimizer_state(param, key).cpu()
+            entry["full_changed_moment_abs"] += float(state.index_select(dim, changed).abs().sum())
+            entry["full_kept_moment_abs"] += float(state.index_select(dim, kept).abs().sum())
+            entry["local_changed_moment_abs"] += local_changed_abs(engine, param, key, changed, dim)
+    return entry
 
 
 def local_changed_abs(engine, param, key, changed, dim):
     """This rank's own shard of the moment, as the optimizer stores it, at the changed slots."""
     moment = engine.optimizer.state[param][key]
     local, start = local_rows(moment)
-    mask = torch.zeros(param.shape, dtype=torch.bool)
-    mask.index_fill_(dim, changed, True)
+    mask = torch.zeros(param.shape, dtype=torch.bool, device=local.device)
+    mask.index_fill_(dim, changed.to(local.device), True)
     return float(local[mask[start:start + local.shape[0]]].abs().sum())
 
 

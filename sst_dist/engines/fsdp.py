@@ -1,0 +1,215 @@
+"""PyTorch FSDP2 (`fully_shard`) behind the seam.
+
+Every parameter, the frozen factors included, is a DTensor sharded on dim 0 over one mesh
+dimension; its local shard *is* the fp32 master (FSDP2 all-gathers a fresh, possibly bf16, copy for
+each forward and frees it after), and AdamW's moments are DTensors sharded the same way. So a
+write copies this rank's rows of the full value into its local shard, and a state reset zeroes
+the chosen slots in the local shards of the moments: no gather, no mirror to keep in step
+(DESIGN §3). Only `read` and `optimizer_state` gather; they run at resample / re-SVD time and in
+tests, never per step.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch import nn
+from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor import DTensor, Shard as ShardPlacement
+
+from sst_dist.config import ConfigError
+from sst_dist.engines.base import Backend, Shard
+
+MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """(this rank's shard, index of its first row in the full tensor) of a dim-0-sharded DTensor.
+
+    FSDP2 shards like torch.chunk: rank i holds rows [i·c, min((i+1)·c, n)) with c = ceil(n / world),
+    so trailing ranks may hold fewer rows, or none. A plain tensor is its own whole shard.
+    """
+    if not isinstance(tensor, DTensor):
+        return tensor.data, 0
+    if tuple(tensor.placements) != (ShardPlacement(0),):
+        raise NotImplementedError(f"FSDP backend: expected Shard(0) placement, got {tensor.placements}")
+    mesh = tensor.device_mesh
+    rows = tensor.shape[0]
+    chunk = -(-rows // mesh.size()) if rows else 0
+    start = min(mesh.get_local_rank() * chunk, rows)
+    with torch.no_grad():  # to_local() then returns the shard itself, not an autograd view
+        local = tensor.to_local()
+    if local.shape[0] != min(chunk, rows - start):
+        raise RuntimeError(f"FSDP backend: local shard of {local.shape[0]} rows, expected "
+                           f"{min(chunk, rows - start)} at row {start} of {rows}")
+    return local, start
+
+
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks, each sharded as one FSDP unit (HF keeps them in a ModuleList named
+    `layers`: model.decoder.layers for OPT, model.layers for Llama-style models)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            return list(module)
+    raise ConfigError(f"fsdp engine: found no ModuleList named 'layers' in {type(model).__name__}")
+
+
+class FSDPBackend(Backend):
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, device: torch.device):
+        self.optimizer = optimizer
+        self._device = device
+        self._units = [m for m in model.modules() if isinstance(m, FSDPModule)]
+        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+
+    @property
+    def compute_device(self):
+        return self._device
+
+    def _sharded(self) -> None:
+        """The root unit keeps its parameters gathered after a forward with no backward (an
+        evaluation), so its module attributes would be the unsharded copies; put the shards back."""
+        for unit in self._units:
+            unit.reshard()
+
+    @torch.no_grad()
+    def read(self, param):
+        self._sharded()
+        value = param.full_tensor() if isinstance(param, DTensor) else param.detach()
+        return value.to(self._device).clone()
+
+    @torch.no_grad()
+    def write(self, param, value):
+        self._sharded()
+        local, start = local_rows(param)
+        value = value.reshape(param.shape)
+        local.copy_(value[start:start + local.shape[0]].to(device=local.device, dtype=local.dtype))
+
+    @torch.no_grad()
+    def reset_state(self, param, index=None, dim=0):
+        state = self.optimizer.state.get(param, {})
+        for key in MOMENTS:
+            moment = state.get(key)
+            if moment is None:
+                continue
+            local, start = local_rows(moment)
+            if index is None:
+                local.zero_()
+                continue
+            slots = index.to(local.device)
+            if dim == 0:  # the sharded dim: keep the slots this rank holds, in local coordinates
+                slots = slots[(slots >= start) & (slots < start + local.shape[0])] - start
+            local.index_fill_(dim, slots, 0)
+
+    def shards(self, param):
+        self._sharded()
+        local, start = local_rows(param)
+        row = local[0].numel() if local.dim() > 1 else 1
+        return [Shard(local.view(-1), start * row)], []
+
+    @torch.no_grad()
+    def optimizer_state(self, param, key):
+        value = self.optimizer.state.get(param, {}).get(key)
+        if value is None:
+            return None
+        value = value.full_tensor() if isinstance(value, DTensor) else value
+        return value.to(self._device).clone()
+
+
+class FSDPEngine:
+    """fully_shard per decoder block and at the root; torch AdamW over the DTensor parameters;
+    DCP checkpoints that load onto any world size."""
+
+    name = "fsdp"
+
+    def __init__(self, model, param_groups, recipe, *, device, dtype, accumulation, ctx):
+        self.device = device
+        self.accumulation = accumulation
+        self.rank, self.world_size = ctx.rank, ctx.world_size
+        # fully_shard replaces every parameter by a new DTensor one: remember the groups by name
+        names = {id(p): n for n, p in model.named_parameters()}
+        group_names = [[names[id(p)] for p in group["params"]] for group in param_groups]
+        # OPT's decoder layer returns `(residual + h).view(shape)`, and FSDP2 warns that an
+        # in-place op on such a view would skip its pre-backward hook; the next layer only reads it
+        warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
+        mesh = init_device_mesh(device.type, (ctx.world_size,))
+        if dtype == torch.bfloat16 and device.type == "cuda":
+            # bf16 gathers and compute; fp32 masters, states and gradient reduction
+            mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            mp = MixedPrecisionPolicy()
+        for block in decoder_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp)
+        # the root unit holds the embeddings, the tied LM head and the final LayerNorm
+        fully_shard(model, mesh=mesh, mp_policy=mp)
+        self.model = model
+        first: dict[int, str] = {}  # a tied weight's later names -> its first name
+        self._aliases = {}
+        for name, param in model.named_parameters(remove_duplicate=False):
+            if first.setdefault(id(param), name) != name:
+                self._aliases[name] = first[id(param)]
+        sharded = dict(model.named_parameters())
+        groups = [{**group, "params": [sharded[n] for n in names]}
+                  for group, names in zip(param_groups, group_names)]
+        o = recipe.optim
+        # fused on GPU: one kernel for all of a group's DTensor shards instead of a dispatch per op
+        self.optimizer = torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps,
+                                           weight_decay=o.weight_decay, fused=device.type == "cuda")
+        self.params = [p for group in groups for p in group["params"]]
+        self.grad_clip = o.grad_clip
+        self.backend = FSDPBackend(model, self.optimizer, device)
+
+    @contextlib.contextmanager
+    def probing(self):
+        """The model a GaLore probe pass runs through (see DeepSpeedEngine.probing)."""
+        yield self.model
+
+    def forward_context(self):
+        return contextlib.nullcontext()  # precision is the MixedPrecisionPolicy's
+
+    def backward(self, loss):
+        # every micro-batch reduce-scatters into the sharded gradient: accumulation then costs
+        # sharded, not full, gradient memory
+        (loss / self.accumulation).backward()
+
+    def step(self):
+        if self.grad_clip:
+            grads = [p.grad for p in self.params if p.grad is not None]
+            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+            if isinstance(norm, DTensor):  # the sum of squares is partial per rank until reduced
+                norm = norm.full_tensor()
+            torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm, foreach=True)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def set_learning_rates(self, lrs: dict[str, float]):
+        for group in self.optimizer.param_groups:
+            group["lr"] = lrs[group["name"]]
+
+    def _state(self) -> dict:
+        """Model and optimizer state as sharded DTensors under their unsharded names, so DCP can
+        reshard them onto any world size. A tied weight (OPT's lm_head = embed_tokens) is kept
+        under its first name only: the state dict would otherwise store the vocabulary matrix twice."""
+        self.backend._sharded()
+        model_state, optim_state = get_state_dict(self.model, self.optimizer)
+        for alias in self._aliases:
+            model_state.pop(alias, None)
+        return {"model": model_state, "optimizer": optim_state}
+
+    def save(self, path):
+        dcp.save(self._state(), checkpoint_id=str(path))
+
+    def load(self, path):
+        if not (path / ".metadata").is_file():
+            raise ConfigError(f"checkpoint {path}: no DCP metadata; was it written by another engine?")
+        state = self._state()  # the sharded layout of this world size; DCP reshards into it
+        dcp.load(state, checkpoint_id=str(path))
+        for alias, name in self._aliases.items():
+            state["model"][alias] = state["model"][name]
+        set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
