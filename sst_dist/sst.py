@@ -293,6 +293,26 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
     return layers
 
 
+def row_pieces(shards, width: int):
+    """Each flat shard of a row-major (rows, width) tensor as at most three 2-D views: the rest of
+    its first row, its whole rows, the start of its last row. Yields (view, row, column) of each
+    view's first element. Views, not copies: writing into them writes the shard."""
+    for shard in shards:
+        values, n = shard.values, shard.values.numel()
+        row, col = divmod(shard.start, width)
+        offset = 0
+        if col and n:
+            head = min(n, width - col)
+            yield values[:head].view(1, head), row, col
+            offset, row = head, row + 1
+        whole = (n - offset) // width
+        if whole:
+            yield values[offset:offset + whole * width].view(whole, width), row, 0
+            offset, row = offset + whole * width, row + whole
+        if offset < n:
+            yield values[offset:].view(1, n - offset), row, 0
+
+
 class SSTController:
     """Runs the method's periodic work on all SST layers through an engine's seam.
 
@@ -307,7 +327,6 @@ class SSTController:
         self.backend = backend
         self.seed, self.renormalize = seed, renormalize
         self.uniform_mix, self.reset_s_state = uniform_mix, reset_s_state
-        self._slot_cache: dict = {}
 
     @torch.no_grad()
     def post_step(self):
@@ -315,24 +334,25 @@ class SSTController:
 
         Runs every step, so it works on each rank's own shards: partial sums of squares per
         active vector, one all-reduce for all layers, then the same local scaling on the fp32
-        master and on the model's low-precision copy. No gather.
+        master and on the model's low-precision copy. No gather, and no per-element index.
         """
         backend = self.backend
         pieces = [(layer, backend.shards(layer.u_active), backend.shards(layer.vh_active))
                   for layer in self.layers] if self.renormalize else []
         norms = None
         if pieces:
-            dtype = torch.float64 if self.layers[0].s.dtype == torch.float64 else torch.float32
+            # float64 partial sums: how the elements are split over shards and ranks then changes
+            # nothing at float32 precision, so the norms (and the run) do not depend on world size
+            dtype = torch.float64
             sums = torch.zeros(len(pieces), 2, self.layers[0].rank, dtype=dtype,
                                device=backend.compute_device)
             for i, (layer, (u_owned, _), (vh_owned, _)) in enumerate(pieces):
-                for shard in u_owned:
-                    sums[i, 0].index_add_(0, self._slots(shard, layer.rank, 1, sums.device),
-                                          shard.values.to(sums.device, dtype).square())
-                for shard in vh_owned:
-                    sums[i, 1].index_add_(0, self._slots(shard, layer.in_features, 0, sums.device),
-                                          shard.values.to(sums.device, dtype).square())
-            norms = backend.all_reduce_sum(sums).sqrt().clamp_min(torch.finfo(dtype).tiny)
+                # u_active (out, r): slot = column; vh_active (r, in): slot = row
+                for view, _, col in row_pieces(u_owned, layer.rank):
+                    sums[i, 0, col:col + view.shape[1]] += view.to(dtype).square().sum(0).to(sums.device)
+                for view, row, _ in row_pieces(vh_owned, layer.in_features):
+                    sums[i, 1, row:row + view.shape[0]] += view.to(dtype).square().sum(1).to(sums.device)
+            norms = backend.all_reduce_sum(sums).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
         for i, layer in enumerate(self.layers):
             owned, mirrors = backend.shards(layer.s)
             if norms is None:
@@ -344,28 +364,12 @@ class SSTController:
             s_scale = torch.ones(layer.k, dtype=norms.dtype, device=norms.device)
             s_scale[layer.active_indices.to(norms.device)] = u_norm * v_norm
             for shard in owned + mirrors:
-                scale = s_scale[self._positions(shard, norms.device)]
+                scale = s_scale[shard.start:shard.start + shard.values.numel()]
                 shard.values.copy_((shard.values * scale.to(shard.values)).clamp_(min=0))
-            for shard in u_owned + u_mirrors:
-                slot = self._slots(shard, layer.rank, 1, norms.device)
-                shard.values.div_(u_norm[slot].to(shard.values))
-            for shard in vh_owned + vh_mirrors:
-                slot = self._slots(shard, layer.in_features, 0, norms.device)
-                shard.values.div_(v_norm[slot].to(shard.values))
-
-    def _positions(self, shard, device) -> torch.Tensor:
-        return torch.arange(shard.start, shard.start + shard.values.numel(), device=device)
-
-    def _slots(self, shard, width: int, axis: int, device) -> torch.Tensor:
-        """Which active slot each element of a flat shard belongs to: the column of a (out, r)
-        u_active (axis 1, width r) or the row of an (r, in) vh_active (axis 0, width in). Cached:
-        shard layouts never change, since the shapes never do."""
-        key = (shard.values.data_ptr(), shard.start, shard.values.numel(), width, axis, str(device))
-        cached = self._slot_cache.get(key)
-        if cached is None:
-            pos = self._positions(shard, device)
-            cached = self._slot_cache[key] = pos % width if axis == 1 else pos // width
-        return cached
+            for view, _, col in row_pieces(u_owned + u_mirrors, layer.rank):
+                view.div_(u_norm[col:col + view.shape[1]].to(view))
+            for view, row, _ in row_pieces(vh_owned + vh_mirrors, layer.in_features):
+                view.div_(v_norm[row:row + view.shape[0], None].to(view))
 
     @torch.no_grad()
     def resample(self, iteration: int):

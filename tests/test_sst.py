@@ -4,9 +4,10 @@ import pytest
 import torch
 from torch import nn
 
+from sst_dist.engines.base import Shard
 from sst_dist.engines.torch import TorchBackend
-from sst_dist.sst import (SSTController, SSTLinear, assign_slots, layer_generator, sample_active,
-                          sampling_probabilities)
+from sst_dist.sst import (SSTController, SSTLinear, assign_slots, layer_generator, row_pieces,
+                          sample_active, sampling_probabilities)
 
 torch.set_default_dtype(torch.float64)
 PATHS = ("dense", "factored")
@@ -217,6 +218,54 @@ def test_post_step_clamps_s_and_renormalises_without_changing_w():
             if not negative_seen:
                 torch.testing.assert_close(m.dense_weight(), w, rtol=0, atol=1e-12)
     assert negative_seen, "lr too small to exercise the clamp"
+
+
+@pytest.mark.parametrize("width", [1, 3, 4])
+def test_row_pieces_are_views_at_their_coordinates(width):
+    rows = 5
+    full = torch.arange(rows * width, dtype=torch.float64)
+    grid = full.view(rows, width)
+    for start in range(full.numel()):
+        for end in range(start, full.numel() + 1):
+            pieces = list(row_pieces([Shard(full[start:end], start)], width))
+            assert sum(view.numel() for view, _, _ in pieces) == end - start
+            for view, row, col in pieces:
+                assert torch.equal(view, grid[row:row + view.shape[0], col:col + view.shape[1]])
+                assert view.data_ptr() == grid[row, col].data_ptr()  # a view, not a copy
+
+
+class ShardedBackend(TorchBackend):
+    """Owned pieces cut mid-row, as ZeRO partitions are, plus a mirror copy of every parameter
+    (the low-precision weights an engine keeps beside its masters)."""
+
+    def __init__(self, optimizer, cuts=(0.3, 0.55)):
+        super().__init__(optimizer)
+        self.cuts, self.mirrors = cuts, {}
+
+    def shards(self, param):
+        flat = param.data.view(-1)
+        bounds = [0, *sorted({int(c * flat.numel()) for c in self.cuts}), flat.numel()]
+        owned = [Shard(flat[a:b], a) for a, b in zip(bounds, bounds[1:]) if b > a]
+        mirror = self.mirrors.setdefault(param, param.detach().clone())
+        return owned, [Shard(mirror.view(-1), 0)]
+
+
+def test_post_step_on_shards_cut_mid_row_equals_the_whole_tensor():
+    whole, sharded = _model(), _model()
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.5) for m in (whole, sharded)]
+    backend = ShardedBackend(opts[1])
+    controllers = [SSTController({"0": m[0], "2": m[2]}, b, seed=0)
+                   for m, b in ((whole, TorchBackend(opts[0])), (sharded, backend))]
+    for i in range(4):
+        for model, opt, controller in zip((whole, sharded), opts, controllers):
+            _step(model, opt, i)
+            for p in model.parameters():
+                backend.mirrors.pop(p, None)  # the engine refreshes its copy from the master
+            controller.post_step()
+        for p, q in zip(whole.parameters(), sharded.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+            if q in backend.mirrors:
+                torch.testing.assert_close(backend.mirrors[q], p.detach(), rtol=0, atol=1e-12)
 
 
 def test_controller_resvd_matches_layer_resvd_and_resets_all_slots():
