@@ -4,7 +4,8 @@
     deepspeed --num_gpus 2 launch/pretrain.py --recipe R --ds-config ds_configs/zero2.json --output-dir D
     torchrun --nproc_per_node 2 launch/pretrain.py --recipe R --engine fsdp --output-dir D
 
-Re-running the same command with the same --output-dir resumes from the latest checkpoint.
+Re-running the same command with the same --output-dir resumes from the latest checkpoint;
+adding --eval-only evaluates that checkpoint on the held-out split instead of training.
 """
 
 import argparse
@@ -26,6 +27,9 @@ def parse_args(argv=None):
     parser.add_argument("--ds-config", help="a DeepSpeed JSON config (selects the deepspeed engine)")
     parser.add_argument("--engine", choices=("torch", "deepspeed", "fsdp"),
                         help="default: deepspeed with --ds-config, else torch (single process)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="evaluate the latest checkpoint in --output-dir on the held-out split "
+                             "(eval.tokens) and append the result to eval.jsonl; no training")
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
 

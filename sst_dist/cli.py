@@ -24,7 +24,7 @@ def run_cli(args) -> int:
         from sst_dist.train import Run, main, set_threads
 
         set_threads()
-        main(Run(recipe, Path(args.output_dir), engine, args.ds_config))
+        main(Run(recipe, Path(args.output_dir), engine, args.ds_config, eval_only=args.eval_only))
     except (ConfigError, DataError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

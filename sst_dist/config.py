@@ -55,6 +55,7 @@ class GaLoreConfig:
     update_proj_gap: int = 200
     scale: float = 0.25
     proj_type: str = "std"
+    lr: float | None = None  # peak lr of the projected weights; None = optim.lr
 
 
 @dataclass
@@ -263,6 +264,7 @@ def validate(recipe: Recipe) -> Recipe:
         ("train.log_every", recipe.train.log_every),
         ("optim.lr", recipe.optim.lr),
         ("optim.lowrank_lr", recipe.optim.lowrank_lr),
+        ("galore.lr", recipe.galore.lr),
         ("checkpoint.keep", recipe.checkpoint.keep),
         ("eval.tokens", recipe.eval.tokens),
     ]:

@@ -30,6 +30,7 @@ class Run:
     output_dir: Path
     engine: str = "torch"  # torch | deepspeed | fsdp
     ds_config: str | None = None
+    eval_only: bool = False  # evaluate the latest checkpoint on the held-out split, then stop
 
 
 def resolve_device(recipe: Recipe, local_rank: int) -> torch.device:
@@ -105,12 +106,8 @@ def main(run: Run) -> dict:
     model.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
     method = build_method(recipe, model)
 
-    lowrank_ids = {id(p) for p in method.lowrank_params}
-    full_params = [p for p in model.parameters() if p.requires_grad and id(p) not in lowrank_ids]
-    groups = [{"params": full_params, "lr": recipe.optim.lr, "name": "full"}]
-    if method.lowrank_params:
-        groups.append({"params": method.lowrank_params, "lr": recipe.optim.lowrank_lr, "name": "lowrank"})
-    engine = build_engine(run.engine, model, groups, recipe, device=device, dtype=dtype, micro_batch=micro,
+    engine = build_engine(run.engine, model, method.param_groups(model), recipe, device=device, dtype=dtype,
+                          micro_batch=micro,
                           accumulation=accumulation, ds_config=run.ds_config, ctx=ctx)
     method.attach(engine.backend, recipe)
 
@@ -125,6 +122,9 @@ def main(run: Run) -> dict:
         if is_main:
             print(f"resuming from {resume_from} at step {state['step']}", flush=True)
 
+    if run.eval_only:
+        return evaluate_checkpoint(engine, data, recipe, device, out, resume_from, state["step"], ctx)
+
     logger = MetricsLogger(out, recipe, is_main, resumed=resume_from is not None)
     stop = StopFlag()
     tokens_per_step = recipe.train.global_batch * recipe.model.seq_len
@@ -135,27 +135,34 @@ def main(run: Run) -> dict:
     step = state["step"]
     while step < max_steps:
         t0 = time.perf_counter()
-        event = method.before_step(step)
-        full_lr, lowrank_lr = method.schedule.learning_rates(step)
-        engine.set_learning_rates({"full": full_lr, "lowrank": lowrank_lr})
-
         engine.model.train()
-        rows = data.next_batch().to(device)
+        chunks = data.next_batch().to(device).split(micro)
+
+        def probe_pass(probe):
+            with engine.probing() as model:
+                for chunk in chunks:
+                    with engine.forward_context():
+                        probe.backward(lm_loss(model, chunk))
+
+        event = method.before_step(step, probe_pass)
+        lrs = method.learning_rates(step)
+        engine.set_learning_rates(lrs)
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for chunk in rows.split(micro):
+        for chunk in chunks:
             with engine.forward_context():
                 loss = lm_loss(engine.model, chunk)
             engine.backward(loss)
             loss_sum += loss.detach().double()
         engine.step()
-        method.after_step()
+        method.after_step(lrs)
         loss_value = ctx.mean(loss_sum / accumulation)
 
         step += 1
         elapsed = time.perf_counter() - t0
         state["tokens"] += tokens_per_step
         state["elapsed_s"] += elapsed
-        record = {"step": step, "loss": loss_value, "lr": full_lr, "lowrank_lr": lowrank_lr,
+        record = {"step": step, "loss": loss_value, "lr": lrs["full"], "lowrank_lr": lrs["lowrank"],
+                  **({"galore_lr": lrs["galore"]} if "galore" in lrs else {}),
                   "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 4),
                   "tokens_per_s": round(tokens_per_step / elapsed, 1)}
         if event:
@@ -192,6 +199,21 @@ def run_eval(model, data, recipe: Recipe, device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
+def evaluate_checkpoint(engine, data, recipe: Recipe, device, out: Path, checkpoint_dir, step: int,
+                        ctx) -> dict:
+    """The periodic evaluation, run once on a loaded checkpoint; appended to eval.jsonl."""
+    if checkpoint_dir is None:
+        raise ConfigError(f"--eval-only: no checkpoint under {checkpoint.checkpoint_root(out)}; "
+                          "train first, or pass the --output-dir of a run")
+    result = {"step": step, "checkpoint": checkpoint_dir.name, **run_eval(engine.model, data, recipe, device)}
+    if ctx.rank == 0:
+        with open(out / "eval.jsonl", "a") as f:
+            f.write(json.dumps(result) + "\n")
+        print(json.dumps(result), flush=True)
+    ctx.barrier()
+    return result
+
+
 def save(engine, data, state, step, out, recipe, ctx) -> None:
     path = checkpoint.partial_dir(out, step) if ctx.rank == 0 else checkpoint.checkpoint_root(out) / (
         checkpoint.step_name(step) + ".partial")
@@ -218,12 +240,13 @@ class MetricsLogger:
         if recipe.wandb.mode != "disabled":
             import wandb
 
+            # a resumed run continues the same wandb run: wandb picks the id once, we keep it
             id_file = out / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
-            id_file.write_text(run_id)
+            run_id = id_file.read_text().strip() if id_file.exists() else None
             self.wandb = wandb.init(project=recipe.wandb.project, name=recipe.wandb.name, id=run_id,
                                     resume="allow", mode=recipe.wandb.mode, dir=str(out),
                                     config=recipe.to_dict())
+            id_file.write_text(self.wandb.id)
 
     def log(self, record: dict) -> None:
         if not self.enabled:

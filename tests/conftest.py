@@ -55,6 +55,28 @@ def assert_curves_match(reference: dict, other: dict, rel: float, steps: int):
     assert worst <= rel, f"largest relative loss difference {worst:.3g} > {rel}"
 
 
+def engine_parity_overrides(recipe) -> tuple:
+    """Overrides for the runs an engine's curve is compared on, reference and engine alike.
+
+    GaLore's projector is the top-r singular subspace of G, a discontinuous function of G where
+    singular values crowd: a refresh turns a 1e-7 difference into 1e-5 and the curves drift past
+    1e-4 within 40 steps. The one place sharded arithmetic differs from a single process is the
+    order in which the gradient-clipping norm is summed; without clipping, the GaLore recipes run
+    bit-identical on 1 and 2 ranks, which checks the refresh path strictly. Clipping itself is
+    checked by the SST and full-rank curves.
+    """
+    return ("--set", "optim.grad_clip=0") if "galore" in recipe else ()
+
+
+def assert_events_crossed(recipe, metrics):
+    """The curve crossed the method's periodic work: SST resamples and a re-SVD, GaLore refreshes."""
+    events = [part for m in metrics for part in m.get("event", "").split("+") if part]
+    if "sst" in recipe:
+        assert events.count("resample") >= 2 and events.count("resvd") >= 1, events
+    if "galore" in recipe:
+        assert events.count("refresh") >= 3, events
+
+
 @pytest.fixture(scope="session")
 def single_process_curves(tmp_path_factory):
     """Single-process (torch engine) reference runs, computed once per recipe per session."""

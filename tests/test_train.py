@@ -11,7 +11,7 @@ import pytest
 from conftest import ROOT, losses, pretrain, quiet_env, read_metrics
 
 
-@pytest.mark.parametrize("method", ["sst", "full", "lora", "relora"])
+@pytest.mark.parametrize("method", ["sst", "full", "lora", "relora", "galore", "sst+galore"])
 def test_tiny_recipes_reduce_the_loss(tmp_path, single_process_curves, method):
     curve = single_process_curves(f"recipes/tiny-{method}.yaml")
     assert sorted(curve) == list(range(1, 41))
@@ -63,3 +63,18 @@ def test_sigterm_leaves_a_resumable_checkpoint(tmp_path, single_process_curves):
     assert sorted(resumed) == list(range(1, 41))
     for step in range(stopped + 1, 41):
         assert abs(resumed[step] - reference[step]) <= 1e-6 * abs(reference[step]), step
+
+
+def test_eval_only_reproduces_the_evaluation_of_the_checkpoint(tmp_path):
+    args = ("--max-steps", "10", "--set", "eval.every_steps=10", "--set", "eval.tokens=2048")
+    pretrain(tmp_path, "recipes/tiny-sst.yaml", *args)
+    during = read_metrics(tmp_path)[-1]
+    proc = pretrain(tmp_path, "recipes/tiny-sst.yaml", *args, "--eval-only")
+    after = json.loads((tmp_path / "eval.jsonl").read_text().splitlines()[-1])
+    assert after["step"] == 10 and after["checkpoint"] == "step_0000010"
+    assert after["eval_loss"] == during["eval_loss"]  # same model, same held-out blocks
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == after
+    assert len(read_metrics(tmp_path)) == 10  # nothing trained, nothing logged as a step
+    empty = pretrain(tmp_path / "none", "recipes/tiny-sst.yaml", "--eval-only", check=False)
+    assert empty.returncode == 2 and "error: --eval-only: no checkpoint" in empty.stderr
+    assert "Traceback" not in empty.stderr

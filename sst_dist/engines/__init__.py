@@ -1,6 +1,7 @@
 """Engines: who owns the fp32 masters and optimizer states. The method reaches them only through
 `Backend` (base.py); the trainer drives them through the small Engine surface used in train.py:
-`model`, `backend`, `backward(loss)`, `step()`, `set_learning_rates({...})`, `save(dir)`, `load(dir)`.
+`model`, `probing()`, `backend`, `backward(loss)`, `step()`, `set_learning_rates({...})`, `save(dir)`,
+`load(dir)`.
 """
 
 from __future__ import annotations
@@ -9,7 +10,8 @@ import os
 import socket
 from dataclasses import dataclass
 
-import torch
+# aliased: importing the submodule engines/torch.py rebinds this package's global name `torch`
+import torch as _torch
 import torch.distributed as dist
 
 from sst_dist.config import ConfigError
@@ -34,8 +36,8 @@ class DistributedContext:
     def _reduce(self, value: float, op) -> float:
         if not self.active:
             return float(value)
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        t = torch.tensor(float(value), dtype=torch.float64, device=device)
+        device = _torch.device("cuda", _torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
+        t = _torch.tensor(float(value), dtype=_torch.float64, device=device)
         dist.all_reduce(t, op=op)
         return float(t)
 
@@ -65,13 +67,15 @@ def distributed_context(engine: str) -> DistributedContext:
                               "--ds-config ds_configs/zero2.json (deepspeed) or --engine fsdp (torchrun)")
         return DistributedContext()
     _single_process_env()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = "nccl" if _torch.cuda.is_available() else "gloo"
     if engine == "deepspeed":
         import deepspeed
 
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
     elif not dist.is_initialized():
-        dist.init_process_group(backend)
+        # NCCL otherwise guesses each rank's GPU from its global rank (a hang on uneven nodes)
+        local = _torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" else None
+        dist.init_process_group(backend, device_id=local)
     return DistributedContext(dist.get_rank(), dist.get_world_size(),
                               int(os.environ.get("LOCAL_RANK", "0")))
 
@@ -81,7 +85,7 @@ def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro
     if name == "torch":
         from sst_dist.engines.torch import TorchEngine
 
-        model.to(dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+        model.to(dtype=_torch.float64 if dtype == _torch.float64 else _torch.float32)
         return TorchEngine(model, param_groups, recipe, device, accumulation, dtype)
     if name == "deepspeed":
         from sst_dist.engines.deepspeed import DeepSpeedEngine

@@ -226,6 +226,20 @@ class DeepSpeedEngine:
         self.backend = DeepSpeedBackend(self.model, device)
         self._micro = 0
 
+    @contextlib.contextmanager
+    def probing(self):
+        """The model a GaLore probe pass runs through: the wrapped module, not the DeepSpeedEngine.
+
+        A backward through the engine's own outputs arms ZeRO's gradient-reduction epilogue, even
+        an autograd.grad that makes no parameter gradient (it then fails on an empty bucket).
+        ZeRO-3's gather hooks sit on the submodules, so they still run; but with no epilogue,
+        modules whose post-backward hook never fires (the embedding: its input needs no grad)
+        keep their weights gathered, so they are released here.
+        """
+        yield self.model.module
+        if self.model.zero_optimization_stage() == 3:
+            self.model.empty_partition_cache()
+
     def forward_context(self):
         return contextlib.nullcontext()
 

@@ -58,6 +58,11 @@ class TorchEngine:
         self.grad_clip = o.grad_clip
         self.backend = TorchBackend(self.optimizer, device)
 
+    @contextlib.contextmanager
+    def probing(self):
+        """The model a GaLore probe pass runs through (see DeepSpeedEngine.probing)."""
+        yield self.model
+
     def forward_context(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()

@@ -1,0 +1,670 @@
+"""GaLore (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
+ICML 2024): the optimizer, and an exact layer form that an engine can shard.
+
+Two ways to train with the same mathematics:
+
+* `GaLoreAdamW`: a drop-in for `galore_torch.GaLoreAdamW` (same parameter-group keys `rank`,
+  `update_proj_gap`, `scale`, `proj_type`). Each 2-D weight in a group with a `rank` key has its
+  gradient G projected to rank r by a projector P from the SVD of G, refreshed every
+  `update_proj_gap` of its steps; the Adam moments live in the projected space; the update is
+  projected back and multiplied by `scale`. It needs the full 2-D gradient of each weight, so it
+  cannot run under ZeRO, which hands the optimizer flat 1-D partitions.
+
+* `GaLoreLinear` (via `apply_galore`): the same trajectory as fixed-shape parameters. With a left
+  projector P (out, r), W_eff = c·W + scale·P·B: W is frozen, B (r, in) trains and receives the
+  gradient Pᵀ G, exactly what GaLore's Adam sees; a right projector Q (r, in) gives
+  W_eff = c·W + scale·B·Q with B (out, r) and gradient G Qᵀ. Any elementwise AdamW on B then
+  moves W_eff exactly as GaLoreAdamW moves W. A refresh merges scale·P·B into W, zeroes B and
+  loads the new P; shapes never change, so ZeRO's flat buffers never need rebuilding. The scalar
+  c carries W's share of decoupled weight decay between refreshes (W itself is frozen).
+
+Semantics of galore-torch 1.0 that both forms keep:
+- the projector of a weight is taken on its first step and then whenever its step count (steps
+  taken before this one) is a multiple of `update_proj_gap`, from the gradient of that very step;
+- the SVD runs in float32 whatever the gradient's dtype (float64 included), and the projector is
+  cast back to the gradient's dtype;
+- the Adam moments are *not* reset when the projector changes, and the step count (hence the bias
+  correction) runs on;
+- `scale` multiplies the back-projected, already Adam-normalised update, not the gradient;
+- decoupled weight decay acts on the full weight W.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from torch.optim import Optimizer
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+CONVENTIONS = ("hf", "torch")
+OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+# galore-torch's GaLoreProjector defaults, used when a `rank` group leaves a key out
+DEFAULT_UPDATE_PROJ_GAP = 200
+DEFAULT_SCALE = 1.0
+DEFAULT_PROJ_TYPE = "std"
+
+
+# ----------------------------------------------------------------------------- projector math
+
+def projection_side(shape: Sequence[int], proj_type: str = DEFAULT_PROJ_TYPE) -> str:
+    """Which side of a (out, in) weight the projector sits on: 'left' or 'right'.
+
+    left:  P (out, r), low-rank gradient Pᵀ G (r, in).
+    right: Q (r, in),  low-rank gradient G Qᵀ (out, r).
+    'std' projects the right side when out >= in, 'reverse_std' the opposite (galore-torch).
+    """
+    if proj_type not in PROJ_TYPES:
+        raise ValueError(f"proj_type must be one of {PROJ_TYPES}, got {proj_type!r}")
+    if proj_type in ("left", "right"):
+        return proj_type
+    tall = shape[0] >= shape[1]
+    return ("right" if tall else "left") if proj_type == "std" else ("left" if tall else "right")
+
+
+def projector_shape(shape: Sequence[int], rank: int, side: str) -> tuple[int, int]:
+    """(out, r) for left, (r, in) for right; r is clamped to min(out, in) as a thin SVD does."""
+    out, inp = shape
+    r = min(rank, out, inp)
+    return (out, r) if side == "left" else (r, inp)
+
+
+def low_rank_shape(shape: Sequence[int], rank: int, side: str) -> tuple[int, int]:
+    """Shape of the projected gradient (and of B): (r, in) for left, (out, r) for right."""
+    out, inp = shape
+    r = min(rank, out, inp)
+    return (r, inp) if side == "left" else (out, r)
+
+
+def orthogonal_projector(grad: torch.Tensor, rank: int, side: str) -> torch.Tensor:
+    """The top-r singular vectors of G (out, in): U[:, :r] (out, r) for left, Vh[:r] (r, in) for
+    right. The SVD runs in float32 for any input dtype, as in galore-torch, and the result comes
+    back in G's dtype (so float64 inputs get a float32-accurate projector)."""
+    U, _, Vh = torch.linalg.svd(grad.detach().float(), full_matrices=False)
+    P = U[:, :rank] if side == "left" else Vh[:rank, :]
+    # LAPACK hands back column-major factors; a strided slice would be sent as raw storage by a
+    # collective and would make the optimizer state non-contiguous
+    return P.to(grad.dtype).contiguous()
+
+
+def project(grad: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:
+    """G (out, in) -> Pᵀ G (r, in) for left, G Qᵀ (out, r) for right."""
+    return P.T @ grad if side == "left" else grad @ P.T
+
+
+def project_back(low: torch.Tensor, P: torch.Tensor, side: str, scale: float) -> torch.Tensor:
+    """scale · P N (left, N: (r, in)) or scale · N Q (right, N: (out, r)) -> (out, in)."""
+    full = P @ low if side == "left" else low @ P
+    return full * scale
+
+
+def merged_weight(W: torch.Tensor, P: torch.Tensor, B: torch.Tensor, decay: float, scale: float,
+                  side: str) -> torch.Tensor:
+    """W_eff = decay·W + scale·P·B (left) or decay·W + scale·B·Q (right): (out, in)."""
+    return W * decay + project_back(B, P, side, scale)
+
+
+def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float,
+                   betas: tuple[float, float], eps: float, correct_bias: bool,
+                   convention: str) -> tuple[torch.Tensor, float]:
+    """Adam's normalised update m / denom and its step size; the update is -step_size · m / denom.
+
+    The two conventions differ only in where eps enters once the bias is corrected:
+      hf    (transformers' old AdamW, hence galore-torch): m / (sqrt(v) + eps) · lr·sqrt(bc2)/bc1
+      torch (torch.optim.AdamW, DeepSpeed Adam):         m / (sqrt(v)/sqrt(bc2) + eps) · lr/bc1
+    """
+    beta1, beta2 = betas
+    if not correct_bias:
+        return exp_avg / (exp_avg_sq.sqrt() + eps), lr
+    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
+    if convention == "hf":
+        return exp_avg / exp_avg_sq.sqrt().add_(eps), lr * math.sqrt(bc2) / bc1
+    return exp_avg / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps), lr / bc1
+
+
+# ----------------------------------------------------------------------------- the optimizer
+
+class GaLoreAdamW(Optimizer):
+    """AdamW with GaLore projection for every 2-D parameter in a group that has a `rank` key.
+
+    Group keys (as galore-torch): rank, update_proj_gap (200), scale (1.0), proj_type ('std').
+    Parameters of other shapes in a `rank` group, and all parameters of other groups, get plain
+    AdamW (galore-torch would fail on a 1-D parameter there).
+
+    convention: 'hf' (default) reproduces galore-torch: eps added to sqrt(v) before the bias
+    correction, decoupled weight decay applied after the update, W <- W - lr·wd·W. 'torch' is
+    torch.optim.AdamW's (and DeepSpeed's Adam's) arithmetic: eps added after the bias correction,
+    decay first, W <- (1 - lr·wd)·W. The two differ by O(eps) in the denominator and O(lr·wd) in
+    the update; 'torch' is what `GaLoreLinear` under an engine's AdamW computes.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
+                 convention: str = "hf"):
+        if lr < 0.0:
+            raise ValueError(f"lr must be >= 0, got {lr}")
+        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
+            raise ValueError(f"betas must be in [0, 1), got {betas}")
+        if eps < 0.0:
+            raise ValueError(f"eps must be >= 0, got {eps}")
+        if convention not in CONVENTIONS:
+            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                        correct_bias=correct_bias, convention=convention)
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            if "rank" in group:
+                projection_side((1, 1), group.get("proj_type", DEFAULT_PROJ_TYPE))  # validates
+                if group["rank"] < 1 or group.get("update_proj_gap", DEFAULT_UPDATE_PROJ_GAP) < 1:
+                    raise ValueError(f"rank and update_proj_gap must be >= 1, got {group['rank']}, "
+                                     f"{group.get('update_proj_gap')}")
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group in self.param_groups:
+            lr, decay = group["lr"], group["lr"] * group["weight_decay"]
+            convention = group["convention"]
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
+                state = self.state[p]
+                taken = state.get("step", 0)  # steps taken before this one
+                grad = p.grad
+                galore = "rank" in group and p.ndim == 2
+                if galore:
+                    side = projection_side(p.shape, group.get("proj_type", DEFAULT_PROJ_TYPE))
+                    gap = group.get("update_proj_gap", DEFAULT_UPDATE_PROJ_GAP)
+                    if "projector" not in state or taken % gap == 0:
+                        state["projector"] = orthogonal_projector(grad, group["rank"], side)
+                    grad = project(grad, state["projector"], side)
+                if "exp_avg" not in state:
+                    state["exp_avg"] = torch.zeros_like(grad)
+                    state["exp_avg_sq"] = torch.zeros_like(grad)
+                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
+                beta1, beta2 = group["betas"]
+                state["step"] = taken + 1
+                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
+                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+                direction, step_size = adam_direction(
+                    exp_avg, exp_avg_sq, state["step"], lr, group["betas"], group["eps"],
+                    group["correct_bias"], convention)
+                if galore:
+                    direction = project_back(direction, state["projector"], side,
+                                             group.get("scale", DEFAULT_SCALE))
+                if convention == "torch" and decay:
+                    p.mul_(1.0 - decay)
+                p.add_(direction, alpha=-step_size)
+                if convention == "hf" and decay:
+                    p.add_(p, alpha=-decay)
+        return loss
+
+
+# ----------------------------------------------------------------------------- autograd
+
+class _GaLoreMatmul(torch.autograd.Function):
+    """y = x W_effᵀ with W_eff = decay·W + scale·P·B (left) or decay·W + scale·B·Q (right),
+    computed factored (never forming W_eff, like LoRA).
+
+    B's gradient is Pᵀ G (left) or G Qᵀ (right) with G = gyᵀ x: the projected gradient GaLore's
+    Adam sees, *without* the factor `scale` that the chain rule would add, because Adam is not
+    scale-invariant once eps is counted; `scale` enters in the forward, where GaLore applies it
+    to the update. W and P get no gradient. An optional `probe` (a zero (out, in) view) receives
+    G itself, for the projector refresh.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, proj, B, probe, decay, scale, side):
+        dense = x @ weight.T
+        if decay != 1.0:
+            dense = dense * decay
+        if side == "left":
+            h = x @ B.T  # (..., r)
+            y = dense + (h @ proj.T) * scale
+            ctx.save_for_backward(x, weight, proj, B)
+        else:
+            h = x @ proj.T  # (..., r)
+            y = dense + (h @ B.T) * scale
+            ctx.save_for_backward(x, weight, proj, B, h)
+        ctx.decay, ctx.scale, ctx.side = decay, scale, side
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, proj, B = ctx.saved_tensors[:4]
+        decay, scale = ctx.decay, ctx.scale
+        x2 = x.reshape(-1, x.shape[-1])
+        g2 = gy.reshape(-1, gy.shape[-1])
+        grad_x = grad_B = grad_probe = None
+        if ctx.side == "left":
+            gp = gy @ proj  # (..., r): gy P
+            if ctx.needs_input_grad[0]:
+                grad_x = gy @ weight * decay + (gp @ B) * scale
+            if ctx.needs_input_grad[3]:
+                grad_B = gp.reshape(-1, gp.shape[-1]).T @ x2  # Pᵀ gyᵀ x = Pᵀ G
+        else:
+            (h,) = ctx.saved_tensors[4:]
+            if ctx.needs_input_grad[0]:
+                grad_x = gy @ weight * decay + ((gy @ B) @ proj) * scale
+            if ctx.needs_input_grad[3]:
+                grad_B = g2.T @ h.reshape(-1, h.shape[-1])  # gyᵀ x Qᵀ = G Qᵀ
+        if ctx.needs_input_grad[4]:
+            wide = torch.promote_types(x.dtype, torch.float32)
+            grad_probe = g2.T.to(wide) @ x2.to(wide)
+        return grad_x, None, None, grad_B, grad_probe, None, None, None
+
+
+class _GaLoreLookup(torch.autograd.Function):
+    """Rows of W_eff = decay·W + scale·P·B (left) or decay·W + scale·B·Q (right) at `ids`: an
+    embedding lookup, with the same gradients as _GaLoreMatmul.
+
+    G (V, h) of a lookup is gy scattered into the rows `ids` (none into `padding_idx`, as
+    nn.Embedding); B receives Pᵀ G = P[ids]ᵀ gy (left) or G Qᵀ = scatter(gy Qᵀ) (right), without
+    `scale`; the probe receives G itself.
+    """
+
+    @staticmethod
+    def forward(ctx, ids, weight, proj, B, probe, decay, scale, side, padding_idx):
+        rows = F.embedding(ids, weight)
+        if decay != 1.0:
+            rows = rows * decay
+        low = F.embedding(ids, proj) @ B if side == "left" else F.embedding(ids, B) @ proj
+        ctx.save_for_backward(ids, proj)
+        ctx.side, ctx.padding_idx = side, padding_idx
+        ctx.shapes = (weight.shape, B.shape)
+        return rows + low * scale
+
+    @staticmethod
+    def backward(ctx, gy):
+        ids, proj = ctx.saved_tensors
+        (vocab, width), B_shape = ctx.shapes
+        flat = ids.reshape(-1)
+        g2 = gy.reshape(-1, gy.shape[-1])
+        if ctx.padding_idx is not None:
+            g2 = g2.masked_fill((flat == ctx.padding_idx)[:, None], 0)
+        grad_B = grad_probe = None
+        if ctx.needs_input_grad[3]:
+            if ctx.side == "left":
+                grad_B = proj.index_select(0, flat).T @ g2  # P[ids]ᵀ gy: (r, h)
+            else:
+                grad_B = g2.new_zeros(B_shape).index_add_(0, flat, g2 @ proj.T)  # (V, r)
+        if ctx.needs_input_grad[4]:
+            wide = torch.promote_types(gy.dtype, torch.float32)
+            grad_probe = g2.new_zeros((vocab, width), dtype=wide).index_add_(0, flat, g2.to(wide))
+        return None, None, None, grad_B, grad_probe, None, None, None, None
+
+
+# ----------------------------------------------------------------------------- the layer
+
+class GaLoreLinear(nn.Module):
+    """A linear layer trained as GaLore, in fixed-shape parameters an engine can shard.
+
+    weight (out, in): frozen (requires_grad=False), so ZeRO-3 / FSDP shard it like any weight.
+    proj: frozen projector, P (out, r) for a left side or Q (r, in) for a right side; zeros until
+        the first refresh, which must come before the first optimizer step (step 0).
+    B: trainable, (r, in) for left, (out, r) for right; zero after every refresh.
+    bias (out,): trainable, unchanged from the nn.Linear.
+    decay: a Python float c with W_eff = c·W + scale·(P B | B Q): W's share of decoupled weight
+        decay since the last refresh (`apply_weight_decay` after every optimizer step); it is
+        folded into W at the refresh. Kept in float64 on every rank, saved with the state dict.
+    """
+
+    def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
+                 scale: float = DEFAULT_SCALE, proj_type: str = DEFAULT_PROJ_TYPE,
+                 update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP, device=None, dtype=None):
+        super().__init__()
+        if rank < 1:
+            raise ValueError(f"rank must be >= 1, got {rank}")
+        if update_proj_gap < 1:
+            raise ValueError(f"update_proj_gap must be >= 1, got {update_proj_gap}")
+        factory = dict(device=device, dtype=dtype)
+        shape = (out_features, in_features)
+        self.in_features, self.out_features = in_features, out_features
+        self.side = projection_side(shape, proj_type)
+        self.rank = min(rank, out_features, in_features)
+        self.scale, self.proj_type, self.update_proj_gap = scale, proj_type, update_proj_gap
+        # shapes kept here too: under ZeRO-3 a parameter's own .shape is that of its local shard
+        self.proj_shape = projector_shape(shape, rank, self.side)
+        self.B_shape = low_rank_shape(shape, rank, self.side)
+        self.weight = nn.Parameter(torch.empty(shape, **factory), requires_grad=False)
+        self.proj = nn.Parameter(torch.zeros(self.proj_shape, **factory), requires_grad=False)
+        self.B = nn.Parameter(torch.zeros(self.B_shape, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.decay = 1.0
+        self.refreshes = 0
+        self._probes: list[torch.Tensor] | None = None  # set by GradientProbe
+
+    @classmethod
+    @torch.no_grad()
+    def from_linear(cls, linear: nn.Linear, rank: int, scale: float = DEFAULT_SCALE,
+                    proj_type: str = DEFAULT_PROJ_TYPE,
+                    update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP) -> "GaLoreLinear":
+        """The same function as `linear` (B = 0), awaiting its first projector."""
+        weight = linear.weight
+        layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
+                    scale=scale, proj_type=proj_type, update_proj_gap=update_proj_gap,
+                    device=weight.device, dtype=weight.dtype)
+        layer.weight.copy_(weight)
+        if linear.bias is not None:
+            layer.bias.copy_(linear.bias)
+        return layer
+
+    def forward(self, x):
+        y = _GaLoreMatmul.apply(x, self.weight, self.proj, self.B, self.new_probe(x), self.decay,
+                                self.scale, self.side)
+        return y if self.bias is None else y + self.bias
+
+    def new_probe(self, x: torch.Tensor) -> torch.Tensor | None:
+        """A zero (out, in) input that receives G in a GradientProbe pass, else None.
+
+        A zero-strided view of one scalar: no (out, in) memory until its gradient exists. At
+        least float32, so G sums over micro-batches and ranks without bf16 rounding.
+        """
+        if self._probes is None or not torch.is_grad_enabled():
+            return None
+        dtype = torch.promote_types(x.dtype, torch.float32)
+        probe = torch.zeros((), dtype=dtype, device=x.device, requires_grad=True).expand(
+            self.out_features, self.in_features)
+        self._probes.append(probe)
+        return probe
+
+    def refresh_due(self, step: int) -> bool:
+        """Whether a new projector is due before optimizer step `step` (0-based, steps taken so
+        far), as galore-torch decides it: at step 0 and every update_proj_gap steps."""
+        return step % self.update_proj_gap == 0
+
+    def apply_weight_decay(self, lr: float, weight_decay: float) -> None:
+        """After every optimizer step: W <- (1 - lr·wd)·W, kept as the scalar `decay`.
+
+        `lr` and `weight_decay` are those B's parameter group used in that step, so W decays
+        exactly as B does and W_eff as GaLoreAdamW's W.
+        """
+        self.decay *= 1.0 - lr * weight_decay
+
+    @torch.no_grad()
+    def dense_weight(self) -> torch.Tensor:
+        """W_eff (out, in), from this process's tensors (single-process use)."""
+        return merged_weight(self.weight, self.proj, self.B, self.decay, self.scale, self.side)
+
+    def galore_parameters(self) -> list[nn.Parameter]:
+        """The parameters that stand for W in the optimizer (bias is ordinary)."""
+        return [self.B]
+
+    def get_extra_state(self) -> dict:
+        return {"decay": self.decay, "refreshes": self.refreshes}
+
+    def set_extra_state(self, state: dict) -> None:
+        self.decay, self.refreshes = float(state["decay"]), int(state["refreshes"])
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, "
+                f"rank={self.rank}, side={self.side}, scale={self.scale}, "
+                f"update_proj_gap={self.update_proj_gap}")
+
+
+class GaLoreEmbedding(GaLoreLinear):
+    """An nn.Embedding (V, h) trained as GaLore: W (V, h) frozen, projector and B as in
+    GaLoreLinear with out_features = V, in_features = h, so refreshes, probes, weight decay and
+    state are GaLoreLinear's. Its forward is the lookup of W_eff's rows.
+
+    When the LM head is tied to the embedding (OPT), `tied_head()` gives the head that computes
+    x W_effᵀ from the *same* W, P and B: both paths add into B's gradient and into the probe's G,
+    which is what GaLoreAdamW sees for a tied weight, the sum of both gradients.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, rank: int, *,
+                 padding_idx: int | None = None, **kwargs):
+        super().__init__(embedding_dim, num_embeddings, rank, bias=False, **kwargs)
+        self.padding_idx = padding_idx
+
+    @classmethod
+    @torch.no_grad()
+    def from_embedding(cls, embedding: nn.Embedding, rank: int, scale: float = DEFAULT_SCALE,
+                       proj_type: str = DEFAULT_PROJ_TYPE,
+                       update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP) -> "GaLoreEmbedding":
+        weight = embedding.weight
+        layer = cls(embedding.num_embeddings, embedding.embedding_dim, rank,
+                    padding_idx=embedding.padding_idx, scale=scale, proj_type=proj_type,
+                    update_proj_gap=update_proj_gap, device=weight.device, dtype=weight.dtype)
+        layer.weight.copy_(weight)
+        return layer
+
+    def forward(self, ids):
+        return _GaLoreLookup.apply(ids, self.weight, self.proj, self.B, self.new_probe(self.weight),
+                                   self.decay, self.scale, self.side, self.padding_idx)
+
+    def tied_head(self) -> "GaLoreTiedHead":
+        return GaLoreTiedHead(self)
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + f", padding_idx={self.padding_idx}"
+
+
+class GaLoreTiedHead(nn.Module):
+    """The LM head tied to a GaLoreEmbedding: logits = x W_effᵀ, no bias.
+
+    It registers the embedding's own Parameter objects (as a tied nn.Linear shares its weight),
+    so an engine sees one tensor under two names and gathers it for either module; the scalar
+    state (decay, probes) is read from the embedding, which is not a submodule of the head.
+    """
+
+    def __init__(self, embedding: GaLoreEmbedding):
+        super().__init__()
+        self.weight, self.proj, self.B = embedding.weight, embedding.proj, embedding.B
+        self._source = [embedding]  # in a list: not registered as a child module
+
+    def forward(self, x):
+        source = self._source[0]
+        return _GaLoreMatmul.apply(x, self.weight, self.proj, self.B, source.new_probe(x),
+                                   source.decay, source.scale, source.side)
+
+    def extra_repr(self) -> str:
+        return "tied to the GaLore embedding"
+
+
+# ----------------------------------------------------------------------------- refresh
+
+class GradientProbe:
+    """Captures the full weight gradients G = ∂L/∂W_eff of GaLore layers, for their refresh.
+
+    GaLore takes the new projector from the gradient of the step that will use it, so at a refresh
+    step the trainer runs this probe pass on the step's batch first, refreshes, then runs the
+    step as usual: B's gradient is then P_newᵀ G exactly. The probe uses torch.autograd.grad on
+    zero views fed to each layer, so no parameter's gradient accumulator runs (.grad untouched,
+    and an engine's reduce hooks on those accumulators stay idle); it costs one extra forward and
+    backward every update_proj_gap steps.
+
+        with GradientProbe(layers, step) as probe:
+            for micro_batch in batch:
+                probe.backward(loss_fn(model, micro_batch))
+        refresh_galore_layers(layers, backend, probe.gradients)
+
+    gradients[i] is G of layers[i] summed over the micro-batches on this rank, or None for a
+    layer not due at `step` (step None: all layers). The overall scale of G does not matter: the
+    projector is its top singular vectors. Randomness in the model (dropout) makes the probe's G
+    differ from the step's; the OPT recipes train without dropout.
+    """
+
+    def __init__(self, layers: Iterable[GaLoreLinear], step: int | None = None):
+        self.layers = list(layers)
+        self.due = [step is None or layer.refresh_due(step) for layer in self.layers]
+        self.gradients: list[torch.Tensor | None] = [None] * len(self.layers)
+
+    def __enter__(self) -> "GradientProbe":
+        for layer, due in zip(self.layers, self.due):
+            layer._probes = [] if due else None
+        return self
+
+    def __exit__(self, exc_type, *exc) -> None:
+        for layer in self.layers:
+            layer._probes = None
+        missed = [i for i, (due, grad) in enumerate(zip(self.due, self.gradients))
+                  if due and grad is None]
+        if exc_type is None and missed:
+            # a silent skip would leave those layers on a stale (or, at step 0, zero) projector
+            raise RuntimeError(
+                f"no gradient reached GaLore layers {missed} in the probe pass; run it with "
+                f"probe.backward(loss) and without reentrant activation checkpointing, whose "
+                f"forward runs under no_grad")
+
+    def backward(self, loss: torch.Tensor) -> None:
+        owners, probes = [], []
+        for index, layer in enumerate(self.layers):
+            if layer._probes is not None:
+                owners += [index] * len(layer._probes)
+                probes += layer._probes
+                layer._probes = []
+        if not probes:
+            return
+        # allow_unused: a probe from a forward that did not reach this loss contributes nothing
+        grads = torch.autograd.grad(loss, probes, allow_unused=True)
+        # this backward's G per layer first (a tied embedding has two probes: lookup and head),
+        # then the running sum: the grouping a data-parallel reduce of per-rank sums has too
+        this_pass: dict[int, torch.Tensor] = {}
+        for index, grad in zip(owners, grads):
+            if grad is not None:
+                this_pass[index] = grad if index not in this_pass else this_pass[index] + grad
+        for index, grad in this_pass.items():
+            total = self.gradients[index]
+            self.gradients[index] = grad if total is None else total + grad
+
+
+def _reduce_to(tensor: torch.Tensor, dst: int, backend) -> torch.Tensor:
+    """Sum over data-parallel ranks onto rank `dst`; the caller's tensor is left as it was."""
+    if backend.world_size > 1:
+        tensor = tensor.clone()
+        torch.distributed.reduce(tensor, dst)
+    return tensor
+
+
+@torch.no_grad()
+def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
+                          gradients: Sequence[torch.Tensor | None]) -> None:
+    """Merges B into W, zeroes B and loads a new projector from the SVD of G, for every layer with
+    a gradient (None: not due, left alone). Collective: every rank calls it with the same layers
+    and the same None pattern; `gradients` are this rank's (e.g. GradientProbe.gradients).
+
+    Layer i's G is summed onto rank backend.owner(i), which alone runs the SVD and broadcasts the
+    projector. W, P and B are read and written only through the backend, so the fp32 masters of
+    an engine hold the new values. The Adam state of B is kept, as galore-torch keeps its
+    projected moments across a projector change. The function the network computes is unchanged.
+    """
+    backend_device = backend.compute_device
+    projectors: dict[int, torch.Tensor] = {}
+    for index, (layer, grad) in enumerate(zip(layers, gradients)):
+        if grad is None:
+            continue
+        owner = backend.owner(index)
+        grad = _reduce_to(grad.detach().to(backend_device), owner, backend)
+        if backend.rank == owner:
+            projectors[index] = orthogonal_projector(grad, layer.rank, layer.side)
+        else:  # a receive buffer for the broadcast below
+            projectors[index] = grad.new_empty(layer.proj_shape)
+    for index, layer in enumerate(layers):
+        if index not in projectors:
+            continue
+        P = backend.broadcast(projectors[index], backend.owner(index))
+        W = backend.read(layer.weight)
+        P_old, B = backend.read(layer.proj).to(W.dtype), backend.read(layer.B).to(W.dtype)
+        merged = merged_weight(W, P_old, B, layer.decay, layer.scale, layer.side)
+        backend.write(layer.weight, merged)
+        backend.write(layer.proj, P)
+        backend.write(layer.B, torch.zeros(layer.B_shape, dtype=W.dtype, device=W.device))
+        layer.decay = 1.0
+        layer.refreshes += 1
+
+
+def apply_weight_decay(layers: Iterable[GaLoreLinear], lr: float, weight_decay: float) -> None:
+    """After every optimizer step, with the lr and weight decay of the group that holds B."""
+    for layer in layers:
+        layer.apply_weight_decay(lr, weight_decay)
+
+
+# ----------------------------------------------------------------------------- model level
+
+def apply_galore(model: nn.Module, rank: int, targets: Iterable[str] = OPT_TARGETS, *,
+                 scale: float = DEFAULT_SCALE, proj_type: str = DEFAULT_PROJ_TYPE,
+                 update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP) -> dict[str, GaLoreLinear]:
+    """Replaces every nn.Linear whose attribute name is in `targets` by a GaLoreLinear.
+
+    Returns the new layers by qualified name, in model order (their index is their owner key).
+    `targets` may name any nn.Linear, `lm_head` included, as long as its weight is not shared:
+    OPT ties lm_head to embed_tokens (config.tie_word_embeddings), and freezing one tensor that
+    two modules train through would be wrong, so a tied target is refused. An nn.Embedding is
+    refused too; GaLore on OPT's tied embedding would need one module owning W, P, B that serves
+    both the lookup (rows W[ids] + scale·P[ids]·B, whose B gradient is a scatter of gy over the
+    ids) and the output projection (x W_effᵀ as here), so the two gradient paths add into one B.
+    """
+    targets = set(targets)
+    counts: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        counts.setdefault(id(param), []).append(name)
+    found, matched = [], set()
+    for name, module in model.named_modules():
+        attr = name.rsplit(".", 1)[-1]
+        if attr not in targets:
+            continue
+        matched.add(attr)
+        if isinstance(module, nn.Embedding):
+            raise NotImplementedError(
+                f"{name} is an nn.Embedding; apply_galore swaps nn.Linear only (see its docstring "
+                f"for what a GaLore embedding would take), or train it with GaLoreAdamW")
+        if not isinstance(module, nn.Linear):
+            raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
+        others = [n for n in counts[id(module.weight)] if n != f"{name}.weight"]
+        if others:
+            raise ValueError(
+                f"{name}.weight is tied to {', '.join(others)}; "
+                f"untie it first (tie_word_embeddings=False) or leave {attr} out of the targets")
+        found.append((name, module))
+    missing = targets - matched
+    if missing:
+        raise ValueError(f"no module named {sorted(missing)} in the model")
+    layers = {}
+    for name, linear in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        layer = GaLoreLinear.from_linear(linear, rank, scale, proj_type, update_proj_gap)
+        setattr(parent, attr, layer)
+        layers[name] = layer
+    return layers
+
+
+def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,
+                           proj_type: str = DEFAULT_PROJ_TYPE,
+                           update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP) -> dict[str, GaLoreLinear]:
+    """GaLore on a transformers model's token embedding and LM head (the full-rank matrices
+    that hold most of SST's optimizer state). A tied head becomes the embedding's
+    GaLoreTiedHead (one W, P, B); an untied nn.Linear head becomes a GaLoreLinear of its own.
+    Returns the GaLore layers by qualified name, as apply_galore does.
+    """
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if not isinstance(embedding, nn.Embedding):
+        raise TypeError(f"the input embedding is a {type(embedding).__name__}, not an nn.Embedding")
+    names = {id(m): n for n, m in model.named_modules()}
+    layers = {}
+    galore = GaLoreEmbedding.from_embedding(embedding, rank, scale, proj_type, update_proj_gap)
+    layers[names[id(embedding)]] = galore
+    if head is not None:
+        if head.weight is embedding.weight:
+            model.set_output_embeddings(galore.tied_head())
+        else:
+            layers[names[id(head)]] = GaLoreLinear.from_linear(head, rank, scale, proj_type,
+                                                               update_proj_gap)
+            model.set_output_embeddings(layers[names[id(head)]])
+    model.set_input_embeddings(galore)
+    return layers
+
+
+__all__ = ["GaLoreAdamW", "GaLoreLinear", "GaLoreEmbedding", "GaLoreTiedHead", "apply_galore_embedding", "GradientProbe", "apply_galore", "refresh_galore_layers",
+           "apply_weight_decay", "projection_side", "orthogonal_projector", "project",
+           "project_back", "merged_weight", "adam_direction", "projector_shape", "low_rank_shape"]

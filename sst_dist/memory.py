@@ -1,0 +1,415 @@
+"""Per-GPU memory of each method under DeepSpeed ZeRO, estimated without a GPU.
+
+    python -m sst_dist.memory --model opt-1.3b --methods full,lora,relora,galore,sst,sst+galore \\
+        --rank 64 --zero 2 --gpus 8 --micro-batch 8 --seq 2048
+
+Parameters are counted, not re-derived: the real OPT model is built on the `meta` device and the
+real method layers (SSTLinear, LoRALinear, GaLoreLinear) are put in place of its linears, so a
+change in the code changes the numbers. Bytes per parameter follow DeepSpeed's mixed precision
+(its `estimate_zero2_model_states_mem_needs` counts 2 + 18/gpus bytes per parameter for ZeRO-2):
+
+    bf16   weights 2, gradients 2, fp32 master 4, Adam 4 + 4; for the step, copies of the gradient
+           partition: flattened 2 and fp32 4 (DeepSpeed's estimator counts 2 + 4 for gradients)
+    fp32   weights 4, gradients 4, Adam 4 + 4; the flattened copy 4; no masters
+
+Only trainable parameters have gradients, masters and Adam moments; frozen ones (SST's U and Vh,
+LoRA's W, GaLoreLinear's W and projector) are weights only. ZeRO-1 shards masters and Adam
+moments (and the step's gradient copies, made per partition) over the GPUs, ZeRO-2 also the
+gradients, ZeRO-3 also every weight, frozen ones included. Activations are an estimate for
+Hugging Face OPT with SDPA and no activation checkpointing (`activation_bytes`).
+
+`total` is the peak, not the sum of the columns: activations live in the forward and backward,
+the reduce bucket through the backward, the gradient copies only in the optimizer step.
+Checked on one H200 (bench/memory.py, ZeRO-2, OPT-125M to 1.3B): within 0.5-4 % of the measured
+peak for full-rank and LoRA; the rest is the CUDA libraries' workspaces (about 70 MB).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from torch import nn
+
+from sst_dist.config import METHODS, OPT_TARGETS, ConfigError
+
+GIB = 2**30
+PRECISIONS = ("bf16", "fp32")
+ZERO_STAGES = (0, 1, 2, 3)
+SST_PATHS = ("dense", "factored")
+# optimizer: GaLoreAdamW's own accounting (full weights, gradients and masters; Adam moments in the
+#   projected space), as the GaLore paper counts it.
+# layer: GaLoreLinear / GaLoreEmbedding, the fixed-shape form the trainer uses under every engine
+#   (frozen W and projector, trainable B).
+GALORE_FORMS = ("optimizer", "layer")
+GALORE_PROJ_TYPE = "std"  # the recipe default (galore.proj_type)
+# DeepSpeed's default zero_optimization.reduce_bucket_size (elements): the bucket is allocated
+# whole at the first gradient of every backward, however small the model.
+REDUCE_BUCKET_SIZE = 500_000_000
+CATEGORIES = ("weights", "gradients", "masters", "optimizer", "buffers", "activations", "total")
+
+
+def _sizes():
+    from sst_dist.models import OPT_SIZES
+
+    return OPT_SIZES
+
+
+def resolve_model(name: str) -> str:
+    """'opt-1.3b', 'OPT-1.3B' or '1.3b' -> '1.3b' (a key of sst_dist.models.OPT_SIZES)."""
+    sizes = _sizes()
+    key = str(name).lower().removeprefix("opt-")
+    if key not in sizes:
+        allowed = ", ".join(f"opt-{s}" for s in sizes)
+        raise ConfigError(f"--model: {name!r} is not one of {allowed} (the 'opt-' prefix is optional)")
+    return key
+
+
+def _choice(key: str, value, allowed) -> None:
+    if value not in allowed:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(str, allowed))}")
+
+
+def _at_least(key: str, value, low: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        raise ConfigError(f"{key}: {value!r} must be an integer >= {low}")
+
+
+# ----------------------------------------------------------------------------- counting
+
+@dataclass(frozen=True)
+class ParamCounts:
+    """Element counts of one model + method, each parameter once (OPT ties lm_head to embed_tokens)."""
+
+    total: int
+    trainable: int  # have a gradient and an fp32 master
+    frozen: int
+    moments: int  # elements of ONE Adam moment: trainable, GaLore targets in their projected shape
+    projectors: int  # GaLoreAdamW's projectors, kept in its optimizer state (optimizer form only)
+    largest_module: int  # parameters of the largest single module (what ZeRO-3 gathers at once)
+    buffer_bytes: int  # module buffers (SST's active indices), replicated under every stage
+    # per token, summed over all layers: what method layers keep for backward beyond nn.Linear's
+    # input (LoRA x·Aᵀ: r; factored SST x·Vhᵀ: k; GaLoreLinear with a right projector x·Qᵀ: r)
+    extra_saved_width: int
+    refresh_grad: int  # GaLoreLinear: elements of the full gradients its refresh probe holds
+
+
+def _swap_linears(model: nn.Module, targets, make) -> list[nn.Module]:
+    """Replaces every nn.Linear whose attribute name is in `targets` by make(linear)."""
+    made = []
+    for name, module in list(model.named_modules()):
+        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
+            parent_name, _, attr = name.rpartition(".")
+            layer = make(module)
+            setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
+            made.append(layer)
+    return made
+
+
+@lru_cache(maxsize=64)
+def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: int | None = None,
+                     sst_path: str = "dense", galore_form: str = "optimizer",
+                     targets: tuple[str, ...] = OPT_TARGETS, seq: int = 2048,
+                     vocab_size: int | None = None) -> ParamCounts:
+    """Builds the model on the meta device, applies the method's real layers, and counts.
+
+    GaLore targets: method 'galore' the recipe's targets (the linears of every decoder layer, as
+    the GaLore paper); 'sst+galore' the token embedding and its tied LM head (what the trainer's
+    apply_galore_embedding converts), the full-rank matrix that holds most of SST's state.
+    """
+    from sst_dist.lowrank import LoRALinear
+    from sst_dist.models import OPT_VOCAB, build_model
+    from sst_dist.sst import SSTLinear
+
+    size = resolve_model(model)
+    _validate_method(size, method, rank, galore_rank, sst_path, galore_form, targets)
+    galore_rank = galore_rank or rank
+    targets = set(targets)
+    with torch.device("meta"):
+        net = build_model(size, vocab_size=vocab_size or OPT_VOCAB, seq_len=seq)
+
+    def bias(linear):
+        return linear.bias is not None
+
+    extra_width = refresh_grad = 0
+    galore_params: list[nn.Parameter] = []
+    if method in ("lora", "relora"):  # ReLoRA* holds the same tensors; its merges are transient
+        made = _swap_linears(net, targets, lambda lin: LoRALinear(
+            lin.in_features, lin.out_features, rank, bias(lin), device="meta"))
+        extra_width += sum(layer.rank for layer in made)
+    if method in ("sst", "sst+galore"):
+        made = _swap_linears(net, targets, lambda lin: SSTLinear(
+            lin.in_features, lin.out_features, rank, bias(lin), path=sst_path, device="meta"))
+        if sst_path == "factored":
+            extra_width += sum(layer.k for layer in made)
+    if method == "galore" and galore_form == "layer":
+        from sst_dist.galore import GaLoreLinear
+
+        made = _swap_linears(net, targets, lambda lin: GaLoreLinear(
+            lin.in_features, lin.out_features, galore_rank, bias(lin), proj_type=GALORE_PROJ_TYPE,
+            device="meta"))
+        extra_width += sum(layer.rank for layer in made if layer.side == "right")
+        refresh_grad = sum(layer.weight.numel() for layer in made)
+    elif method == "galore":
+        galore_params = [net.get_submodule(name).weight for name in _target_names(net, targets)]
+    elif method == "sst+galore" and galore_form == "layer":
+        from sst_dist.galore import apply_galore_embedding
+
+        made = list(apply_galore_embedding(net, galore_rank, proj_type=GALORE_PROJ_TYPE).values())
+        # the tied head keeps x·Qᵀ (right projector) or nothing extra (left) for its backward
+        extra_width += sum(layer.rank for layer in made if layer.side == "right")
+        refresh_grad = sum(layer.weight.numel() for layer in made)
+    elif method == "sst+galore":
+        galore_params = [net.get_input_embeddings().weight]
+
+    moments = projectors = 0
+    galore_ids = {id(p) for p in galore_params}
+    if galore_params:
+        from sst_dist.galore import low_rank_shape, projection_side, projector_shape
+
+        for p in galore_params:
+            side = projection_side(p.shape, GALORE_PROJ_TYPE)
+            low = low_rank_shape(p.shape, galore_rank, side)
+            proj = projector_shape(p.shape, galore_rank, side)
+            moments += low[0] * low[1]
+            projectors += proj[0] * proj[1]
+
+    params = list(net.parameters())  # each tensor once: the tied LM head is not counted again
+    trainable = sum(p.numel() for p in params if p.requires_grad)
+    moments += sum(p.numel() for p in params if p.requires_grad and id(p) not in galore_ids)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
+    return ParamCounts(
+        total=sum(p.numel() for p in params), trainable=trainable,
+        frozen=sum(p.numel() for p in params if not p.requires_grad), moments=moments,
+        projectors=projectors, largest_module=largest,
+        buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
+        extra_saved_width=extra_width, refresh_grad=refresh_grad)
+
+
+def _target_names(net: nn.Module, targets) -> list[str]:
+    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+
+
+def _validate_method(size, method, rank, galore_rank, sst_path, galore_form, targets) -> None:
+    from sst_dist.models import min_target_dim
+
+    _choice("--methods", method, METHODS)
+    _choice("--sst-path", sst_path, SST_PATHS)
+    _choice("--galore-form", galore_form, GALORE_FORMS)
+    for t in targets:
+        _choice("targets", t, OPT_TARGETS)
+    if method == "full":
+        return
+    limit = min_target_dim(size, targets)
+    for key, value in (("--rank", rank), ("--galore-rank", galore_rank)):
+        if value is not None and (not isinstance(value, int) or not 0 < value <= limit):
+            raise ConfigError(f"{key}: {value!r} must be in 1..{limit} for opt-{size}")
+
+
+# ----------------------------------------------------------------------------- activations
+
+def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str = "bf16",
+                     extra_saved_width: int = 0, vocab_size: int | None = None) -> int:
+    """Bytes autograd holds at the peak of one micro-batch: Hugging Face OPT, SDPA (flash or
+    memory-efficient kernels, which keep no s x s matrix), no activation checkpointing, no dropout
+    (the recipes train without it), then train.lm_loss's fp32 cross-entropy.
+
+    Each term was checked against torch.autograd.graph.saved_tensors_hooks and a profiled peak on
+    CPU; on a GPU the caching allocator adds rounding and fragmentation on top.
+    """
+    from sst_dist.models import OPT_SIZES, OPT_VOCAB
+
+    dims = OPT_SIZES[resolve_model(model)]
+    h, f = dims["hidden_size"], dims["ffn_dim"]
+    heads, layers = dims["num_attention_heads"], dims["num_hidden_layers"]
+    proj = dims.get("word_embed_proj_dim", h)
+    pre_ln = dims.get("do_layer_norm_before", True)
+    e = 2 if precision == "bf16" else 4  # bytes per activation element
+    tokens = micro_batch * seq
+    # Per decoder layer and token, kept for backward: the two LayerNorm inputs (2h); the input of
+    # q/k/v, one tensor shared by the three (h); q, k, v, kept by SDPA (3h); the attention output,
+    # kept by SDPA and, being the same tensor, by out_proj as its input (h); fc1's input (h); ReLU's
+    # output, kept by ReLU and by fc2 as its input (f) (fc1's own output is freed). In fp32: each
+    # LayerNorm's mean and rstd (2 x 2) and SDPA's log-sum-exp (one per head).
+    # The layout holds for post-LayerNorm 350m as well: the residual sum, not the input, is normed.
+    per_layer = (8 * h + f) * e + 2 * 2 * 4 + heads * 4
+    # Outside the layers: token and position ids (int64); the LM head's input; pre-LN models keep
+    # the final LayerNorm's input and statistics; 350m keeps project_in's and project_out's inputs.
+    edges = 2 * 8 + proj * e
+    if pre_ln:
+        edges += h * e + 2 * 4
+    if proj != h:
+        edges += proj * e + h * e
+    # The loss: cross-entropy keeps fp32 log-probabilities (b·s·V); the peak is its backward, which
+    # holds those, the gradient coming in and the gradient going out, all fp32: 12 bytes per logit.
+    # (The forward's bf16 logits and fp32 copy, 6 bytes, are gone by then.)
+    logits = 12 * (vocab_size or OPT_VOCAB)
+    return tokens * (layers * per_layer + extra_saved_width * e + edges + logits)
+
+
+# ----------------------------------------------------------------------------- the estimate
+
+def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_batch: int, seq: int,
+             precision: str = "bf16", offload: bool = False, galore_rank: int | None = None,
+             sst_path: str = "dense", *, galore_form: str = "optimizer", grad_accum: int = 1,
+             reduce_bucket_size: int = REDUCE_BUCKET_SIZE, vocab_size: int | None = None) -> dict:
+    """Bytes per GPU by category (CATEGORIES), plus 'cpu': bytes per GPU's process kept in host
+    memory when the optimizer is offloaded (masters, Adam moments, fp32 gradient copy).
+
+    precision 'bf16': DeepSpeed's bf16 mixed precision (bf16 weights and gradients, fp32 masters
+    and Adam); 'fp32': everything fp32, no masters. offload: optimizer states and masters on the CPU
+    (DeepSpeed's offload_optimizer; ZeRO 1-3). grad_accum > 1: the gradients of earlier
+    micro-batches are held through the later forwards.
+    """
+    size = resolve_model(model)
+    _choice("--zero", zero, ZERO_STAGES)
+    _choice("--precision", precision, PRECISIONS)
+    for key, value, low in (("--gpus", gpus, 1), ("--micro-batch", micro_batch, 1), ("--seq", seq, 1),
+                            ("--grad-accum", grad_accum, 1), ("reduce_bucket_size", reduce_bucket_size, 0)):
+        _at_least(key, value, low)
+    if offload and zero == 0:
+        raise ConfigError("--offload: needs ZeRO stage 1, 2 or 3 (DeepSpeed's offload_optimizer)")
+    counts = count_parameters(size, method, rank, galore_rank=galore_rank, sst_path=sst_path,
+                              galore_form=galore_form, seq=seq, vocab_size=vocab_size)
+
+    def shard(nbytes: float, from_stage: int) -> float:
+        return nbytes / gpus if zero >= from_stage else nbytes
+
+    bf16 = precision == "bf16"
+    wb = 2 if bf16 else 4  # bytes of a weight and of its gradient
+    weights = shard(counts.total * wb, 3) + counts.buffer_bytes
+    grads = shard(counts.trainable * wb, 2)
+    # GaLoreLinear's refresh probe (galore.GradientProbe) runs its own backward and holds every
+    # targeted layer's full gradient G, unsharded, until the new projectors are taken from them;
+    # in float32 at least (GaLoreLinear.new_probe), so G sums without bf16 rounding
+    refresh = counts.refresh_grad * 4
+    # The step: ZeRO flattens this rank's gradient partition into a new buffer and, under bf16,
+    # casts that to fp32 for the optimizer; the gradients, both copies and the optimizer live together.
+    step_copies = shard(counts.trainable * wb, 1) + (shard(counts.trainable * 4, 1) if bf16 else 0.0)
+    masters = shard(counts.trainable * 4, 1) if bf16 else 0.0
+    optimizer = shard((2 * counts.moments + counts.projectors) * 4, 1)
+    bucket = reduce_bucket_size * wb if zero >= 1 else 0
+    # ZeRO-3 gathers a module's weights (and reduces its gradients) at a time; DeepSpeed's own
+    # estimator reserves 2 x the largest module for it
+    gathered = 2 * wb * counts.largest_module if zero == 3 else 0
+    activations = activation_bytes(size, micro_batch, seq, precision=precision,
+                                   extra_saved_width=counts.extra_saved_width, vocab_size=vocab_size)
+    cpu = 0.0
+    if offload:  # the step runs on the CPU, from copies made there
+        cpu = masters + optimizer + step_copies
+        masters = optimizer = step_copies = 0.0
+    persistent = weights + masters + optimizer
+    held_grads = grads if grad_accum > 1 else 0.0
+    phases = (
+        activations + held_grads + gathered,  # the forward, and the loss backward at its start
+        grads + bucket + gathered,  # the end of the backward: every gradient made, bucket still held
+        grads + step_copies,  # the optimizer step
+        refresh + gathered,  # GaLoreLinear's refresh steps, before their own forward
+    )
+    result = {
+        "weights": weights, "gradients": grads + step_copies, "masters": masters, "optimizer": optimizer,
+        "buffers": bucket + gathered, "activations": activations, "total": persistent + max(phases),
+        "cpu": cpu,
+    }
+    return {k: int(round(v)) for k, v in result.items()}
+
+
+# ----------------------------------------------------------------------------- the command line
+
+def _gib(nbytes: int) -> str:
+    return f"{nbytes / GIB:.2f}"
+
+
+def format_table(model: str, methods, args) -> str:
+    size = resolve_model(model)
+    galore_rank = args.galore_rank or args.rank
+    columns = ("weights", "gradients", "masters", "optimizer", "buffers", "activations", "total")
+    heads = ("weights", "grads", "masters", "optim", "buffers", "activ", "total")
+    if args.offload:
+        columns += ("cpu",)
+        heads += ("cpu",)
+    rows = []
+    for method in methods:
+        counts = count_parameters(size, method, args.rank, galore_rank=args.galore_rank,
+                                  sst_path=args.sst_path, galore_form=args.galore_form, seq=args.seq)
+        est = estimate(size, method, args.rank, args.zero, args.gpus, args.micro_batch, args.seq,
+                       args.precision, args.offload, args.galore_rank, args.sst_path,
+                       galore_form=args.galore_form, grad_accum=args.grad_accum)
+        rows.append((method, f"{counts.total / 1e6:.1f}M", f"{counts.trainable / 1e6:.1f}M",
+                     *(_gib(est[c]) for c in columns)))
+    mixed = "bf16 weights/grads, fp32 masters and Adam" if args.precision == "bf16" else "fp32, no masters"
+    lines = [
+        f"opt-{size}: ZeRO-{args.zero} on {args.gpus} GPU{'s' if args.gpus > 1 else ''}, {mixed}"
+        f"{', optimizer offloaded to CPU' if args.offload else ''}; micro-batch {args.micro_batch} x "
+        f"{args.seq} tokens{f', grad-accum {args.grad_accum}' if args.grad_accum > 1 else ''}; "
+        f"rank {args.rank}, GaLore rank {galore_rank} ({args.galore_form} form), SST path {args.sst_path}",
+        "GiB per GPU",
+    ]
+    header = ("method", "params", "trainable", *heads)
+    widths = [max(len(str(r[i])) for r in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
+                               for i, (v, w) in enumerate(zip(row, widths))))
+    lines += [
+        "grads: the gradients plus the copies ZeRO makes of its partition for the step (flattened, "
+        "and under bf16 cast to fp32).",
+        f"buffers: ZeRO's gradient reduce bucket ({REDUCE_BUCKET_SIZE:.0e} elements, held through the "
+        "backward)" + ("; ZeRO-3: the gathered largest module" if args.zero == 3 else "") + ".",
+        "activ: estimated, Hugging Face OPT with SDPA, no activation checkpointing, fp32 logits and loss.",
+        "total: the peak, not the sum: weights + masters + optim + the largest of activations, "
+        "grads and bucket at the end of the backward, grads in the step.",
+    ]
+    if any("galore" in m for m in methods) and args.galore_form == "optimizer":
+        lines.append("galore (optimizer form): full weights, gradients and masters, Adam moments and "
+                     "projector in the rank-r space, as GaLoreAdamW keeps them.")
+    elif any("galore" in m for m in methods):
+        lines.append("galore (layer form): GaLoreLinear's frozen W and projector, trainable B; at refresh "
+                     "steps its probe holds the targets' full gradients (in total, not in grads).")
+    return "\n".join(lines)
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line, exit 2, as for every other user error
+        print(f"error: {message}", file=sys.stderr)
+        raise SystemExit(2)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m sst_dist.memory", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default="opt-125m", help="opt-125m, opt-350m, opt-1.3b, ... ('opt-' optional)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--galore-rank", type=int, default=None, help="default: --rank")
+    p.add_argument("--galore-form", default="optimizer", help=f"{' | '.join(GALORE_FORMS)}")
+    p.add_argument("--sst-path", default="dense", help=f"{' | '.join(SST_PATHS)}")
+    p.add_argument("--zero", type=int, default=2, help="0 | 1 | 2 | 3")
+    p.add_argument("--gpus", type=int, default=1)
+    p.add_argument("--micro-batch", type=int, default=1)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--precision", default="bf16", help="bf16 | fp32")
+    p.add_argument("--offload", action="store_true", help="optimizer states and masters on the CPU")
+    return p
+
+
+def main(argv=None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+        if not methods:
+            raise ConfigError(f"--methods: empty; choose from {', '.join(METHODS)}")
+        for m in methods:
+            if m not in METHODS:
+                raise ConfigError(f"--methods: {m!r} is not one of {', '.join(METHODS)}")
+        print(format_table(args.model, methods, args))
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,482 @@
+"""GaLore: the optimizer against galore-torch 1.0, and the layer form against the optimizer.
+
+All in float64. galore-torch casts every non-float32 gradient to float32 for the SVD and casts
+the projector back, so its float64 runs carry float32-accurate projectors; ours does the same,
+which is why the two agree to rounding rather than to float32 accuracy.
+
+Heavy imports (transformers, galore-torch) stay inside the tests that need them, so the two-rank
+test's spawned workers start quickly.
+"""
+
+import os
+import socket
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+from torch import nn
+
+from sst_dist.engines.torch import TorchBackend
+from sst_dist.galore import (GaLoreAdamW, GaLoreLinear, GradientProbe, apply_galore,
+                             apply_weight_decay, orthogonal_projector, projection_side,
+                             refresh_galore_layers)
+
+PROJ_TYPES = ("std", "reverse_std", "left", "right")
+OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # these tensors are tiny: a second intra-op thread only adds spin overhead, badly so on a
+    # loaded 2-core machine
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def galore_torch():
+    return pytest.importorskip("galore_torch")
+
+
+def tiny_opt(**overrides):
+    from transformers import OPTForCausalLM
+
+    from sst_dist.models import opt_config
+    config = opt_config("tiny", vocab_size=256, seq_len=32, attn_implementation="eager")
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    return OPTForCausalLM(config).double()
+
+
+def rel_err(a, b):
+    return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
+
+
+# ----------------------------------------------------------------------------- projector math
+
+@pytest.mark.parametrize("proj_type,tall,wide", [
+    ("std", "right", "left"), ("reverse_std", "left", "right"),
+    ("left", "left", "left"), ("right", "right", "right")])
+def test_projection_side(proj_type, tall, wide):
+    assert projection_side((20, 10), proj_type) == tall
+    assert projection_side((10, 20), proj_type) == wide
+    assert projection_side((10, 10), proj_type) == tall  # square counts as out >= in
+    with pytest.raises(ValueError, match="proj_type"):
+        projection_side((10, 10), "full")
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_projector_is_galore_torchs(side, galore_torch):
+    G = torch.randn(20, 12, dtype=torch.float64)
+    ref = galore_torch.adamw.GaLoreProjector(5).get_orthogonal_matrix(G, 5, side)
+    ours = orthogonal_projector(G, 5, side)
+    assert ours.dtype == ref.dtype == torch.float64
+    assert torch.equal(ours, ref)
+
+
+# ----------------------------------------------------------------------------- vs galore-torch
+
+def opt_groups(model, rank, gap, scale, proj_type, wd):
+    galore = [p for n, p in model.named_parameters()
+              if p.ndim == 2 and n.rsplit(".", 2)[-2] in OPT_TARGETS]
+    ids = {id(p) for p in galore}
+    rest = [p for p in model.parameters() if id(p) not in ids]
+    return [{"params": rest, "weight_decay": wd},
+            {"params": galore, "rank": rank, "update_proj_gap": gap, "scale": scale,
+             "proj_type": proj_type, "weight_decay": wd}]
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_optimizer_matches_galore_torch(proj_type, galore_torch):
+    torch.manual_seed(0)
+    ours, ref = tiny_opt(), tiny_opt()
+    ref.load_state_dict(ours.state_dict())
+    kw = dict(lr=3e-3, betas=(0.9, 0.999), eps=1e-6)
+    opt = GaLoreAdamW(opt_groups(ours, 8, 2, 0.25, proj_type, 0.1), **kw)
+    ref_opt = galore_torch.GaLoreAdamW(opt_groups(ref, 8, 2, 0.25, proj_type, 0.1),
+                                       no_deprecation_warning=True, **kw)
+    g = torch.Generator().manual_seed(1)
+    first = None
+    for step in range(5):  # projectors taken at steps 0, 2, 4
+        ids = torch.randint(3, 256, (2, 32), generator=g)
+        for model, optimizer in ((ours, opt), (ref, ref_opt)):
+            model(input_ids=ids, labels=ids).loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+        for (name, p), q in zip(ours.named_parameters(), ref.parameters()):
+            assert rel_err(p.detach(), q.detach()) < 1e-5, (step, name)
+        fc1 = ours.model.decoder.layers[0].fc1.weight
+        if step == 0:
+            first = opt.state[fc1]["projector"].clone()
+    assert opt.state[fc1]["step"] == 5
+    assert not torch.allclose(opt.state[fc1]["projector"], first)  # the projector did refresh
+    tall_side = {"std": "right", "reverse_std": "left", "left": "left", "right": "right"}[proj_type]
+    # fc1 is tall (256, 64): a right projector keeps G Qᵀ (256, r), a left one Pᵀ G (r, 64)
+    assert opt.state[fc1]["exp_avg"].shape == ((256, 8) if tall_side == "right" else (8, 64))
+
+
+# ----------------------------------------------------------------------------- the layer form
+
+def mlp(seed=0):
+    torch.manual_seed(seed)  # a tall, a square and a wide weight
+    # dtype given, not taken from the default (another test module may change it, and spawned
+    # workers would not see that change): the same seed must give the same weights everywhere
+    f64 = dict(dtype=torch.float64)
+    return nn.Sequential(nn.Linear(12, 20, **f64), nn.Tanh(), nn.Linear(20, 20, **f64), nn.Tanh(),
+                         nn.Linear(20, 6, **f64))
+
+
+def batches(n, seed=2):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 12, generator=g, dtype=torch.float64),
+             torch.randn(16, 6, generator=g, dtype=torch.float64)) for _ in range(n)]
+
+
+def mse(model, batch):
+    x, y = batch
+    return (model(x) - y).pow(2).mean()
+
+
+def lr_at(step):
+    return 0.02 * (1 + step % 4) / 4  # changes every step, so W's decay must use the step's lr
+
+
+def galore_layers(model, proj_type, rank=4, scale=0.5, gap=10):
+    layers = {}
+    for index in (0, 2, 4):
+        layers[index] = GaLoreLinear.from_linear(model[index], rank, scale, proj_type, gap)
+        model[index] = layers[index]
+    return list(layers.values())
+
+
+def train_layer_form(model, layers, optimizer, data, wd, backend):
+    """The trainer's loop: at a refresh step a probe pass, the refresh, then the ordinary step."""
+    group = optimizer.param_groups[0]
+    for step, batch in enumerate(data):
+        if any(layer.refresh_due(step) for layer in layers):
+            with GradientProbe(layers, step) as probe:
+                probe.backward(mse(model, batch))
+            refresh_galore_layers(layers, backend, probe.gradients)
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        mse(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        apply_weight_decay(layers, group["lr"], wd)
+        yield step
+
+
+def train_plain(model, optimizer, data):
+    for step, batch in enumerate(data):
+        for g in optimizer.param_groups:
+            g["lr"] = lr_at(step)
+        mse(model, batch).backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        yield step
+
+
+def plain_groups(model, rank, scale, proj_type, gap, wd):
+    weights = [model[i].weight for i in (0, 2, 4)]
+    biases = [model[i].bias for i in (0, 2, 4)]
+    return [{"params": weights, "rank": rank, "update_proj_gap": gap, "scale": scale,
+             "proj_type": proj_type, "weight_decay": wd},
+            {"params": biases, "weight_decay": wd}]
+
+
+def layer_groups(layers, wd):
+    return [{"params": [layer.B for layer in layers], "weight_decay": wd},
+            {"params": [layer.bias for layer in layers], "weight_decay": wd}]
+
+
+def assert_same_trajectory(plain, layered, layers, plain_run, layer_run, tol):
+    for step, _ in zip(plain_run, layer_run):
+        for index, layer in zip((0, 2, 4), layers):
+            assert rel_err(layer.dense_weight(), plain[index].weight.detach()) < tol, (step, index)
+            assert rel_err(layer.bias.detach(), plain[index].bias.detach()) < tol, (step, index)
+    return step
+
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_layer_form_with_torch_adamw_follows_galore(proj_type):
+    """GaLoreLinear + torch.optim.AdamW == GaLoreAdamW in torch's AdamW arithmetic, wd on."""
+    wd, rank, scale, gap = 0.1, 4, 0.5, 10
+    plain, layered = mlp(), mlp()
+    layers = galore_layers(layered, proj_type, rank, scale, gap)
+    # eps near sqrt(v) makes Adam visibly scale-dependent, so a `scale` put into B's gradient
+    # instead of the forward would show (at eps=1e-8 it moves W_eff by only ~1e-7)
+    eps = 1e-4
+    ref = GaLoreAdamW(plain_groups(plain, rank, scale, proj_type, gap, wd), eps=eps,
+                      convention="torch")
+    opt = torch.optim.AdamW(layer_groups(layers, wd), eps=eps)
+    backend = TorchBackend(opt)
+    steps = assert_same_trajectory(plain, layered, layers, train_plain(plain, ref, batches(32)),
+                                   train_layer_form(layered, layers, opt, batches(32), wd, backend),
+                                   tol=1e-6)
+    assert steps == 31 and [layer.refreshes for layer in layers] == [4, 4, 4]  # 0, 10, 20, 30
+    for layer, weight in zip(layers, (plain[0].weight, plain[2].weight, plain[4].weight)):
+        # the optimizer states are the same tensors: GaLore's projected moments live in B's state
+        assert rel_err(opt.state[layer.B]["exp_avg"], ref.state[weight]["exp_avg"]) < 1e-6
+
+
+@pytest.mark.parametrize("proj_type", ["left", "right"])
+def test_layer_form_with_hf_adamw_follows_galore_torch(proj_type, galore_torch):
+    """Trained by galore-torch's own AdamW arithmetic (no rank groups), the layer form follows
+    galore-torch's GaLoreAdamW itself: the decay ordering folds through c as well."""
+    wd, rank, scale, gap = 0.1, 4, 0.5, 10
+    plain, layered = mlp(), mlp()
+    layers = galore_layers(layered, proj_type, rank, scale, gap)
+    ref = galore_torch.GaLoreAdamW(plain_groups(plain, rank, scale, proj_type, gap, wd),
+                                   no_deprecation_warning=True)
+    opt = GaLoreAdamW(layer_groups(layers, wd))  # no `rank` key: plain AdamW, hf arithmetic
+    assert_same_trajectory(plain, layered, layers, train_plain(plain, ref, batches(32)),
+                           train_layer_form(layered, layers, opt, batches(32), wd,
+                                            TorchBackend(opt)), tol=1e-6)
+
+
+def test_hf_and_torch_conventions_differ():
+    """The honest gap: torch.optim.AdamW is not galore-torch's arithmetic (eps, decay order)."""
+    a, b = mlp(), mlp()
+    opts = [GaLoreAdamW(plain_groups(m, 4, 0.5, "std", 10, 0.1), eps=1e-6, convention=c)
+            for m, c in ((a, "hf"), (b, "torch"))]
+    for _ in zip(train_plain(a, opts[0], batches(5)), train_plain(b, opts[1], batches(5))):
+        pass
+    err = rel_err(a[0].weight.detach(), b[0].weight.detach())
+    assert 1e-9 < err < 1e-2
+
+
+@pytest.mark.parametrize("proj_type", ["left", "right"])
+def test_refresh_leaves_the_function_unchanged(proj_type):
+    model = mlp()
+    layers = galore_layers(model, proj_type)
+    opt = torch.optim.AdamW(layer_groups(layers, 0.1))
+    backend = TorchBackend(opt)
+    for _ in train_layer_form(model, layers, opt, batches(7), 0.1, backend):
+        pass
+    assert all(layer.decay < 1.0 for layer in layers)  # some decay still unfolded
+    assert all(layer.B.abs().max() > 0 for layer in layers)
+    x = torch.randn(9, 12, dtype=torch.float64)
+    before = model(x).detach()
+    moments = [opt.state[layer.B]["exp_avg"].clone() for layer in layers]
+    refresh_galore_layers(layers, backend, [torch.randn(l.out_features, l.in_features,
+                                                        dtype=torch.float64) for l in layers])
+    assert rel_err(model(x).detach(), before) < 1e-10
+    for layer, m in zip(layers, moments):
+        assert layer.decay == 1.0 and torch.count_nonzero(layer.B) == 0
+        assert torch.equal(opt.state[layer.B]["exp_avg"], m)  # GaLore keeps its moments
+    state = model.state_dict()
+    assert state["0._extra_state"] == {"decay": 1.0, "refreshes": 2}
+
+
+def test_layer_gradients():
+    """B sees Pᵀ G / G Qᵀ with no `scale`; the probe sees G; nothing else gets a gradient."""
+    torch.manual_seed(3)
+    for proj_type in ("left", "right"):
+        linear = nn.Linear(8, 12).double()
+        layer = GaLoreLinear.from_linear(linear, 3, scale=0.25, proj_type=proj_type)
+        tall = layer.proj.shape if proj_type == "left" else layer.proj.T.shape
+        Q = torch.linalg.qr(torch.randn(tall, dtype=torch.float64))[0]  # orthonormal columns
+        with torch.no_grad():
+            layer.proj.copy_(Q if proj_type == "left" else Q.T)
+            layer.B.normal_()
+            layer.decay = 0.9
+        W = layer.dense_weight().requires_grad_()
+        x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+        gy = torch.randn(2, 5, 12, dtype=torch.float64)
+        with GradientProbe([layer]) as probe:
+            out = layer(x)
+            probe.backward((out * gy).sum())
+        torch.testing.assert_close(out, x @ W.T + layer.bias, rtol=0, atol=1e-12)
+        assert layer.B.grad is None and layer.bias.grad is None  # the probe touches no .grad
+        layer(x).backward(gy)
+        ref = nn.functional.linear(x, W, layer.bias)
+        gx, gW = torch.autograd.grad(ref, (x, W), gy)
+        G = probe.gradients[0]
+        torch.testing.assert_close(G, gW, rtol=0, atol=1e-12)
+        P = layer.proj.detach()
+        expected = P.T @ G if proj_type == "left" else G @ P.T
+        torch.testing.assert_close(layer.B.grad, expected, rtol=0, atol=1e-12)
+        torch.testing.assert_close(x.grad, gx, rtol=0, atol=1e-12)
+        assert layer.weight.grad is None and layer.proj.grad is None
+
+
+def test_probe_under_checkpointing_and_its_guard():
+    from torch.utils.checkpoint import checkpoint
+    model = mlp()
+    x, y = batches(1)[0]
+    dense = [model[i].weight for i in (0, 2, 4)]
+    expected = torch.autograd.grad(mse(model, (x, y)), dense)
+    layers = galore_layers(model, "left")
+    with GradientProbe(layers) as probe:
+        out = checkpoint(model, x, use_reentrant=False)  # recomputes the forward in backward
+        probe.backward((out - y).pow(2).mean())
+    for G, ref in zip(probe.gradients, expected):
+        torch.testing.assert_close(G, ref, rtol=0, atol=1e-12)
+    with pytest.raises(RuntimeError, match="no gradient reached"):
+        with GradientProbe(layers):
+            mse(model, (x, y))  # forgot probe.backward
+
+
+class MasterBackend(TorchBackend):
+    """Holds the authoritative values apart from the parameters, as an engine's fp32 masters do:
+    a refresh that read or wrote param.data instead of the verbs would be caught."""
+
+    def __init__(self, params):
+        super().__init__(None)
+        self.masters = {p: p.detach().clone() for p in params}
+
+    def read(self, param):
+        return self.masters[param].clone()
+
+    def write(self, param, value):
+        self.masters[param] = value.detach().clone()
+
+
+def test_refresh_goes_through_the_backend():
+    model = mlp()
+    layers = galore_layers(model, "left")
+    with torch.no_grad():
+        for layer in layers:
+            layer.B.normal_()
+            layer.proj.normal_()
+    expected = [layer.dense_weight() for layer in layers]
+    backend = MasterBackend([p for layer in layers for p in (layer.weight, layer.proj, layer.B)])
+    with torch.no_grad():
+        for layer in layers:
+            for p in (layer.weight, layer.proj, layer.B):
+                p.fill_(float("nan"))  # stale local copies
+    grads = [torch.randn(l.out_features, l.in_features, dtype=torch.float64) for l in layers]
+    refresh_galore_layers(layers, backend, grads)
+    for layer, W, G in zip(layers, expected, grads):
+        torch.testing.assert_close(backend.masters[layer.weight], W, rtol=0, atol=1e-12)
+        torch.testing.assert_close(backend.masters[layer.proj], orthogonal_projector(G, 4, "left"))
+        assert torch.count_nonzero(backend.masters[layer.B]) == 0
+
+
+# ----------------------------------------------------------------------------- model level
+
+def test_apply_galore_on_opt():
+    model = tiny_opt()
+    ids = torch.randint(3, 256, (2, 16))
+    before = model(input_ids=ids).logits
+    layers = apply_galore(model, 8, OPT_TARGETS, scale=0.25, proj_type="std", update_proj_gap=5)
+    assert len(layers) == 12 and all(isinstance(l, GaLoreLinear) for l in layers.values())
+    torch.testing.assert_close(model(input_ids=ids).logits, before, rtol=0, atol=1e-12)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad and ".B" in n}
+    assert len(trainable) == 12
+    fc1 = layers["model.decoder.layers.0.fc1"]
+    assert fc1.side == "right" and fc1.B.shape == (256, 8) and fc1.proj.shape == (8, 64)
+    with pytest.raises(ValueError, match="tied"):
+        apply_galore(model, 8, ("lm_head",))
+    with pytest.raises(NotImplementedError, match="nn.Embedding"):
+        apply_galore(model, 8, ("embed_tokens",))
+    with pytest.raises(ValueError, match="no module named"):
+        apply_galore(model, 8, ("q_prj",))
+
+
+def test_apply_galore_untied_lm_head():
+    model = tiny_opt(tie_word_embeddings=False)
+    assert model.lm_head.weight is not model.model.decoder.embed_tokens.weight
+    layers = apply_galore(model, 8, ("lm_head",))
+    assert list(layers) == ["lm_head"] and layers["lm_head"].B.shape == (256, 8)
+
+
+# ----------------------------------------------------------------------------- two ranks
+
+def _two_rank_worker(rank, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        model = mlp()
+        layers = galore_layers(model, "right")
+        backend = TorchBackend(None)
+        backend.rank, backend.world_size = rank, 2
+        x, y = batches(2)[rank]  # each rank its own data: G must be summed before the SVD
+        with GradientProbe(layers) as probe:
+            probe.backward(mse(model, (x, y)))
+        refresh_galore_layers(layers, backend, probe.gradients)
+        torch.save([layer.proj.detach() for layer in layers], os.path.join(out_dir, f"{rank}.pt"))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_two_ranks_split_svd_and_agree(tmp_path):
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
+    results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
+    model = mlp()
+    layers = galore_layers(model, "right")
+    with GradientProbe(layers) as probe:
+        for batch in batches(2):
+            probe.backward(mse(model, batch))
+    for index, layer in enumerate(layers):
+        expected = orthogonal_projector(probe.gradients[index], layer.rank, layer.side)
+        assert torch.equal(results[0][index], results[1][index])
+        torch.testing.assert_close(results[0][index], expected, rtol=0, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- tied embedding
+
+@pytest.mark.parametrize("proj_type", PROJ_TYPES)
+def test_tied_embedding_layer_form_follows_galore_on_the_tied_weight(proj_type):
+    """GaLoreEmbedding + its tied head under torch's AdamW == GaLoreAdamW on OPT's tied
+    embedding / LM head weight, whose gradient is the sum of the lookup's and the head's. The
+    inputs include the padding id, whose row gets no lookup gradient, as in nn.Embedding."""
+    from sst_dist.galore import GaLoreEmbedding, GaLoreTiedHead, apply_galore_embedding
+
+    wd, rank, scale, gap, eps = 0.1, 8, 0.5, 3, 1e-4
+    plain, layered = tiny_opt(), tiny_opt()
+    layered.load_state_dict(plain.state_dict())
+    ids = torch.randint(3, 256, (2, 16), generator=torch.Generator().manual_seed(4))
+    before = layered(input_ids=ids).logits.detach()
+    layers = list(apply_galore_embedding(layered, rank, scale=scale, proj_type=proj_type,
+                                         update_proj_gap=gap).values())
+    (emb,) = layers
+    assert isinstance(emb, GaLoreEmbedding) and isinstance(layered.lm_head, GaLoreTiedHead)
+    assert layered.lm_head.B is emb.B and layered.model.decoder.embed_tokens is emb
+    torch.testing.assert_close(layered(input_ids=ids).logits, before, rtol=0, atol=1e-12)
+
+    tied = plain.model.decoder.embed_tokens.weight
+    assert plain.lm_head.weight is tied
+    rest = [p for p in plain.parameters() if p is not tied]
+    ref = GaLoreAdamW([{"params": rest, "weight_decay": wd},
+                       {"params": [tied], "rank": rank, "update_proj_gap": gap, "scale": scale,
+                        "proj_type": proj_type, "weight_decay": wd}], eps=eps, convention="torch")
+    trainable = [p for p in layered.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(trainable, eps=eps, weight_decay=wd)
+    backend = TorchBackend(opt)
+    g = torch.Generator().manual_seed(5)
+    for step in range(8):  # refreshes at 0, 3, 6
+        batch = torch.randint(0, 256, (2, 17), generator=g)
+        batch[0, :4] = 1  # OPT's padding id
+        x, y = batch[:, :-1], batch[:, 1:]
+
+        def loss(model):
+            logits = model(input_ids=x).logits
+            return nn.functional.cross_entropy(logits.reshape(-1, 256), y.reshape(-1))
+
+        for group in ref.param_groups + opt.param_groups:
+            group["lr"] = lr_at(step)
+        loss(plain).backward()
+        ref.step()
+        ref.zero_grad()
+        if emb.refresh_due(step):
+            with GradientProbe(layers, step) as probe:
+                probe.backward(loss(layered))
+            refresh_galore_layers(layers, backend, probe.gradients)
+        loss(layered).backward()
+        opt.step()
+        opt.zero_grad()
+        apply_weight_decay(layers, lr_at(step), wd)
+        assert rel_err(emb.dense_weight(), tied.detach()) < 1e-6, step
+        reference = dict(plain.named_parameters())
+        for name, p in layered.named_parameters():
+            if "decoder.layers" in name:
+                assert rel_err(p.detach(), reference[name].detach()) < 1e-6, (step, name)
+    assert emb.refreshes == 3
+    assert rel_err(opt.state[emb.B]["exp_avg"], ref.state[tied]["exp_avg"]) < 1e-6
