@@ -343,15 +343,14 @@ class SSTController:
         if pieces:
             # float64 partial sums: how the elements are split over shards and ranks then changes
             # nothing at float32 precision, so the norms (and the run) do not depend on world size
-            dtype = torch.float64
-            sums = torch.zeros(len(pieces), 2, self.layers[0].rank, dtype=dtype,
+            sums = torch.zeros(len(pieces), 2, self.layers[0].rank, dtype=torch.float64,
                                device=backend.compute_device)
             for i, (layer, (u_owned, _), (vh_owned, _)) in enumerate(pieces):
                 # u_active (out, r): slot = column; vh_active (r, in): slot = row
                 for view, _, col in row_pieces(u_owned, layer.rank):
-                    sums[i, 0, col:col + view.shape[1]] += view.to(dtype).square().sum(0).to(sums.device)
+                    sums[i, 0, col:col + view.shape[1]] += view.double().square().sum(0).to(sums.device)
                 for view, row, _ in row_pieces(vh_owned, layer.in_features):
-                    sums[i, 1, row:row + view.shape[0]] += view.to(dtype).square().sum(1).to(sums.device)
+                    sums[i, 1, row:row + view.shape[0]] += view.double().square().sum(1).to(sums.device)
             norms = backend.all_reduce_sum(sums).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
         for i, layer in enumerate(self.layers):
             owned, mirrors = backend.shards(layer.s)

@@ -45,10 +45,9 @@ def main():
     torch.manual_seed(0)
     model = build_model("tiny", vocab_size=VOCAB, seq_len=16).to(device)
     method = build_method(recipe, model)
-    ids = {id(p) for p in method.lowrank_params}
-    groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in ids],
-               "lr": 1e-2, "name": "full"},
-              {"params": method.lowrank_params, "lr": 1e-2, "name": "lowrank"}]
+    groups = method.param_groups(model)
+    for group in groups:
+        group["lr"] = 1e-2
     engine = build_engine("fsdp", model, groups, recipe, device=device, dtype=dtype, micro_batch=2,
                           accumulation=1, ctx=ctx)
     backend = engine.backend
