@@ -15,6 +15,7 @@ from typing import Iterable
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 PATHS = ("dense", "factored")
@@ -99,7 +100,7 @@ def renormalized(s, u_active, vh_active, idx):
 # ----------------------------------------------------------------------------- autograd
 
 class _SSTMatmul(torch.autograd.Function):
-    """y = x Wᵀ with W = U_eff diag(s) Vh_eff, and SST's enhanced gradient.
+    """y = x Wᵀ + bias with W = U_eff diag(s) Vh_eff, and SST's enhanced gradient.
 
     ∂L/∂s_i = u_iᵀ G v_i as usual, but the active vectors get G v_i and Gᵀ u_i (no σ_i factor),
     computed here rather than by dividing the exact gradient by σ_i, which can be 0. G = gyᵀ x.
@@ -108,14 +109,15 @@ class _SSTMatmul(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, U, Vh, s, u_active, vh_active, idx, path):
+    def forward(ctx, x, U, Vh, s, u_active, vh_active, idx, bias, path):
         U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
+        # the bias goes into the last GEMM's epilogue (F.linear), as nn.Linear's does
         if path == "dense":
-            y = x @ dense_from_factors(U_eff, s, Vh_eff).T
+            y = F.linear(x, dense_from_factors(U_eff, s, Vh_eff), bias)
             ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx)
         else:
             h = x @ Vh_eff.T  # (..., k)
-            y = (h * s) @ U_eff.T
+            y = F.linear(h * s, U_eff, bias)
             ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx, h)
         ctx.path = path
         return y
@@ -127,7 +129,7 @@ class _SSTMatmul(torch.autograd.Function):
         U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
-        grad_x = grad_s = grad_u = grad_vh = None
+        grad_x = grad_s = grad_u = grad_vh = grad_bias = None
         if ctx.path == "dense":
             if ctx.needs_input_grad[0]:
                 grad_x = gy @ dense_from_factors(U_eff, s, Vh_eff)
@@ -145,7 +147,9 @@ class _SSTMatmul(torch.autograd.Function):
             grad_s = (gh * h2).sum(0)
             grad_u = g2.T @ h2[:, idx]
             grad_vh = gh[:, idx].T @ x2
-        return grad_x, None, None, grad_s, grad_u, grad_vh, None, None
+        if ctx.needs_input_grad[7]:
+            grad_bias = g2.sum(0)
+        return grad_x, None, None, grad_s, grad_u, grad_vh, None, grad_bias, None
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -206,9 +210,8 @@ class SSTLinear(nn.Module):
         self.vh_active.copy_(Vh[idx.to(Vh.device)])
 
     def forward(self, x):
-        y = _SSTMatmul.apply(x, self.U, self.Vh, self.s, self.u_active, self.vh_active,
-                             self.active_indices, self.path)
-        return y if self.bias is None else y + self.bias
+        return _SSTMatmul.apply(x, self.U, self.Vh, self.s, self.u_active, self.vh_active,
+                                self.active_indices, self.bias, self.path)
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
@@ -300,6 +303,10 @@ def row_pieces(shards, width: int):
     for shard in shards:
         values, n = shard.values, shard.values.numel()
         row, col = divmod(shard.start, width)
+        if not col and n % width == 0:  # whole rows only: one view (the common, unsharded case)
+            if n:
+                yield values.view(n // width, width), row, 0
+            continue
         offset = 0
         if col and n:
             head = min(n, width - col)
@@ -311,6 +318,105 @@ def row_pieces(shards, width: int):
             offset, row = offset + whole * width, row + whole
         if offset < n:
             yield values[offset:].view(1, n - offset), row, 0
+
+
+def _signature(shards) -> tuple:
+    """What a plan of views depends on: every shard's storage, dtype, size and offset."""
+    return tuple((shard.values.data_ptr(), shard.values.dtype, shard.values.numel(), shard.start)
+                 for per_layer in shards for owned_mirrors in per_layer for group in owned_mirrors
+                 for shard in group)
+
+
+class _RenormPlan:
+    """SSTController.post_step's views and buffers, for one layout of shards.
+
+    Building it walks every shard of s, u_active and vh_active once; a step then costs one
+    stacked norm per group of equally shaped pieces, one index_add, one all-reduce and a few
+    list ops (torch._foreach_*) per dtype, whatever the number of layers.
+    """
+
+    MAX_STACK = 1 << 24  # elements per stacked norm: bounds the float64 copy it makes
+
+    def __init__(self, layers, shards, device):
+        self.signature = _signature(shards)
+        self.device = device
+        n, rank = len(layers), max(layer.rank for layer in layers)
+        self.rank = rank
+        self.sums = torch.zeros(n * 2 * rank, dtype=torch.float64, device=device)
+        self.s_scale = torch.ones(n, max(layer.k for layer in layers), dtype=torch.float64, device=device)
+        # per dtype of the tensors written: s copies and their scale spans; u / vh views and
+        # their divisors (views of a per-dtype copy of the norms, refreshed each step)
+        self.s_lists: dict[torch.dtype, tuple[list, list]] = {}
+        self.div_lists: dict[torch.dtype, tuple[list, list]] = {}
+        self.scale_cast: dict[torch.dtype, torch.Tensor] = {}
+        self.norms_cast: dict[torch.dtype, torch.Tensor] = {}
+        owned_groups: dict[tuple, list] = {}  # (kind, shape, dtype) -> [(view, slot)]
+        for i, (layer, (s_shards, u_shards, vh_shards)) in enumerate(zip(layers, shards)):
+            for shard in s_shards[0] + s_shards[1]:
+                values = shard.values
+                scale = self._cast(self.scale_cast, self.s_scale, values.dtype)
+                span = scale[i, shard.start:shard.start + values.numel()]
+                self.s_lists.setdefault(values.dtype, ([], []))[0].append(values)
+                self.s_lists[values.dtype][1].append(span)
+            for kind, (owned, mirrors), width in ((0, u_shards, layer.rank), (1, vh_shards, layer.in_features)):
+                for group, is_owned in ((owned, True), (mirrors, False)):
+                    for view, row, col in row_pieces(group, width):
+                        # u_active (out, r): a slot per column; vh_active (r, in): a slot per row
+                        first, count = (col, view.shape[1]) if kind == 0 else (row, view.shape[0])
+                        norms = self._cast(self.norms_cast, None, view.dtype, shape=(n, 2, rank))
+                        divisor = norms[i, 0, first:first + count] if kind == 0 else \
+                            norms[i, 1, first:first + count, None]
+                        lists = self.div_lists.setdefault(view.dtype, ([], []))
+                        lists[0].append(view)
+                        lists[1].append(divisor)
+                        if is_owned:
+                            owned_groups.setdefault((kind, tuple(view.shape), view.dtype), []).append(
+                                (view, (i, kind, first, count)))
+        # owned pieces of one shape are stacked for one norm kernel; the slots follow that order
+        self.norm_groups, slots = [], []
+        for (kind, shape, _), members in owned_groups.items():
+            per_stack = max(1, self.MAX_STACK // max(1, shape[0] * shape[1]))
+            for a in range(0, len(members), per_stack):
+                chunk = members[a:a + per_stack]
+                self.norm_groups.append((kind, [view for view, _ in chunk]))
+                slots += [slot for _, slot in chunk]
+        flat = [(i * 2 + kind) * rank + first + j for i, kind, first, count in slots for j in range(count)]
+        self.slot_index = torch.tensor(flat, dtype=torch.long, device=device)
+
+    def _cast(self, cache, source, dtype, shape=None):
+        if dtype not in cache:
+            cache[dtype] = (torch.empty(shape, dtype=dtype, device=self.device) if source is None
+                            else source.to(dtype))
+        return cache[dtype]
+
+    def matches(self, shards) -> bool:
+        return _signature(shards) == self.signature
+
+    def run(self, layers, backend, renormalize: bool):
+        if not renormalize:
+            for values, _ in self.s_lists.values():
+                torch._foreach_clamp_min_(values, 0.0)
+            return
+        n, rank = len(layers), self.rank
+        sums = self.sums.zero_()
+        if self.norm_groups:
+            # float64 partial sums: how the elements are split over shards and ranks then changes
+            # nothing at float32 precision, so the run does not depend on the world size
+            partials = [torch.linalg.vector_norm(torch.stack(views), dim=kind + 1, dtype=torch.float64).flatten()
+                        for kind, views in self.norm_groups]
+            sums.index_add_(0, self.slot_index, torch.cat(partials).square_())
+        norms = backend.all_reduce_sum(sums).view(n, 2, rank).sqrt_()
+        norms.clamp_(min=torch.finfo(torch.float32).tiny)
+        active = torch.stack([layer.active_indices.to(self.device) for layer in layers])
+        self.s_scale.fill_(1.0).scatter_(1, active, norms[:, 0] * norms[:, 1])
+        for dtype, (values, spans) in self.s_lists.items():
+            if self.scale_cast[dtype] is not self.s_scale:
+                self.scale_cast[dtype].copy_(self.s_scale)
+            torch._foreach_mul_(values, spans)
+            torch._foreach_clamp_min_(values, 0.0)
+        for dtype, (views, divisors) in self.div_lists.items():
+            self.norms_cast[dtype].copy_(norms)
+            torch._foreach_div_(views, divisors)
 
 
 class SSTController:
@@ -327,6 +433,7 @@ class SSTController:
         self.backend = backend
         self.seed, self.renormalize = seed, renormalize
         self.uniform_mix, self.reset_s_state = uniform_mix, reset_s_state
+        self._plan: _RenormPlan | None = None
 
     @torch.no_grad()
     def post_step(self):
@@ -335,40 +442,15 @@ class SSTController:
         Runs every step, so it works on each rank's own shards: partial sums of squares per
         active vector, one all-reduce for all layers, then the same local scaling on the fp32
         master and on the model's low-precision copy. No gather, and no per-element index.
+        All layers at once, from a plan of views built when the shard layout changes (see
+        _RenormPlan): a loop of small ops per layer leaves the GPU waiting on Python.
         """
-        backend = self.backend
-        pieces = [(layer, backend.shards(layer.u_active), backend.shards(layer.vh_active))
-                  for layer in self.layers] if self.renormalize else []
-        norms = None
-        if pieces:
-            # float64 partial sums: how the elements are split over shards and ranks then changes
-            # nothing at float32 precision, so the norms (and the run) do not depend on world size
-            sums = torch.zeros(len(pieces), 2, self.layers[0].rank, dtype=torch.float64,
-                               device=backend.compute_device)
-            for i, (layer, (u_owned, _), (vh_owned, _)) in enumerate(pieces):
-                # u_active (out, r): slot = column; vh_active (r, in): slot = row
-                for view, _, col in row_pieces(u_owned, layer.rank):
-                    sums[i, 0, col:col + view.shape[1]] += view.double().square().sum(0).to(sums.device)
-                for view, row, _ in row_pieces(vh_owned, layer.in_features):
-                    sums[i, 1, row:row + view.shape[0]] += view.double().square().sum(1).to(sums.device)
-            norms = backend.all_reduce_sum(sums).sqrt().clamp_min(torch.finfo(torch.float32).tiny)
-        for i, layer in enumerate(self.layers):
-            owned, mirrors = backend.shards(layer.s)
-            if norms is None:
-                for shard in owned + mirrors:
-                    shard.values.clamp_(min=0)
-                continue
-            _, (u_owned, u_mirrors), (vh_owned, vh_mirrors) = pieces[i]
-            u_norm, v_norm = norms[i, 0], norms[i, 1]
-            s_scale = torch.ones(layer.k, dtype=norms.dtype, device=norms.device)
-            s_scale[layer.active_indices.to(norms.device)] = u_norm * v_norm
-            for shard in owned + mirrors:
-                scale = s_scale[shard.start:shard.start + shard.values.numel()]
-                shard.values.copy_((shard.values * scale.to(shard.values)).clamp_(min=0))
-            for view, _, col in row_pieces(u_owned + u_mirrors, layer.rank):
-                view.div_(u_norm[col:col + view.shape[1]].to(view))
-            for view, row, _ in row_pieces(vh_owned + vh_mirrors, layer.in_features):
-                view.div_(v_norm[row:row + view.shape[0], None].to(view))
+        shards = [[self.backend.shards(p) for p in (layer.s, layer.u_active, layer.vh_active)]
+                  for layer in self.layers]
+        plan = self._plan
+        if plan is None or not plan.matches(shards):
+            plan = self._plan = _RenormPlan(self.layers, shards, self.backend.compute_device)
+        plan.run(self.layers, self.backend, self.renormalize)
 
     @torch.no_grad()
     def resample(self, iteration: int):

@@ -54,8 +54,8 @@ def test_enhanced_gradient_matches_formulas(path):
     _, layer = make_layer(12, 8, rank=3, path=path)
     train_a_little(layer)  # active vectors no longer equal the frozen columns
     W = layer.dense_weight()
-    x = torch.randn(6, 8, requires_grad=True)
-    gy = torch.randn(6, 12)
+    x = torch.randn(2, 3, 8, requires_grad=True)  # (batch, seq, in), as in a model
+    gy = torch.randn(2, 3, 12)
     layer(x).backward(gy)
 
     dense = nn.Linear(8, 12).double()
@@ -73,6 +73,7 @@ def test_enhanced_gradient_matches_formulas(path):
     torch.testing.assert_close(layer.u_active.grad, G @ V[:, idx], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.vh_active.grad, U[:, idx].T @ G, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=1e-10, atol=1e-12)
     # the exact gradient would carry sigma_i; SST's must not
     sigma = layer.s.detach()[idx]
     assert not torch.allclose(layer.u_active.grad, G @ V[:, idx] * sigma)
@@ -266,6 +267,25 @@ def test_post_step_on_shards_cut_mid_row_equals_the_whole_tensor():
             torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
             if q in backend.mirrors:
                 torch.testing.assert_close(backend.mirrors[q], p.detach(), rtol=0, atol=1e-12)
+
+
+def test_post_step_follows_a_parameter_whose_storage_changed():
+    """post_step keeps its views between steps; when an engine gives a parameter new storage (a
+    checkpoint load, a re-flattening), it must work on the new tensor, not the stale one."""
+    model = _model()
+    opt = torch.optim.AdamW(model.parameters(), lr=0.5)
+    controller = SSTController({"0": model[0], "2": model[2]}, TorchBackend(opt), seed=0)
+    _step(model, opt, 0)
+    controller.post_step()
+    layer = model[0]
+    old = layer.u_active.data
+    layer.u_active.data = old.clone() * 3.0  # new storage, columns of norm 3
+    s_before = layer.s.detach().clone()
+    controller.post_step()
+    torch.testing.assert_close(layer.u_active.norm(dim=0), torch.ones(3), rtol=0, atol=1e-12)
+    torch.testing.assert_close(old.norm(dim=0), torch.ones(3), rtol=0, atol=1e-12)  # left alone
+    idx = layer.active_indices
+    torch.testing.assert_close(layer.s[idx], s_before[idx] * 3.0, rtol=1e-12, atol=0)
 
 
 def test_controller_resvd_matches_layer_resvd_and_resets_all_slots():
