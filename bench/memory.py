@@ -10,8 +10,10 @@ fills the config's "auto" fields with load_ds_config). Each (size, method, rank)
 subprocess so peaks never mix; inside it the micro-batches run in increasing order, with the peak
 counter reset before each. Batches are random tokens. GaLore is also run at --galore-ranks.
 
-Measured: torch.cuda.max_memory_allocated over warm-up + timed steps (on CPU: the process's peak
-RSS, only to prove the flow), the memory still allocated after the last step (weights, masters,
+Measured: torch.cuda.max_memory_allocated over warm-up + timed steps and one more step at the
+method's first periodic event after step 0 (GaLore refresh, SST resample, ReLoRA* reset: the
+refresh is where GaLore peaks, and only then with Adam moments present) (on CPU: the process's
+peak RSS, only to prove the flow), the memory still allocated after the last step (weights, masters,
 Adam moments: compare with the estimate's "resident"), and tokens/s over the timed steps.
 Writes memory.csv, memory.png (if matplotlib is there) and one log per subprocess to --out.
 Measures; asserts nothing. On one H200 the 1.3B sweep of full, GaLore (r 64 and 512), SST and
@@ -32,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
 
 GIB = 2**30
 ALL_METHODS = ("full", "lora", "relora", "galore", "sst", "sst+galore")
@@ -39,78 +42,29 @@ ALL_METHODS = ("full", "lora", "relora", "galore", "sst", "sst+galore")
 
 # ----------------------------------------------------------------------------- the worker
 
-def lm_loss(model, block):
-    """The trainer's loss (sst_dist.train.lm_loss), repeated here so the worker imports no data code:
-    next-token cross-entropy in fp32, whose logits the memory estimate counts."""
-    import torch.nn.functional as F
-
-    logits = model(input_ids=block[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
-
-
-def _fix_arch_list() -> None:
-    # Hopper images may advertise TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's JIT build of
-    # FusedAdam cannot parse
-    archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
-    if archs:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = " ".join(a.rstrip("a") for a in archs.replace(";", " ").split())
-
-
 def worker(job: dict) -> dict:
     """Builds model + method + DeepSpeed once, then measures each micro-batch. Returns a report."""
-    _fix_arch_list()
     import torch
 
-    from sst_dist.config import load_recipe
-    from sst_dist.engines import distributed_context
-    from sst_dist.engines.deepspeed import DeepSpeedEngine
-    from sst_dist.methods import build_method
-    from sst_dist.models import OPT_VOCAB, build_model
+    from harness import build
 
-    size, method, rank, seq = job["size"], job["method"], job["rank"], job["seq"]
-    cuda = job["device"] == "cuda"
     micro_batches = sorted(job["micro_batches"])
-    overrides = [f"method={method}", f"rank={rank}", f"model.size={size}", f"model.seq_len={seq}",
-                 f"train.global_batch={micro_batches[0]}", f"train.micro_batch={micro_batches[0]}",
-                 f"train.device={job['device']}", "wandb.mode=disabled"]
-    if "galore" in method:
-        overrides.append(f"galore.rank={rank}")
-    recipe = load_recipe(None, overrides + job["set"])
-    ctx = distributed_context("deepspeed")
-    device = torch.device("cuda", ctx.local_rank) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dtype = torch.bfloat16 if cuda else torch.float32
-    report = {"device_name": torch.cuda.get_device_name(device) if cuda else "cpu",
-              "memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss", "results": []}
-
-    torch.manual_seed(0)
-    t0 = time.perf_counter()
-    with device:  # initialised where it will run: CPU init of 1.3B weights takes longer than the bench
-        model = build_model(size, vocab_size=OPT_VOCAB, seq_len=seq,
-                            attn_implementation=recipe.model.attn_implementation)
-    if recipe.model.gradient_checkpointing:  # as the trainer (the estimate assumes it off)
-        model.gradient_checkpointing_enable()
-    model.to(dtype=torch.float32)  # as the trainer: DeepSpeed makes the bf16 copy
+    cuda = job["device"] == "cuda"
+    report = {"memory_kind": "cuda_max_allocated" if cuda else "cpu_peak_rss", "results": []}
     try:
-        built = build_method(recipe, model)
+        run = build(job["size"], job["method"], job["rank"], job["seq"], micro_batches[0], job["device"],
+                    job["ds_config"], job["set"])
     except NotImplementedError as err:
         report["skipped"] = f"build_method: {err}"
         return report
-    report["sst_path"] = recipe.sst.path
+    engine, device = run.engine, run.device
+    report["device_name"] = torch.cuda.get_device_name(device) if cuda else "cpu"
+    report["sst_path"] = run.recipe.sst.path
     # the trainer trains GaLore in its layer form (GaLoreLinear / GaLoreEmbedding) under every engine
-    report["galore_form"] = "layer" if built.galore_layers else "optimizer"
-    engine = DeepSpeedEngine(model, built.param_groups(model), recipe, device=device, dtype=dtype,
-                             micro_batch=micro_batches[0], accumulation=1, ds_config=job["ds_config"],
-                             ctx=ctx)
-    built.attach(engine.backend, recipe)
+    report["galore_form"] = "layer" if run.method.galore_layers else "optimizer"
     report["zero_stage"] = int(engine.config.get("zero_optimization", {}).get("stage", 0))
     report["bf16"] = bool(engine.config.get("bf16", {}).get("enabled"))
-    report["setup_s"] = round(time.perf_counter() - t0, 1)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize(device)
+    report["setup_s"] = run.setup_s
 
     step = 0
     for mb in micro_batches:
@@ -122,28 +76,19 @@ def worker(job: dict) -> dict:
             timed_tokens, start = 0, None
             for i in range(job["warmup"] + job["steps"]):
                 if i == job["warmup"]:
-                    sync()
+                    run.sync()
                     start = time.perf_counter()
-                block = torch.randint(0, OPT_VOCAB, (mb, seq + 1), device=device)
-
-                def probe_pass(probe):
-                    with engine.probing() as probed:
-                        probe.backward(lm_loss(probed, block))
-
-                built.before_step(step, probe_pass)
-                lrs = built.learning_rates(step)
-                engine.set_learning_rates(lrs)
-                loss = lm_loss(engine.model, block)
-                engine.backward(loss)
-                engine.step()
-                built.after_step(lrs)
-                del loss
+                run.step(step, run.batch(mb, job["seq"]))
                 step += 1
                 if start is not None:
-                    timed_tokens += mb * seq
-            sync()
+                    timed_tokens += mb * job["seq"]
+            run.sync()
             elapsed = time.perf_counter() - start if start is not None else 0.0
             row["tokens_per_s"] = round(timed_tokens / elapsed, 1) if elapsed > 0 else None
+            event = run.first_event_step()
+            if event is not None:  # untimed; its peak counts: a real run does this work every so often
+                run.step(event, run.batch(mb, job["seq"]))
+                row["event_step"] = event
             if cuda:
                 row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
                 row["resident_bytes"] = torch.cuda.memory_allocated(device)

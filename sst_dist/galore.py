@@ -86,9 +86,10 @@ def orthogonal_projector(grad: torch.Tensor, rank: int, side: str) -> torch.Tens
     back in G's dtype (so float64 inputs get a float32-accurate projector)."""
     U, _, Vh = torch.linalg.svd(grad.detach().float(), full_matrices=False)
     P = U[:, :rank] if side == "left" else Vh[:rank, :]
-    # LAPACK hands back column-major factors; a strided slice would be sent as raw storage by a
-    # collective and would make the optimizer state non-contiguous
-    return P.to(grad.dtype).contiguous()
+    # a contiguous copy of its own: a slice would keep the whole k x k factor alive (on a GPU, a
+    # refresh of every layer then held 1.9 GiB of them at OPT-1.3B), and LAPACK's column-major
+    # factors would be sent as raw storage by a collective
+    return P.to(grad.dtype).clone(memory_format=torch.contiguous_format)
 
 
 def project(grad: torch.Tensor, P: torch.Tensor, side: str) -> torch.Tensor:

@@ -76,6 +76,16 @@ def test_projector_is_galore_torchs(side, galore_torch):
     assert torch.equal(ours, ref)
 
 
+@pytest.mark.parametrize("shape", [(20, 12), (12, 20), (16, 16)])
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_projector_owns_its_memory(shape, side):
+    """A projector that is a slice of the SVD's factor keeps the whole factor alive: all layers'
+    at a refresh add up to gigabytes. It must be a contiguous tensor of its own size."""
+    P = orthogonal_projector(torch.randn(shape), 4, side)
+    assert P.is_contiguous()
+    assert P.untyped_storage().nbytes() == P.numel() * P.element_size()
+
+
 # ----------------------------------------------------------------------------- vs galore-torch
 
 def opt_groups(model, rank, gap, scale, proj_type, wd):

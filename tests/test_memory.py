@@ -1,6 +1,7 @@
 """The memory estimator: exact parameter counts, ZeRO sharding, the command line."""
 
 import csv
+import re
 import subprocess
 import sys
 
@@ -212,4 +213,22 @@ def test_the_benchmark_runs_end_to_end_on_cpu(tmp_path):
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "memory.csv"))}
     assert rows["full"]["status"] == rows["sst"]["status"] == "ok"
     assert float(rows["sst"]["tokens_per_s"]) > 0 and float(rows["sst"]["est_total_gib"]) > 0
-    assert rows["galore"]["status"] in ("ok", "skipped")  # skipped until build_method knows it
+    assert rows["galore"]["status"] == "ok"
+
+
+@pytest.mark.slow
+def test_the_step_profile_reports_every_phase_on_cpu():
+    """bench/step_profile.py's flow on CPU: a phase table per method, SST's own phase (after_step)
+    in it, the GaLore refresh's probe at a refresh step, and the per-phase operator listing."""
+    proc = subprocess.run([sys.executable, "bench/step_profile.py", "--device", "cpu", "--size", "tiny",
+                           "--methods", "full,sst,galore@galore.update_proj_gap=2", "--warmup", "1",
+                           "--steps", "2", "--kernels", "3"],
+                          cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    cell = re.compile(r"[\d.]+ \(\s*[\d.]+\)|(?<=\s)-(?=\s|$)|(?<=\s)[\d.]+(?=\s|$)")
+    table = {line.split()[0]: cell.findall(line[len(line.split()[0]):]) for line in proc.stdout.splitlines()
+             if line.split() and line.split()[0] in ("probe", "forward", "after_step", "tokens/s")}
+    assert len(table["forward"]) == 3  # one "ms (peak GiB)" cell per method
+    assert table["after_step"][1] != "-" and table["probe"][:2] == ["-", "-"] and table["probe"][2] != "-"
+    assert all(float(v) > 0 for v in table["tokens/s"])
+    assert "sst: operators of one step by phase" in proc.stdout and "  after_step:" in proc.stdout
