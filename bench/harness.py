@@ -1,7 +1,7 @@
 """What the GPU benchmarks share: one method built on one DeepSpeed process exactly as the trainer
 builds it, and one training step on a random batch.
 
-Used by bench/memory.py and bench/step_profile.py; not a test fixture, so it imports no data code.
+Used by bench/memory.py and bench/step_profile.py.
 """
 
 from __future__ import annotations
@@ -12,7 +12,6 @@ from dataclasses import dataclass
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 
 
 def fix_arch_list() -> None:
@@ -21,13 +20,6 @@ def fix_arch_list() -> None:
     archs = os.environ.get("TORCH_CUDA_ARCH_LIST")
     if archs:
         os.environ["TORCH_CUDA_ARCH_LIST"] = " ".join(a.rstrip("a") for a in archs.replace(";", " ").split())
-
-
-def lm_loss(model, block):
-    """The trainer's loss (sst_dist.train.lm_loss): next-token cross-entropy in fp32, whose logits
-    the memory estimate counts."""
-    logits = model(input_ids=block[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
 
 
 @dataclass
@@ -63,6 +55,8 @@ class BenchRun:
     def step(self, step: int, block: torch.Tensor, mark: Callable[[str], None] = lambda phase: None) -> None:
         """One optimizer step as the trainer runs it; `mark(phase)` is called as each phase ends
         (probe, before_step, forward, backward, step, after_step)."""
+        from sst_dist.train import lm_loss  # the trainer's loss; imported after fix_arch_list ran
+
         engine, method = self.engine, self.method
 
         def probe_pass(probe):

@@ -354,8 +354,9 @@ class _RenormPlan:
         for i, (layer, (s_shards, u_shards, vh_shards)) in enumerate(zip(layers, shards)):
             for shard in s_shards[0] + s_shards[1]:
                 values = shard.values
-                scale = self._cast(self.scale_cast, self.s_scale, values.dtype)
-                span = scale[i, shard.start:shard.start + values.numel()]
+                if values.dtype not in self.scale_cast:  # the same tensor where the dtype matches
+                    self.scale_cast[values.dtype] = self.s_scale.to(values.dtype)
+                span = self.scale_cast[values.dtype][i, shard.start:shard.start + values.numel()]
                 self.s_lists.setdefault(values.dtype, ([], []))[0].append(values)
                 self.s_lists[values.dtype][1].append(span)
             for kind, (owned, mirrors), width in ((0, u_shards, layer.rank), (1, vh_shards, layer.in_features)):
@@ -363,7 +364,9 @@ class _RenormPlan:
                     for view, row, col in row_pieces(group, width):
                         # u_active (out, r): a slot per column; vh_active (r, in): a slot per row
                         first, count = (col, view.shape[1]) if kind == 0 else (row, view.shape[0])
-                        norms = self._cast(self.norms_cast, None, view.dtype, shape=(n, 2, rank))
+                        if view.dtype not in self.norms_cast:
+                            self.norms_cast[view.dtype] = torch.empty(n, 2, rank, dtype=view.dtype, device=device)
+                        norms = self.norms_cast[view.dtype]
                         divisor = norms[i, 0, first:first + count] if kind == 0 else \
                             norms[i, 1, first:first + count, None]
                         lists = self.div_lists.setdefault(view.dtype, ([], []))
@@ -382,12 +385,6 @@ class _RenormPlan:
                 slots += [slot for _, slot in chunk]
         flat = [(i * 2 + kind) * rank + first + j for i, kind, first, count in slots for j in range(count)]
         self.slot_index = torch.tensor(flat, dtype=torch.long, device=device)
-
-    def _cast(self, cache, source, dtype, shape=None):
-        if dtype not in cache:
-            cache[dtype] = (torch.empty(shape, dtype=dtype, device=self.device) if source is None
-                            else source.to(dtype))
-        return cache[dtype]
 
     def matches(self, shards) -> bool:
         return _signature(shards) == self.signature
