@@ -23,18 +23,33 @@ def quiet_env() -> dict:
     return env
 
 
+def run_deepspeed(args, nproc, timeout):
+    """`deepspeed --num_gpus nproc ARGS` on CPU ranks: (cmd, completed process).
+
+    DeepSpeed's shared-memory all-reduce leaves its buffers in /dev/shm (named by the master
+    port) after the ranks exit; repeated test runs had filled 23 GiB of RAM there, so they go here.
+    """
+    port = free_port()
+    cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), *args]
+    try:
+        return cmd, subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True,
+                                   timeout=timeout)
+    finally:
+        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+            leftover.unlink(missing_ok=True)
+
+
 def pretrain(output_dir, recipe, *extra, launcher=None, nproc=1, timeout=600, check=True):
     """Runs launch/pretrain.py as a user would: plain python, `deepspeed` or `torchrun`."""
     args = ["launch/pretrain.py", "--recipe", recipe, "--output-dir", str(output_dir),
             "--set", "wandb.mode=disabled", *extra]
     if launcher == "deepspeed":
-        cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(free_port()), *args]
-    elif launcher == "torchrun":
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), *args]
+        cmd, proc = run_deepspeed(args, nproc, timeout)
     else:
-        cmd = [sys.executable, *args]
-    proc = subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=timeout)
+        cmd = [sys.executable, *args] if launcher is None else [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_port", str(free_port()), *args]
+        proc = subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

@@ -1,26 +1,21 @@
 """DeepSpeed ZeRO 1/2/3 on 2 gloo ranks, launched with the real `deepspeed` launcher."""
 
 import json
-import signal
-import subprocess
-import sys
-import time
 
 import pytest
 
-from conftest import (ROOT, assert_curves_match, assert_events_crossed, engine_parity_overrides, free_port,
-                      losses, pretrain, quiet_env, read_metrics)
+from conftest import (assert_curves_match, assert_events_crossed, engine_parity_overrides, losses, pretrain,
+                      read_metrics, run_deepspeed)
 
 pytestmark = pytest.mark.slow
 
 
 def prune_reports(tmp_path, stage, skip=False):
     out = tmp_path / f"z{stage}{'-skip' if skip else ''}"
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", str(free_port()),
-           "tests/workers/ds_prune_check.py", "--stage", str(stage), "--out", str(out)]
+    args = ["tests/workers/ds_prune_check.py", "--stage", str(stage), "--out", str(out)]
     if skip:
-        cmd.append("--skip-prune")
-    proc = subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
+        args.append("--skip-prune")
+    _, proc = run_deepspeed(args, 2, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
 
