@@ -52,9 +52,11 @@ class BenchRun:
         steps = [s for s in steps if s]
         return min(steps) if steps else None
 
-    def step(self, step: int, block: torch.Tensor, mark: Callable[[str], None] = lambda phase: None) -> None:
-        """One optimizer step as the trainer runs it; `mark(phase)` is called as each phase ends
-        (probe, before_step, forward, backward, step, after_step)."""
+    def step(self, step: int, blocks: list[torch.Tensor],
+             mark: Callable[[str], None] = lambda phase: None) -> None:
+        """One optimizer step as the trainer runs it, one forward and backward per micro-batch in
+        `blocks`; `mark(phase)` is called as each phase ends (probe, before_step, forward,
+        backward, step, after_step)."""
         from sst_dist.train import lm_loss  # the trainer's loss; imported after fix_arch_list ran
 
         engine, method = self.engine, self.method
@@ -62,18 +64,21 @@ class BenchRun:
         def probe_pass(probe):
             mark("before_step")  # what ran before the probe (an SST resample) counts there
             with engine.probing() as probed:
-                probe.backward(lm_loss(probed, block))
+                for block in blocks:
+                    probe.backward(lm_loss(probed, block))
             mark("probe")
 
         method.before_step(step, probe_pass)
         lrs = method.learning_rates(step)
         engine.set_learning_rates(lrs)
         mark("before_step")
-        loss = lm_loss(engine.model, block)
-        mark("forward")
-        engine.backward(loss)
-        del loss
-        mark("backward")
+        for i, block in enumerate(blocks):
+            method.before_micro_batch(last=i == len(blocks) - 1)
+            loss = lm_loss(engine.model, block)
+            mark("forward")
+            engine.backward(loss)
+            del loss
+            mark("backward")
         engine.step()
         mark("step")
         method.after_step(lrs)
@@ -81,7 +86,7 @@ class BenchRun:
 
 
 def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_kind: str,
-          ds_config: str, overrides: list[str] = ()) -> BenchRun:
+          ds_config: str, overrides: list[str] = (), accumulation: int = 1) -> BenchRun:
     """Model + method + DeepSpeed on this process (a world of one), as sst_dist.train sets them up.
 
     Raises NotImplementedError if this build has no `method`.
@@ -95,7 +100,7 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
 
     cuda = device_kind == "cuda"
     sets = [f"method={method}", f"rank={rank}", f"model.size={size}", f"model.seq_len={seq}",
-            f"train.global_batch={micro_batch}", f"train.micro_batch={micro_batch}",
+            f"train.global_batch={micro_batch * accumulation}", f"train.micro_batch={micro_batch}",
             f"train.device={device_kind}", "wandb.mode=disabled"]
     if "galore" in method:
         sets.append(f"galore.rank={rank}")
@@ -115,6 +120,6 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
     built = build_method(recipe, model)
     engine = DeepSpeedEngine(model, built.param_groups(model), recipe, device=device,
                              dtype=torch.bfloat16 if cuda else torch.float32, micro_batch=micro_batch,
-                             accumulation=1, ds_config=ds_config, ctx=ctx)
+                             accumulation=accumulation, ds_config=ds_config, ctx=ctx)
     built.attach(engine.backend, recipe)
     return BenchRun(recipe, built, engine, device, cuda, round(time.perf_counter() - t0, 1))

@@ -78,7 +78,7 @@ def worker(job: dict) -> dict:
                 if i == job["warmup"]:
                     run.sync()
                     start = time.perf_counter()
-                run.step(step, run.batch(mb, job["seq"]))
+                run.step(step, [run.batch(mb, job["seq"])])
                 step += 1
                 if start is not None:
                     timed_tokens += mb * job["seq"]
@@ -87,7 +87,7 @@ def worker(job: dict) -> dict:
             row["tokens_per_s"] = round(timed_tokens / elapsed, 1) if elapsed > 0 else None
             event = run.first_event_step()
             if event is not None:  # untimed; its peak counts: a real run does this work every so often
-                run.step(event, run.batch(mb, job["seq"]))
+                run.step(event, [run.batch(mb, job["seq"])])
                 row["event_step"] = event
             if cuda:
                 row["peak_bytes"] = torch.cuda.max_memory_allocated(device)
@@ -168,7 +168,7 @@ def estimates(job: dict, report: dict, mb: int) -> dict:
     states = est["weights"] + est["gradients"] + est["masters"] + est["optimizer"]
     return {"est_states_gib": states / GIB, "est_buffers_gib": est["buffers"] / GIB,
             "est_activations_gib": est["activations"] / GIB, "est_total_gib": est["total"] / GIB,
-            "est_resident_gib": (est["weights"] + est["masters"] + est["optimizer"]) / GIB}
+            "est_resident_gib": (est["weights"] - est["kept_weight"] + est["masters"] + est["optimizer"]) / GIB}
 
 
 def rows_of(job: dict, report: dict) -> list[dict]:

@@ -121,7 +121,7 @@ def worker(job: dict) -> dict:
     from harness import build
 
     run = build(job["size"], job["method"], job["rank"], job["seq"], job["micro_batch"], job["device"],
-                job["ds_config"], job["set"])
+                job["ds_config"], job["set"], job["accumulation"])
     cuda = run.cuda
     samples: list[dict] = []  # per timed step: phase -> (ms, peak bytes)
     marks: dict = {}
@@ -141,7 +141,7 @@ def worker(job: dict) -> dict:
 
     kernels = sites = None
     for step in range(job["warmup"] + job["steps"]):
-        block = run.batch(job["micro_batch"], job["seq"])
+        blocks = [run.batch(job["micro_batch"], job["seq"]) for _ in range(job["accumulation"])]
         run.sync()
         marks.update(current={}, t=time.perf_counter())
         if cuda:
@@ -156,17 +156,17 @@ def worker(job: dict) -> dict:
                 [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
             marks["profiling"] = True
             with torch.profiler.profile(activities=activities) as prof:
-                run.step(step, block, mark)
+                run.step(step, blocks, mark)
             marks["profiling"] = False
             kernels = ops_by_phase(prof.events(), job["kernels"])
         else:
-            run.step(step, block, mark)
+            run.step(step, blocks, mark)
         if last and job["memory_sites"] and cuda:
             sites = peak_sites(torch.cuda.memory._snapshot(), baseline, job["memory_sites"])
             torch.cuda.memory._record_memory_history(enabled=None)
         if step >= job["warmup"]:
             samples.append(marks["current"])
-    report = {"setup_s": run.setup_s, "tokens": job["micro_batch"] * job["seq"],
+    report = {"setup_s": run.setup_s, "tokens": job["micro_batch"] * job["seq"] * job["accumulation"],
               "resident_gib": (torch.cuda.memory_allocated(run.device) if cuda else 0) / GIB,
               "phases": {}}
     for phase in PHASES:
@@ -239,6 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--micro-batch", type=int, default=None, help="default 8 (cpu: 2)")
     p.add_argument("--seq", type=int, default=None, help="default 2048 (cpu: 64)")
+    p.add_argument("--accumulation", type=int, default=1,
+                   help="micro-batches per optimizer step (forward and backward rows sum over them)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--kernels", type=int, default=0, help="profile the last step: top N operators per phase")
@@ -267,7 +269,8 @@ def main(argv=None) -> int:
             print("error: --device cuda: no GPU is visible; --device cpu checks the flow only", file=sys.stderr)
             return 2
     base = {"size": args.size, "rank": args.rank, "seq": args.seq or (64 if cpu else 2048),
-            "micro_batch": args.micro_batch or (2 if cpu else 8), "warmup": args.warmup,
+            "micro_batch": args.micro_batch or (2 if cpu else 8), "accumulation": args.accumulation,
+            "warmup": args.warmup,
             "steps": args.steps, "kernels": args.kernels, "memory_sites": args.memory_sites, "device": args.device,
             "ds_config": args.ds_config}
     labels, reports = [], []
@@ -280,7 +283,7 @@ def main(argv=None) -> int:
         labels.append(spec)
         print(f"  {spec}: {time.perf_counter() - t0:.0f} s (setup {reports[-1].get('setup_s', '-')} s)", flush=True)
     print(f"\nOPT-{args.size}, DeepSpeed {Path(args.ds_config).stem}, 1 process, micro-batch {base['micro_batch']} x "
-          f"seq {base['seq']}, rank {args.rank}, {args.warmup} warm-up + {args.steps} timed steps")
+          f"seq {base['seq']} x {base['accumulation']} per step, rank {args.rank}, {args.warmup} warm-up + {args.steps} timed steps")
     print_tables(labels, reports)
     return 0 if all("error" not in r for r in reports) else 1
 

@@ -36,7 +36,9 @@ class SSTConfig:
     renormalize: bool = True  # active u_i, v_i back to unit length after each step
     uniform_mix: bool = False  # p_i = (1/k + sigma_i / sum(sigma)) / 2 instead of p_i ~ sigma_i
     reset_s_state: bool = False  # also zero the Adam state of s at each resample
-    path: str = "dense"  # dense: form W once per micro-batch | factored: x -> Vh -> s -> U
+    # dense: form W per forward and backward | materialized: W once per step, kept, and G summed
+    # over micro-batches (+1 W, +1 fp32 G per layer; DESIGN §4) | factored: x -> Vh -> s -> U
+    path: str = "dense"
 
 
 @dataclass
@@ -244,7 +246,7 @@ def validate(recipe: Recipe) -> Recipe:
             )
         if recipe.galore.rank is not None and not 0 < recipe.galore.rank <= limit:
             raise ConfigError(f"galore.rank: {recipe.galore.rank} must be in 1..{limit}")
-    _choice("sst.path", recipe.sst.path, ("dense", "factored"))
+    _choice("sst.path", recipe.sst.path, ("dense", "materialized", "factored"))
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))

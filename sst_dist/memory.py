@@ -35,11 +35,11 @@ import torch
 from torch import nn
 
 from sst_dist.config import METHODS, OPT_TARGETS, ConfigError
+from sst_dist.sst import PATHS as SST_PATHS
 
 GIB = 2**30
 PRECISIONS = ("bf16", "fp32")
 ZERO_STAGES = (0, 1, 2, 3)
-SST_PATHS = ("dense", "factored")
 # optimizer: GaLoreAdamW's own accounting (full weights, gradients and masters; Adam moments in the
 #   projected space), as the GaLore paper counts it.
 # layer: GaLoreLinear / GaLoreEmbedding, the fixed-shape form the trainer uses under every engine
@@ -95,6 +95,7 @@ class ParamCounts:
     # input (LoRA x·Aᵀ: r; factored SST x·Vhᵀ: k; GaLoreLinear with a right projector x·Qᵀ: r)
     extra_saved_width: int
     refresh_grad: int  # GaLoreLinear: elements of the full gradients its refresh probe holds
+    kept_weight: int = 0  # SST materialized: elements of every layer's W (kept) and G (summed)
 
 
 def _swap_linears(model: nn.Module, targets, make) -> list[nn.Module]:
@@ -134,7 +135,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     def bias(linear):
         return linear.bias is not None
 
-    extra_width = refresh_grad = 0
+    extra_width = refresh_grad = kept_weight = 0
     galore_params: list[nn.Parameter] = []
     if method in ("lora", "relora"):  # ReLoRA* holds the same tensors; its merges are transient
         made = _swap_linears(net, targets, lambda lin: LoRALinear(
@@ -145,6 +146,8 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
             lin.in_features, lin.out_features, rank, bias(lin), path=sst_path, device="meta"))
         if sst_path == "factored":
             extra_width += sum(layer.k for layer in made)
+        if sst_path == "materialized":
+            kept_weight = sum(layer.out_features * layer.in_features for layer in made)
     if method == "galore" and galore_form == "layer":
         from sst_dist.galore import GaLoreLinear
 
@@ -186,7 +189,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
         frozen=sum(p.numel() for p in params if not p.requires_grad), moments=moments,
         projectors=projectors, largest_module=largest,
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
-        extra_saved_width=extra_width, refresh_grad=refresh_grad)
+        extra_saved_width=extra_width, refresh_grad=refresh_grad, kept_weight=kept_weight)
 
 
 def _target_names(net: nn.Module, targets) -> list[str]:
@@ -280,8 +283,13 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
 
     bf16 = precision == "bf16"
     wb = 2 if bf16 else 4  # bytes of a weight and of its gradient
-    weights = shard(counts.total * wb, 3) + counts.buffer_bytes
+    # SST materialized: each rank forms and keeps every layer's whole W, from the gathered factors,
+    # from a step's first forward to the end of its optimizer step
+    kept = counts.kept_weight * wb
+    weights = shard(counts.total * wb, 3) + counts.buffer_bytes + kept
     grads = shard(counts.trainable * wb, 2)
+    # SST materialized: with accumulation, G summed in float32 through the step's micro-batches
+    grads += counts.kept_weight * 4 if grad_accum > 1 else 0
     # GaLoreLinear's refresh probe (galore.GradientProbe) runs its own backward and holds every
     # targeted layer's full gradient G, unsharded, until the new projectors are taken from them;
     # in float32 at least (GaLoreLinear.new_probe), so G sums without bf16 rounding
@@ -312,7 +320,7 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
     result = {
         "weights": weights, "gradients": grads + step_copies, "masters": masters, "optimizer": optimizer,
         "buffers": bucket + gathered, "activations": activations, "total": persistent + max(phases),
-        "cpu": cpu,
+        "cpu": cpu, "kept_weight": kept,  # within weights; released between steps
     }
     return {k: int(round(v)) for k, v in result.items()}
 

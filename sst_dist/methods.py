@@ -12,7 +12,7 @@ from sst_dist.galore import (GradientProbe, apply_galore, apply_galore_embedding
                              refresh_galore_layers)
 from sst_dist.lowrank import ReLoRAController, apply_lora
 from sst_dist.schedule import Schedule
-from sst_dist.sst import SSTController, apply_sst
+from sst_dist.sst import SSTController, SSTLinear, apply_sst
 
 # ProbePass(probe) runs the step's forward passes, calling probe.backward(loss) on each micro-batch
 ProbePass = Callable[[GradientProbe], None]
@@ -88,6 +88,13 @@ class Method:
             refresh_galore_layers(self.galore_layers, self.backend, probe.gradients)
             events.append("refresh")
         return "+".join(events) or None
+
+    def before_micro_batch(self, last: bool) -> None:
+        """SST's materialized path sums G over the micro-batches of a step and takes the factor
+        gradients at the last one: all earlier ones hold their gradient."""
+        for layer in self.layers.values():
+            if isinstance(layer, SSTLinear) and layer.path == "materialized":
+                layer.holds_gradient = not last
 
     def after_step(self, lrs: dict[str, float]) -> None:
         """The per-step work after the optimizer step; `lrs` are the step's learning rates."""

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-PATHS = ("dense", "factored")
+PATHS = ("dense", "factored", "materialized")
 
 
 # ----------------------------------------------------------------------------- tensor math
@@ -38,6 +38,21 @@ def merged_factors(U, Vh, u_active, vh_active, idx):
 def dense_from_factors(U, s, Vh):
     """W = U diag(s) Vh: (out, k), (k,), (k, in) -> (out, in)."""
     return (U * s) @ Vh
+
+
+def spectral_weight(U, Vh, s, u_active, vh_active, idx):
+    """The layer's W = U_eff diag(s) Vh_eff, formed without copying U or Vh.
+
+    The frozen vectors at the active indices are stale, so their σ is zeroed and the active part
+    u_active diag(s[idx]) vh_active enters as the GEMM's addend: one k-deep GEMM, one copy of the
+    smaller of U and Vh (scaled), and a rank-r product, where merging the factors first copies both.
+    """
+    idx = idx.to(s.device)
+    s_frozen = s.index_fill(0, idx, 0)
+    active = (u_active * s[idx]) @ vh_active
+    if U.shape[0] <= Vh.shape[1]:
+        return torch.addmm(active, U * s_frozen, Vh)
+    return torch.addmm(active, U, s_frozen[:, None] * Vh)
 
 
 def sampling_probabilities(s: torch.Tensor, uniform_mix: bool = False) -> torch.Tensor:
@@ -99,57 +114,90 @@ def renormalized(s, u_active, vh_active, idx):
 
 # ----------------------------------------------------------------------------- autograd
 
+def _sum_product(total, a, b):
+    """total + a @ b in float32 at least (bf16 inputs: one GEMM with a float32 result on CUDA).
+    total None: a @ b alone."""
+    dtype = torch.promote_types(a.dtype, torch.float32)
+    if a.dtype == dtype:
+        return a @ b if total is None else total.addmm_(a, b)
+    if a.is_cuda:
+        return torch.mm(a, b, out_dtype=dtype) if total is None else \
+            torch.addmm(total, a, b, out_dtype=dtype, out=total)
+    return (a @ b).to(dtype) if total is None else total.add_(a @ b)
+
+
 class _SSTMatmul(torch.autograd.Function):
     """y = x Wᵀ + bias with W = U_eff diag(s) Vh_eff, and SST's enhanced gradient.
 
     ∂L/∂s_i = u_iᵀ G v_i as usual, but the active vectors get G v_i and Gᵀ u_i (no σ_i factor),
     computed here rather than by dividing the exact gradient by σ_i, which can be 0. G = gyᵀ x.
     The frozen U, Vh get no gradient.
+
+    `layer` (materialized path): its W, formed once per step, and its sum of G over the step's
+    micro-batches: while it holds its gradient, G is added to the sum and the factor gradients
+    are zero; the step's last micro-batch returns them from the whole sum (they are linear in G).
     """
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, U, Vh, s, u_active, vh_active, idx, bias, path):
-        U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
+    def forward(ctx, x, U, Vh, s, u_active, vh_active, idx, bias, path, layer):
         # the bias goes into the last GEMM's epilogue (F.linear), as nn.Linear's does
-        if path == "dense":
-            y = F.linear(x, dense_from_factors(U_eff, s, Vh_eff), bias)
-            ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx)
-        else:
+        if path == "factored":
+            U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
             h = x @ Vh_eff.T  # (..., k)
             y = F.linear(h * s, U_eff, bias)
             ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx, h)
-        ctx.path = path
+        else:
+            kept = layer.kept_weight() if path == "materialized" else None
+            weight = kept if kept is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
+            y = F.linear(x, weight, bias)
+            # the dense path forms W again in the backward rather than holding it
+            ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx, kept)
+        ctx.path, ctx.layer = path, layer
         return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):
-        x, U, Vh, s, u_active, vh_active, idx = ctx.saved_tensors[:7]
-        U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
+        x, U, Vh, s, u_active, vh_active, idx, extra = ctx.saved_tensors
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_s = grad_u = grad_vh = grad_bias = None
-        if ctx.path == "dense":
-            if ctx.needs_input_grad[0]:
-                grad_x = gy @ dense_from_factors(U_eff, s, Vh_eff)
-            G = g2.T @ x2  # (out, in): the dense weight gradient
-            GV = G @ Vh_eff.T  # (out, k): column i is G v_i
-            grad_s = (U_eff * GV).sum(0)
-            grad_u = GV[:, idx]
-            grad_vh = U_eff[:, idx].T @ G
-        else:
-            (h,) = ctx.saved_tensors[7:]
-            h2 = h.reshape(-1, h.shape[-1])
+        if ctx.needs_input_grad[7]:
+            grad_bias = g2.sum(0)
+        if ctx.path == "factored":
+            U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
+            h2 = extra.reshape(-1, extra.shape[-1])
             gh = g2 @ U_eff  # (T, k): column i is gy · u_i
             if ctx.needs_input_grad[0]:
                 grad_x = (gh * s).reshape(*gy.shape[:-1], -1) @ Vh_eff
             grad_s = (gh * h2).sum(0)
             grad_u = g2.T @ h2[:, idx]
             grad_vh = gh[:, idx].T @ x2
-        if ctx.needs_input_grad[7]:
-            grad_bias = g2.sum(0)
-        return grad_x, None, None, grad_s, grad_u, grad_vh, None, grad_bias, None
+            return grad_x, None, None, grad_s, grad_u, grad_vh, None, grad_bias, None, None
+        if ctx.needs_input_grad[0]:
+            weight = extra if extra is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
+            grad_x = gy @ weight
+        layer = ctx.layer
+        if ctx.path == "materialized" and (layer.holds_gradient or layer.gradient_sum is not None):
+            layer.gradient_sum = _sum_product(layer.gradient_sum, g2.T, x2)
+            if layer.holds_gradient:  # zeros, not None: engines' gradient hooks expect a tensor
+                zeros = [torch.zeros_like(t) for t in (s, u_active, vh_active)]
+                return grad_x, None, None, *zeros, None, grad_bias, None, None
+            G = layer.gradient_sum.to(x2.dtype)
+            layer.gradient_sum = None
+        else:
+            G = g2.T @ x2  # (out, in): the dense weight gradient
+        # σ_i's gradient u_iᵀ G v_i for all k, through the k-deep product with the smaller result
+        if U.shape[0] >= Vh.shape[1]:
+            grad_s = ((U.T @ G) * Vh).sum(1)
+        else:
+            grad_s = (U * (G @ Vh.T)).sum(0)
+        grad_u = G @ vh_active.T  # (out, r): column i is G v_i
+        grad_vh = u_active.T @ G  # (r, in): row i is Gᵀ u_i
+        # at the active indices the frozen vectors are stale: use the trained ones
+        grad_s[idx.to(grad_s.device)] = (u_active * grad_u).sum(0)
+        return grad_x, None, None, grad_s, grad_u, grad_vh, None, grad_bias, None, None
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -160,6 +208,11 @@ class SSTLinear(nn.Module):
     U (out, k), Vh (k, in): frozen (requires_grad=False) so an engine shards them like any weight;
     s (k,), u_active (out, r), vh_active (r, in), bias (out,): trainable.
     Buffer active_indices (r,): which singular indices the active slots hold.
+
+    How it computes (`path`, DESIGN §4): "dense" forms W in each forward and again in the
+    backward, holding nothing extra; "materialized" forms W once per optimizer step and keeps it
+    (one W per layer), and sums G over the step's micro-batches (one float32 G per layer while
+    `holds_gradient`), so the factor gradients are taken once per step; "factored" never forms W.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
@@ -172,6 +225,9 @@ class SSTLinear(nn.Module):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         factory = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.rank, self.path = in_features, out_features, rank, path
+        self._kept: tuple | None = None  # materialized: (what W was formed from, W)
+        self.holds_gradient = False  # materialized: a micro-batch before the step's last
+        self.gradient_sum: torch.Tensor | None = None  # materialized: G summed over micro-batches
         self.U = nn.Parameter(torch.empty(out_features, k, **factory), requires_grad=False)
         self.Vh = nn.Parameter(torch.empty(k, in_features, **factory), requires_grad=False)
         self.s = nn.Parameter(torch.empty(k, **factory))
@@ -211,12 +267,29 @@ class SSTLinear(nn.Module):
 
     def forward(self, x):
         return _SSTMatmul.apply(x, self.U, self.Vh, self.s, self.u_active, self.vh_active,
-                                self.active_indices, self.bias, self.path)
+                                self.active_indices, self.bias, self.path, self)
+
+    def _factors(self) -> tuple:
+        return self.U, self.Vh, self.s, self.u_active, self.vh_active, self.active_indices
+
+    @torch.no_grad()
+    def kept_weight(self) -> torch.Tensor:
+        # storage and version of every factor: an in-place update or a new tensor forms W again.
+        # Engines that write through `.data` bump no version; SSTController drops W after them.
+        key = tuple((t.data_ptr(), t._version) for t in self._factors())
+        if self._kept is None or self._kept[0] != key:
+            self._kept = None  # the old W goes before the new one is formed
+            self._kept = (key, spectral_weight(*self._factors()))
+        return self._kept[1]
+
+    def drop_kept_weight(self) -> None:
+        """At a step boundary (the factors are about to change or just did)."""
+        self._kept = None
+        self.gradient_sum = None
 
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
-        U_eff, Vh_eff = merged_factors(self.U, self.Vh, self.u_active, self.vh_active, self.active_indices)
-        return dense_from_factors(U_eff, self.s, Vh_eff)
+        return spectral_weight(*self._factors())
 
     def sst_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the low-rank learning rate (bias is full-rank)."""
@@ -271,8 +344,8 @@ def resampled(U, Vh, s, u_active, vh_active, idx, generator=None, uniform_mix=Fa
 def resvd_factors(U, Vh, s, u_active, vh_active, idx):
     """A fresh SVD of the layer's current W, in float32 (float64 if the inputs are)."""
     dtype = compute_dtype(U, s, u_active)
-    U_eff, Vh_eff = merged_factors(U.to(dtype), Vh.to(dtype), u_active.to(dtype), vh_active.to(dtype), idx)
-    return torch.linalg.svd(dense_from_factors(U_eff, s.to(dtype), Vh_eff), full_matrices=False)
+    W = spectral_weight(U.to(dtype), Vh.to(dtype), s.to(dtype), u_active.to(dtype), vh_active.to(dtype), idx)
+    return torch.linalg.svd(W, full_matrices=False)
 
 
 # ----------------------------------------------------------------------------- model level
@@ -448,6 +521,8 @@ class SSTController:
         if plan is None or not plan.matches(shards):
             plan = self._plan = _RenormPlan(self.layers, shards, self.backend.compute_device)
         plan.run(self.layers, self.backend, self.renormalize)
+        for layer in self.layers:  # the step and the scaling wrote through the engine
+            layer.drop_kept_weight()
 
     @torch.no_grad()
     def resample(self, iteration: int):
@@ -485,6 +560,7 @@ class SSTController:
     def _load(self, layer: SSTLinear, U, Vh, s, new_idx, slots):
         backend = self.backend
         new_idx = new_idx.to(U.device)
+        layer.drop_kept_weight()
         backend.write(layer.U, U)
         backend.write(layer.Vh, Vh)
         if s is not None:
@@ -508,4 +584,4 @@ class SSTController:
 
 __all__ = ["SSTLinear", "apply_sst", "SSTController", "sample_active", "assign_slots",
            "layer_generator", "resampled", "resvd_factors", "renormalized", "merged_factors",
-           "dense_from_factors", "sampling_probabilities"]
+           "dense_from_factors", "spectral_weight", "sampling_probabilities"]

@@ -148,7 +148,8 @@ def main(run: Run) -> dict:
         lrs = method.learning_rates(step)
         engine.set_learning_rates(lrs)
         loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for chunk in chunks:
+        for i, chunk in enumerate(chunks):
+            method.before_micro_batch(last=i == len(chunks) - 1)
             with engine.forward_context():
                 loss = lm_loss(engine.model, chunk)
             engine.backward(loss)

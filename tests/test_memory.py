@@ -91,6 +91,18 @@ def _split(method, zero, gpus, **kw):
     return estimate("125m", method, R, zero, gpus, 1, 128, **kw)
 
 
+@pytest.mark.parametrize("zero", [0, 3])
+def test_the_materialized_sst_path_costs_one_unsharded_w_and_with_accumulation_one_fp32_g(zero):
+    dense_w = L * sum(out * inp for out, inp in SHAPES)
+    for accum, g_bytes in ((1, 0), (4, 4)):
+        plain = estimate("125m", "sst", R, zero, 4, 1, 128, grad_accum=accum)
+        kept = estimate("125m", "sst", R, zero, 4, 1, 128, sst_path="materialized", grad_accum=accum)
+        assert kept["weights"] - plain["weights"] == kept["kept_weight"] == dense_w * 2
+        assert kept["gradients"] - plain["gradients"] == dense_w * g_bytes
+        same = ("masters", "optimizer", "buffers", "activations")
+        assert [kept[k] for k in same] == [plain[k] for k in same]
+
+
 @pytest.mark.parametrize("method", ["full", "sst"])
 @pytest.mark.parametrize("zero", [0, 1, 2, 3])
 def test_zero_stage_divides_the_right_categories(method, zero):
@@ -222,7 +234,7 @@ def test_the_step_profile_reports_every_phase_on_cpu():
     in it, the GaLore refresh's probe at a refresh step, and the per-phase operator listing."""
     proc = subprocess.run([sys.executable, "bench/step_profile.py", "--device", "cpu", "--size", "tiny",
                            "--methods", "full,sst,galore@galore.update_proj_gap=2", "--warmup", "1",
-                           "--steps", "2", "--kernels", "3"],
+                           "--steps", "2", "--kernels", "3", "--accumulation", "2"],
                           cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     cell = re.compile(r"[\d.]+ \(\s*[\d.]+\)|(?<=\s)-(?=\s|$)|(?<=\s)[\d.]+(?=\s|$)")
@@ -232,3 +244,4 @@ def test_the_step_profile_reports_every_phase_on_cpu():
     assert table["after_step"][1] != "-" and table["probe"][:2] == ["-", "-"] and table["probe"][2] != "-"
     assert all(float(v) > 0 for v in table["tokens/s"])
     assert "sst: operators of one step by phase" in proc.stdout and "  after_step:" in proc.stdout
+    assert "micro-batch 2 x seq 64 x 2 per step" in proc.stdout

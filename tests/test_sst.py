@@ -10,7 +10,7 @@ from sst_dist.sst import (SSTController, SSTLinear, assign_slots, layer_generato
                           sample_active, sampling_probabilities)
 
 torch.set_default_dtype(torch.float64)
-PATHS = ("dense", "factored")
+PATHS = ("dense", "materialized", "factored")
 
 
 def make_layer(out_f=12, in_f=8, rank=3, path="dense", seed=0):
@@ -49,16 +49,22 @@ def test_parameters_are_the_spectral_factors():
     assert layer.active_indices.dtype == torch.long and layer.active_indices.shape == (3,)
 
 
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)])  # both sides of the dense path's k-deep product
 @pytest.mark.parametrize("path", PATHS)
-def test_enhanced_gradient_matches_formulas(path):
-    _, layer = make_layer(12, 8, rank=3, path=path)
+def test_enhanced_gradient_matches_formulas(path, shape):
+    out_f, in_f = shape
+    _, layer = make_layer(out_f, in_f, rank=3, path=path)
     train_a_little(layer)  # active vectors no longer equal the frozen columns
-    W = layer.dense_weight()
-    x = torch.randn(2, 3, 8, requires_grad=True)  # (batch, seq, in), as in a model
-    gy = torch.randn(2, 3, 12)
+    idx = layer.active_indices
+    U = layer.U.detach().index_copy(1, idx, layer.u_active.detach())
+    V = layer.Vh.detach().index_copy(0, idx, layer.vh_active.detach()).T
+    W = U @ torch.diag(layer.s.detach()) @ V.T
+    torch.testing.assert_close(layer.dense_weight(), W, rtol=0, atol=1e-12)
+    x = torch.randn(2, 3, in_f, requires_grad=True)  # (batch, seq, in), as in a model
+    gy = torch.randn(2, 3, out_f)
     layer(x).backward(gy)
 
-    dense = nn.Linear(8, 12).double()
+    dense = nn.Linear(in_f, out_f).double()
     with torch.no_grad():
         dense.weight.copy_(W)
         dense.bias.copy_(layer.bias)
@@ -66,9 +72,6 @@ def test_enhanced_gradient_matches_formulas(path):
     dense(x_ref).backward(gy)
     G = dense.weight.grad  # dL/dW of an ordinary dense layer on the same input
 
-    idx = layer.active_indices
-    U = layer.U.detach().index_copy(1, idx, layer.u_active.detach())
-    V = layer.Vh.detach().index_copy(0, idx, layer.vh_active.detach()).T
     torch.testing.assert_close(layer.s.grad, torch.diagonal(U.T @ G @ V), rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.u_active.grad, G @ V[:, idx], rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.vh_active.grad, U[:, idx].T @ G, rtol=1e-10, atol=1e-12)
@@ -302,3 +305,54 @@ def test_controller_resvd_matches_layer_resvd_and_resets_all_slots():
         assert torch.all(layer.s[:-1] >= layer.s[1:])  # a fresh SVD: sorted spectrum
         for p in (layer.u_active, layer.vh_active):
             assert torch.count_nonzero(opt.state[p]["exp_avg"]) == 0
+
+
+def test_the_materialized_path_forms_w_once_per_step_and_sums_g_over_micro_batches(monkeypatch):
+    """The materialized path forms W once per optimizer step (not per micro-batch, not again in
+    the backward) and returns the factor gradients once, at the step's last micro-batch, from G
+    summed over all of them: the same gradients as the dense path, across optimizer steps that
+    write through `.data` as engines do (no version bump), a resample and a re-SVD."""
+    import sst_dist.sst as sst
+
+    formed = []
+    real = sst.spectral_weight
+    monkeypatch.setattr(sst, "spectral_weight", lambda *a: formed.append(1) or real(*a))
+    models = [_model(path=path) for path in ("dense", "materialized")]
+    controllers = [SSTController({"0": m[0], "2": m[2]}, TorchBackend(), seed=0) for m in models]
+    g = torch.Generator().manual_seed(7)
+    for step in range(6):
+        if step == 2:
+            for c in controllers:
+                c.resample(1)
+        if step == 4:
+            for c in controllers:
+                c.resvd(2)
+        micro_batches = [torch.randn(5, 8, generator=g) for _ in range(3)]
+        counts, outs = [], []
+        for model in models:
+            formed.clear()
+            outs.append([])
+            for i, x in enumerate(micro_batches):  # gradient accumulation
+                for layer in (model[0], model[2]):
+                    layer.holds_gradient = i < len(micro_batches) - 1
+                out = model(x)
+                out.pow(2).mean().backward()
+                outs[-1].append(out.detach())
+                if i < len(micro_batches) - 1 and model is models[1]:  # held: zero so far
+                    assert not model[0].s.grad.any() and not model[2].u_active.grad.any()
+            counts.append(len(formed))
+        # dense: in each forward and in the second layer's backward (the first needs no input
+        # gradient) | materialized: once per layer per step
+        assert counts == [3 * 3, 2], counts
+        for plain, kept in zip(*outs):
+            torch.testing.assert_close(kept, plain, rtol=0, atol=1e-12)
+        for p, q in zip(models[0].parameters(), models[1].parameters()):
+            if p.grad is not None:
+                torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
+        assert models[1][0].gradient_sum is None  # released with the last micro-batch
+        for model, controller in zip(models, controllers):
+            for p in model.parameters():
+                if p.grad is not None:  # an engine's step: its updated copy lands through .data
+                    p.data.add_(p.grad, alpha=-0.2)
+                    p.grad = None
+            controller.post_step()
