@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sst_dist.engines.base import Shard
+
 PATHS = ("dense", "factored", "materialized")
 
 
@@ -140,30 +142,33 @@ class _SSTMatmul(torch.autograd.Function):
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
-    def forward(ctx, x, U, Vh, s, u_active, vh_active, idx, bias, path, layer):
+    def forward(ctx, x, U, Vh, spectral, idx, bias, path, layer):
+        s, u_active, vh_active = layer.split(spectral)
         # the bias goes into the last GEMM's epilogue (F.linear), as nn.Linear's does
         if path == "factored":
             U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
             h = x @ Vh_eff.T  # (..., k)
             y = F.linear(h * s, U_eff, bias)
-            ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx, h)
+            ctx.save_for_backward(x, U, Vh, spectral, idx, h)
         else:
             kept = layer.kept_weight() if path == "materialized" else None
             weight = kept if kept is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
             y = F.linear(x, weight, bias)
             # the dense path forms W again in the backward rather than holding it
-            ctx.save_for_backward(x, U, Vh, s, u_active, vh_active, idx, kept)
+            ctx.save_for_backward(x, U, Vh, spectral, idx, kept)
         ctx.path, ctx.layer = path, layer
         return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):
-        x, U, Vh, s, u_active, vh_active, idx, extra = ctx.saved_tensors
+        x, U, Vh, spectral, idx, extra = ctx.saved_tensors
+        layer = ctx.layer
+        s, u_active, vh_active = layer.split(spectral)
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_s = grad_u = grad_vh = grad_bias = None
-        if ctx.needs_input_grad[7]:
+        if ctx.needs_input_grad[5]:
             grad_bias = g2.sum(0)
         if ctx.path == "factored":
             U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
@@ -174,16 +179,14 @@ class _SSTMatmul(torch.autograd.Function):
             grad_s = (gh * h2).sum(0)
             grad_u = g2.T @ h2[:, idx]
             grad_vh = gh[:, idx].T @ x2
-            return grad_x, None, None, grad_s, grad_u, grad_vh, None, grad_bias, None, None
+            return grad_x, None, None, layer.pack(grad_s, grad_u, grad_vh), None, grad_bias, None, None
         if ctx.needs_input_grad[0]:
             weight = extra if extra is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
             grad_x = gy @ weight
-        layer = ctx.layer
         if ctx.path == "materialized" and (layer.holds_gradient or layer.gradient_sum is not None):
             layer.gradient_sum = _sum_product(layer.gradient_sum, g2.T, x2)
             if layer.holds_gradient:  # zeros, not None: engines' gradient hooks expect a tensor
-                zeros = [torch.zeros_like(t) for t in (s, u_active, vh_active)]
-                return grad_x, None, None, *zeros, None, grad_bias, None, None
+                return grad_x, None, None, torch.zeros_like(spectral), None, grad_bias, None, None
             G = layer.gradient_sum.to(x2.dtype)
             layer.gradient_sum = None
         else:
@@ -197,7 +200,7 @@ class _SSTMatmul(torch.autograd.Function):
         grad_vh = u_active.T @ G  # (r, in): row i is Gᵀ u_i
         # at the active indices the frozen vectors are stale: use the trained ones
         grad_s[idx.to(grad_s.device)] = (u_active * grad_u).sum(0)
-        return grad_x, None, None, grad_s, grad_u, grad_vh, None, grad_bias, None, None
+        return grad_x, None, None, layer.pack(grad_s, grad_u, grad_vh), None, grad_bias, None, None
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -206,7 +209,10 @@ class SSTLinear(nn.Module):
     """A linear layer trained in its spectral form. Parameters:
 
     U (out, k), Vh (k, in): frozen (requires_grad=False) so an engine shards them like any weight;
-    s (k,), u_active (out, r), vh_active (r, in), bias (out,): trainable.
+    spectral (k + out·r + r·in,), bias (out,): trainable. `spectral` packs s (k,), u_active
+    (out, r) and vh_active (r, in), which are views of it: one tensor where there would be three,
+    because an engine's per-tensor work (gradient hooks, overflow checks, norms) costs time per
+    tensor whatever its size; packed, the layer has nn.Linear's two.
     Buffer active_indices (r,): which singular indices the active slots hold.
 
     How it computes (`path`, DESIGN §4): "dense" forms W in each forward and again in the
@@ -225,20 +231,52 @@ class SSTLinear(nn.Module):
             raise ValueError(f"path must be one of {PATHS}, got {path!r}")
         factory = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.rank, self.path = in_features, out_features, rank, path
+        self.k = k
         self._kept: tuple | None = None  # materialized: (what W was formed from, W)
         self.holds_gradient = False  # materialized: a micro-batch before the step's last
         self.gradient_sum: torch.Tensor | None = None  # materialized: G summed over micro-batches
         self.U = nn.Parameter(torch.empty(out_features, k, **factory), requires_grad=False)
         self.Vh = nn.Parameter(torch.empty(k, in_features, **factory), requires_grad=False)
-        self.s = nn.Parameter(torch.empty(k, **factory))
-        self.u_active = nn.Parameter(torch.empty(out_features, rank, **factory))
-        self.vh_active = nn.Parameter(torch.empty(rank, in_features, **factory))
+        self.spectral = nn.Parameter(torch.empty(k + out_features * rank + rank * in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer("active_indices", torch.arange(rank, device=device))
 
+    def regions(self) -> tuple[tuple[int, int], ...]:
+        """(offset, numel) of s, u_active and vh_active in `spectral`."""
+        k, u = self.k, self.out_features * self.rank
+        return (0, k), (k, u), (k + u, self.rank * self.in_features)
+
+    def split(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Views (s, u_active, vh_active) of a tensor laid out as `spectral` (its value, a read of
+        it, its gradient or optimizer state)."""
+        (_, k), (a, u), (b, v) = self.regions()
+        return packed[:k], packed[a:a + u].view(self.out_features, self.rank), \
+            packed[b:b + v].view(self.rank, self.in_features)
+
+    def pack(self, s, u_active, vh_active) -> torch.Tensor:
+        """The inverse of split: one flat tensor in s's dtype."""
+        return torch.cat([s.reshape(-1), u_active.reshape(-1).to(s.dtype), vh_active.reshape(-1).to(s.dtype)])
+
+    def slot_elements(self, slots: torch.Tensor) -> torch.Tensor:
+        """Where the active slots `slots` live in `spectral`: u_active's columns and vh_active's
+        rows, as flat indices (what an optimizer-state reset of those slots zeroes)."""
+        (_, _), (a, _), (b, _) = self.regions()
+        slots = slots.to(torch.long).cpu()
+        columns = a + torch.arange(self.out_features)[:, None] * self.rank + slots[None, :]
+        rows = b + slots[:, None] * self.in_features + torch.arange(self.in_features)[None, :]
+        return torch.cat([columns.reshape(-1), rows.reshape(-1)])
+
     @property
-    def k(self) -> int:
-        return self.s.shape[0]
+    def s(self) -> torch.Tensor:
+        return self.split(self.spectral)[0]
+
+    @property
+    def u_active(self) -> torch.Tensor:
+        return self.split(self.spectral)[1]
+
+    @property
+    def vh_active(self) -> torch.Tensor:
+        return self.split(self.spectral)[2]
 
     @classmethod
     @torch.no_grad()
@@ -266,17 +304,17 @@ class SSTLinear(nn.Module):
         self.vh_active.copy_(Vh[idx.to(Vh.device)])
 
     def forward(self, x):
-        return _SSTMatmul.apply(x, self.U, self.Vh, self.s, self.u_active, self.vh_active,
-                                self.active_indices, self.bias, self.path, self)
+        return _SSTMatmul.apply(x, self.U, self.Vh, self.spectral, self.active_indices, self.bias,
+                                self.path, self)
 
     def _factors(self) -> tuple:
-        return self.U, self.Vh, self.s, self.u_active, self.vh_active, self.active_indices
+        return self.U, self.Vh, *self.split(self.spectral), self.active_indices
 
     @torch.no_grad()
     def kept_weight(self) -> torch.Tensor:
         # storage and version of every factor: an in-place update or a new tensor forms W again.
         # Engines that write through `.data` bump no version; SSTController drops W after them.
-        key = tuple((t.data_ptr(), t._version) for t in self._factors())
+        key = tuple((t.data_ptr(), t._version) for t in (self.U, self.Vh, self.spectral, self.active_indices))
         if self._kept is None or self._kept[0] != key:
             self._kept = None  # the old W goes before the new one is formed
             self._kept = (key, spectral_weight(*self._factors()))
@@ -293,7 +331,7 @@ class SSTLinear(nn.Module):
 
     def sst_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the low-rank learning rate (bias is full-rank)."""
-        return [self.s, self.u_active, self.vh_active]
+        return [self.spectral]
 
     # The three methods below act on this layer's own tensors, for single-process use. Training
     # under an engine goes through SSTController, which does the same through the seam.
@@ -394,10 +432,26 @@ def row_pieces(shards, width: int):
 
 
 def _signature(shards) -> tuple:
-    """What a plan of views depends on: every shard's storage, dtype, size and offset."""
+    """What a plan of views depends on: every shard's storage, dtype, size and offset.
+    `shards`: backend.shards(p) of each parameter."""
     return tuple((shard.values.data_ptr(), shard.values.dtype, shard.values.numel(), shard.start)
-                 for per_layer in shards for owned_mirrors in per_layer for group in owned_mirrors
-                 for shard in group)
+                 for owned_mirrors in shards for group in owned_mirrors for shard in group)
+
+
+def region(shards, offset: int, numel: int) -> tuple[list[Shard], list[Shard]]:
+    """backend.shards(p) cut to the elements [offset, offset + numel) of p, counted from offset:
+    the shards of one tensor packed into p (SSTLinear.spectral's s, u_active, vh_active)."""
+    def cut(group):
+        pieces = []
+        for shard in group:
+            a = max(offset, shard.start)
+            b = min(offset + numel, shard.start + shard.values.numel())
+            if a < b:
+                pieces.append(Shard(shard.values[a - shard.start:b - shard.start], a - offset))
+        return pieces
+
+    owned, mirrors = shards
+    return cut(owned), cut(mirrors)
 
 
 class _RenormPlan:
@@ -410,9 +464,12 @@ class _RenormPlan:
 
     MAX_STACK = 1 << 24  # elements per stacked norm: bounds the float64 copy it makes
 
-    def __init__(self, layers, shards, device):
-        self.signature = _signature(shards)
+    def __init__(self, layers, spectral_shards, device):
+        self.signature = _signature(spectral_shards)
         self.device = device
+        # per layer: (s, u_active, vh_active) shards, each (owned, mirrors)
+        shards = [[region(raw, offset, numel) for offset, numel in layer.regions()]
+                  for layer, raw in zip(layers, spectral_shards)]
         n, rank = len(layers), max(layer.rank for layer in layers)
         self.rank = rank
         self.sums = torch.zeros(n * 2 * rank, dtype=torch.float64, device=device)
@@ -515,8 +572,7 @@ class SSTController:
         All layers at once, from a plan of views built when the shard layout changes (see
         _RenormPlan): a loop of small ops per layer leaves the GPU waiting on Python.
         """
-        shards = [[self.backend.shards(p) for p in (layer.s, layer.u_active, layer.vh_active)]
-                  for layer in self.layers]
+        shards = [self.backend.shards(layer.spectral) for layer in self.layers]
         plan = self._plan
         if plan is None or not plan.matches(shards):
             plan = self._plan = _RenormPlan(self.layers, shards, self.backend.compute_device)
@@ -529,11 +585,11 @@ class SSTController:
         """Start of an iteration: write back, draw, load, reset the moments of changed slots."""
         read = self.backend.read
         for index, layer in enumerate(self.layers):
-            idx = layer.active_indices
+            s, u_active, vh_active = layer.split(read(layer.spectral))
             U, Vh, new_idx, slots = resampled(
-                read(layer.U), read(layer.Vh), read(layer.s), read(layer.u_active),
-                read(layer.vh_active), idx, layer_generator(self.seed, index, iteration), self.uniform_mix)
-            self._load(layer, U, Vh, None, new_idx, slots)
+                read(layer.U), read(layer.Vh), s, u_active, vh_active, layer.active_indices,
+                layer_generator(self.seed, index, iteration), self.uniform_mix)
+            self._load(layer, U, Vh, s, new_idx, slots)
 
     @torch.no_grad()
     def resvd(self, iteration: int):
@@ -541,12 +597,12 @@ class SSTController:
         backend = self.backend
         results = {}
         for index, layer in enumerate(self.layers):
-            tensors = [backend.read(p) for p in (layer.U, layer.Vh, layer.s, layer.u_active, layer.vh_active)]
+            tensors = [backend.read(layer.U), backend.read(layer.Vh), *layer.split(backend.read(layer.spectral))]
             if backend.owner(index) == backend.rank:
                 dev = backend.compute_device
                 results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))
         for index, layer in enumerate(self.layers):
-            dtype = compute_dtype(layer.s) if layer.s.dtype == torch.float64 else torch.float32
+            dtype = torch.float64 if layer.spectral.dtype == torch.float64 else torch.float32
             shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
             U, s, Vh = results.get(index) or [
                 torch.empty(shape, dtype=dtype, device=backend.compute_device) for shape in shapes]
@@ -563,16 +619,13 @@ class SSTController:
         layer.drop_kept_weight()
         backend.write(layer.U, U)
         backend.write(layer.Vh, Vh)
-        if s is not None:
-            backend.write(layer.s, s)
         layer.active_indices.copy_(new_idx.to(layer.active_indices.device))
-        backend.write(layer.u_active, U[:, new_idx])
-        backend.write(layer.vh_active, Vh[new_idx])
-        if slots.numel():
-            backend.reset_state(layer.u_active, slots, dim=1)
-            backend.reset_state(layer.vh_active, slots, dim=0)
+        backend.write(layer.spectral, layer.pack(s.to(U.device), U[:, new_idx], Vh[new_idx]))
+        reset = [layer.slot_elements(slots)] if slots.numel() else []
         if self.reset_s_state:
-            backend.reset_state(layer.s)
+            reset.append(torch.arange(layer.k))
+        if reset:
+            backend.reset_state(layer.spectral, torch.cat(reset))
 
     def state_dict(self) -> dict:
         return {"active_indices": [layer.active_indices.tolist() for layer in self.layers]}
@@ -584,4 +637,4 @@ class SSTController:
 
 __all__ = ["SSTLinear", "apply_sst", "SSTController", "sample_active", "assign_slots",
            "layer_generator", "resampled", "resvd_factors", "renormalized", "merged_factors",
-           "dense_from_factors", "spectral_weight", "sampling_probabilities"]
+           "dense_from_factors", "spectral_weight", "sampling_probabilities", "region"]

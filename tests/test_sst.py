@@ -44,9 +44,21 @@ def test_parameters_are_the_spectral_factors():
     _, layer = make_layer(12, 8, rank=3)
     trainable = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
     frozen = {n: tuple(p.shape) for n, p in layer.named_parameters() if not p.requires_grad}
-    assert trainable == {"s": (8,), "u_active": (12, 3), "vh_active": (3, 8), "bias": (12,)}
+    # s (8,), u_active (12, 3) and vh_active (3, 8) packed in one tensor, as views of it
+    assert trainable == {"spectral": (8 + 12 * 3 + 3 * 8,), "bias": (12,)}
     assert frozen == {"U": (12, 8), "Vh": (8, 8)}
     assert layer.active_indices.dtype == torch.long and layer.active_indices.shape == (3,)
+    assert [tuple(t.shape) for t in (layer.s, layer.u_active, layer.vh_active)] == [(8,), (12, 3), (3, 8)]
+    numbered = torch.arange(layer.spectral.numel(), dtype=torch.float64)
+    s, u, vh = layer.split(numbered)
+    assert torch.equal(layer.pack(s, u, vh), numbered)
+    assert torch.equal(torch.cat([s, u.flatten(), vh.flatten()]), numbered)  # row-major, in order
+    slots = torch.tensor([2, 0])
+    assert sorted(numbered[layer.slot_elements(slots)].tolist()) == sorted(
+        u[:, slots].flatten().tolist() + vh[slots].flatten().tolist())
+    with torch.no_grad():
+        layer.u_active[:, 1] = 7.0  # the views write the parameter
+    assert (layer.spectral[8 + 1:8 + 36:3] == 7.0).all()
 
 
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12)])  # both sides of the dense path's k-deep product
@@ -72,14 +84,15 @@ def test_enhanced_gradient_matches_formulas(path, shape):
     dense(x_ref).backward(gy)
     G = dense.weight.grad  # dL/dW of an ordinary dense layer on the same input
 
-    torch.testing.assert_close(layer.s.grad, torch.diagonal(U.T @ G @ V), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer.u_active.grad, G @ V[:, idx], rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(layer.vh_active.grad, U[:, idx].T @ G, rtol=1e-10, atol=1e-12)
+    grad_s, grad_u, grad_vh = layer.split(layer.spectral.grad)
+    torch.testing.assert_close(grad_s, torch.diagonal(U.T @ G @ V), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_u, G @ V[:, idx], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_vh, U[:, idx].T @ G, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-10, atol=1e-12)
     torch.testing.assert_close(layer.bias.grad, dense.bias.grad, rtol=1e-10, atol=1e-12)
     # the exact gradient would carry sigma_i; SST's must not
     sigma = layer.s.detach()[idx]
-    assert not torch.allclose(layer.u_active.grad, G @ V[:, idx] * sigma)
+    assert not torch.allclose(grad_u, G @ V[:, idx] * sigma)
     assert layer.U.grad is None and layer.Vh.grad is None
 
 
@@ -183,18 +196,19 @@ def test_resample_prunes_exactly_the_resampled_slots():
     pruned_any = kept_any = False
     for layer, old_idx in zip(layers.values(), old):
         changed = layer.active_indices != old_idx
-        for p, dim in ((layer.u_active, 1), (layer.vh_active, 0)):
+        state, prior = opt.state[layer.spectral], before[layer.spectral]
+        for part, dim in ((1, 1), (2, 0)):  # u_active's columns, vh_active's rows
             for key in ("exp_avg", "exp_avg_sq"):
-                new, prev = opt.state[p][key], before[p][key]
+                new, prev = layer.split(state[key])[part], layer.split(prior[key])[part]
                 sl = (slice(None), changed) if dim == 1 else (changed, slice(None))
                 kept = (slice(None), ~changed) if dim == 1 else (~changed, slice(None))
                 assert torch.count_nonzero(new[sl]) == 0
                 assert torch.equal(new[kept], prev[kept])
                 pruned_any |= bool(changed.any())
                 kept_any |= bool((~changed).any() and prev[kept].abs().sum() > 0)
-            assert torch.equal(opt.state[p]["step"], before[p]["step"])
+        assert torch.equal(state["step"], prior["step"])
         for key in ("exp_avg", "exp_avg_sq"):  # s keeps its state by default
-            assert torch.equal(opt.state[layer.s][key], before[layer.s][key])
+            assert torch.equal(layer.split(state[key])[0], layer.split(prior[key])[0])
     assert pruned_any and kept_any
     for p in (model[0].bias, model[2].bias):
         for key, value in before[p].items():
@@ -281,12 +295,14 @@ def test_post_step_follows_a_parameter_whose_storage_changed():
     _step(model, opt, 0)
     controller.post_step()
     layer = model[0]
-    old = layer.u_active.data
-    layer.u_active.data = old.clone() * 3.0  # new storage, columns of norm 3
+    old = layer.spectral.data
+    new = old.clone()
+    layer.split(new)[1].mul_(3.0)  # new storage, active u columns of norm 3
+    layer.spectral.data = new
     s_before = layer.s.detach().clone()
     controller.post_step()
     torch.testing.assert_close(layer.u_active.norm(dim=0), torch.ones(3), rtol=0, atol=1e-12)
-    torch.testing.assert_close(old.norm(dim=0), torch.ones(3), rtol=0, atol=1e-12)  # left alone
+    torch.testing.assert_close(layer.split(old)[1].norm(dim=0), torch.ones(3), rtol=0, atol=1e-12)  # left alone
     idx = layer.active_indices
     torch.testing.assert_close(layer.s[idx], s_before[idx] * 3.0, rtol=1e-12, atol=0)
 
@@ -303,8 +319,8 @@ def test_controller_resvd_matches_layer_resvd_and_resets_all_slots():
     torch.testing.assert_close(model(x).detach(), out, rtol=0, atol=1e-10)
     for layer in (model[0], model[2]):
         assert torch.all(layer.s[:-1] >= layer.s[1:])  # a fresh SVD: sorted spectrum
-        for p in (layer.u_active, layer.vh_active):
-            assert torch.count_nonzero(opt.state[p]["exp_avg"]) == 0
+        _, u_state, vh_state = layer.split(opt.state[layer.spectral]["exp_avg"])
+        assert torch.count_nonzero(u_state) == 0 and torch.count_nonzero(vh_state) == 0
 
 
 def test_the_materialized_path_forms_w_once_per_step_and_sums_g_over_micro_batches(monkeypatch):
@@ -339,7 +355,7 @@ def test_the_materialized_path_forms_w_once_per_step_and_sums_g_over_micro_batch
                 out.pow(2).mean().backward()
                 outs[-1].append(out.detach())
                 if i < len(micro_batches) - 1 and model is models[1]:  # held: zero so far
-                    assert not model[0].s.grad.any() and not model[2].u_active.grad.any()
+                    assert not model[0].spectral.grad.any() and not model[2].spectral.grad.any()
             counts.append(len(formed))
         # dense: in each forward and in the second layer's backward (the first needs no input
         # gradient) | materialized: once per layer per step

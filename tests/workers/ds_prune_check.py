@@ -67,28 +67,28 @@ def main():
         changed = (layer.active_indices != old_idx).nonzero().flatten()
         kept = (layer.active_indices == old_idx).nonzero().flatten()
         U = backend.read(layer.U)
-        u_master = backend.read(layer.u_active)
+        u_master = layer.split(backend.read(layer.spectral))[1]
         entry = {"changed": changed.tolist(),
                  "master_holds_new_vectors": float((u_master - U[:, layer.active_indices]).abs().max()),
                  "full_changed_moment_abs": 0.0, "full_kept_moment_abs": 0.0, "local_changed_moment_abs": 0.0}
         for key in ("exp_avg", "exp_avg_sq"):
-            state = backend.optimizer_state(layer.u_active, key)
+            state = layer.split(backend.optimizer_state(layer.spectral, key))[1]  # u_active's
             entry["full_changed_moment_abs"] += float(state[:, changed].abs().sum())
             entry["full_kept_moment_abs"] += float(state[:, kept].abs().sum())
-            entry["local_changed_moment_abs"] += local_changed_abs(layer.u_active, key, changed)
+            entry["local_changed_moment_abs"] += local_changed_abs(layer.spectral, key, layer.slot_elements(changed))
         report["layers"].append(entry)
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{ctx.rank}.json").write_text(json.dumps(report))
     dist.barrier()
 
 
-def local_changed_abs(param, key, changed):
-    """This rank's own shard of the moments, located as the engine stores it, at the changed slots."""
+def local_changed_abs(param, key, elements):
+    """This rank's own shard of the moments, located as the engine stores it, at the changed
+    slots' elements of the packed parameter."""
     from deepspeed.utils import safe_get_local_optimizer_state
 
-    mask = torch.zeros(param.ds_shape if hasattr(param, "ds_id") else param.shape, dtype=torch.bool)
-    mask[:, changed] = True
-    mask = mask.flatten()
+    mask = torch.zeros(param.ds_shape if hasattr(param, "ds_id") else param.shape, dtype=torch.bool).flatten()
+    mask[elements] = True
     if hasattr(param, "ds_id"):
         local = safe_get_local_optimizer_state(param, key)
         start = param._z3_optimizer._get_param_partition_rank(param) * local.numel()

@@ -101,28 +101,30 @@ def layer_report(engine, layer, old_idx):
     changed = slots if old_idx is None else (now != old_idx.cpu()).nonzero().flatten()
     kept = slots[:0] if old_idx is None else (now == old_idx.cpu()).nonzero().flatten()
     U, Vh = backend.read(layer.U).cpu(), backend.read(layer.Vh).cpu()
+    _, u_master, vh_master = layer.split(backend.read(layer.spectral).cpu())
     entry = {"changed": changed.tolist(),
-             "master_holds_new_vectors": max(
-                 float((backend.read(layer.u_active).cpu() - U[:, now]).abs().max()),
-                 float((backend.read(layer.vh_active).cpu() - Vh[now]).abs().max())),
+             "master_holds_new_vectors": max(float((u_master - U[:, now]).abs().max()),
+                                             float((vh_master - Vh[now]).abs().max())),
              "full_changed_moment_abs": 0.0, "full_kept_moment_abs": 0.0, "local_changed_moment_abs": 0.0}
-    # u_active (out, r): the slots are columns, across the sharded rows; vh_active (r, in): the
-    # slots are rows, i.e. the sharded dim itself, so each rank holds some of them
-    for param, dim in ((layer.u_active, 1), (layer.vh_active, 0)):
-        for key in ("exp_avg", "exp_avg_sq"):
-            state = backend.optimizer_state(param, key).cpu()
+    # u_active (out, r): the slots are columns; vh_active (r, in): rows. Both live in the packed
+    # `spectral`, which FSDP shards flat, so a slot's elements spread over the ranks
+    for key in ("exp_avg", "exp_avg_sq"):
+        _, u_state, vh_state = layer.split(backend.optimizer_state(layer.spectral, key).cpu())
+        for state, dim in ((u_state, 1), (vh_state, 0)):
             entry["full_changed_moment_abs"] += float(state.index_select(dim, changed).abs().sum())
             entry["full_kept_moment_abs"] += float(state.index_select(dim, kept).abs().sum())
-            entry["local_changed_moment_abs"] += local_changed_abs(engine, param, key, changed, dim)
+        entry["local_changed_moment_abs"] += local_changed_abs(engine, layer.spectral, key,
+                                                               layer.slot_elements(changed))
     return entry
 
 
-def local_changed_abs(engine, param, key, changed, dim):
-    """This rank's own shard of the moment, as the optimizer stores it, at the changed slots."""
+def local_changed_abs(engine, param, key, elements):
+    """This rank's own shard of the moment, as the optimizer stores it, at the changed slots'
+    elements of the packed parameter."""
     moment = engine.optimizer.state[param][key]
     local, start = local_rows(moment)
-    mask = torch.zeros(param.shape, dtype=torch.bool, device=local.device)
-    mask.index_fill_(dim, changed.to(local.device), True)
+    mask = torch.zeros(param.numel(), dtype=torch.bool, device=local.device)
+    mask[elements.to(local.device)] = True
     return float(local[mask[start:start + local.shape[0]]].abs().sum())
 
 
