@@ -119,6 +119,7 @@ def renormalized(s, u_active, vh_active, idx):
 def _sum_product(total, a, b):
     """total + a @ b in float32 at least (bf16 inputs: one GEMM with a float32 result on CUDA).
     total None: a @ b alone."""
+    b = b.to(a.dtype)  # under autocast the saved input and the incoming gradient may differ
     dtype = torch.promote_types(a.dtype, torch.float32)
     if a.dtype == dtype:
         return a @ b if total is None else total.addmm_(a, b)
