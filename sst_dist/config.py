@@ -15,6 +15,7 @@ import yaml
 
 METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+SST_PATHS = ("dense", "materialized", "factored")  # how an SSTLinear computes (SSTConfig.path)
 
 
 class ConfigError(ValueError):
@@ -246,7 +247,7 @@ def validate(recipe: Recipe) -> Recipe:
             )
         if recipe.galore.rank is not None and not 0 < recipe.galore.rank <= limit:
             raise ConfigError(f"galore.rank: {recipe.galore.rank} must be in 1..{limit}")
-    _choice("sst.path", recipe.sst.path, ("dense", "materialized", "factored"))
+    _choice("sst.path", recipe.sst.path, SST_PATHS)
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))

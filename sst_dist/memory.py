@@ -34,8 +34,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from sst_dist.config import METHODS, OPT_TARGETS, ConfigError
-from sst_dist.sst import PATHS as SST_PATHS
+from sst_dist.config import METHODS, OPT_TARGETS, SST_PATHS, ConfigError
 
 GIB = 2**30
 PRECISIONS = ("bf16", "fp32")

@@ -18,9 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from sst_dist.config import SST_PATHS as PATHS
 from sst_dist.engines.base import Shard
-
-PATHS = ("dense", "factored", "materialized")
 
 
 # ----------------------------------------------------------------------------- tensor math
@@ -603,7 +602,7 @@ class SSTController:
                 dev = backend.compute_device
                 results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))
         for index, layer in enumerate(self.layers):
-            dtype = torch.float64 if layer.spectral.dtype == torch.float64 else torch.float32
+            dtype = compute_dtype(layer.spectral)
             shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
             U, s, Vh = results.get(index) or [
                 torch.empty(shape, dtype=dtype, device=backend.compute_device) for shape in shapes]
