@@ -37,23 +37,26 @@ def merged_factors(U, Vh, u_active, vh_active, idx):
 
 
 def dense_from_factors(U, s, Vh):
-    """W = U diag(s) Vh: (out, k), (k,), (k, in) -> (out, in)."""
-    return (U * s) @ Vh
+    """W = U diag(s) Vh: (out, k), (k,), (k, in) -> (out, in); s scales the smaller factor."""
+    if U.shape[0] <= Vh.shape[1]:
+        return (U * s) @ Vh
+    return U @ (s[:, None] * Vh)
+
+
+def sync_active(U, Vh, u_active, vh_active, idx):
+    """Writes the trained active vectors over their frozen copies, in place: U[:, idx] = u_active,
+    Vh[idx] = vh_active. Those copies are stale and read nowhere else (a resample or re-SVD merges
+    the trained vectors in anyway), so afterwards U and Vh are the layer's effective factors."""
+    idx = idx.to(U.device)
+    U.index_copy_(1, idx, u_active.to(U.dtype))
+    Vh.index_copy_(0, idx, vh_active.to(Vh.dtype))
 
 
 def spectral_weight(U, Vh, s, u_active, vh_active, idx):
-    """The layer's W = U_eff diag(s) Vh_eff, formed without copying U or Vh.
-
-    The frozen vectors at the active indices are stale, so their σ is zeroed and the active part
-    u_active diag(s[idx]) vh_active enters as the GEMM's addend: one k-deep GEMM, one copy of the
-    smaller of U and Vh (scaled), and a rank-r product, where merging the factors first copies both.
-    """
-    idx = idx.to(s.device)
-    s_frozen = s.index_fill(0, idx, 0)
-    active = (u_active * s[idx]) @ vh_active
-    if U.shape[0] <= Vh.shape[1]:
-        return torch.addmm(active, U * s_frozen, Vh)
-    return torch.addmm(active, U, s_frozen[:, None] * Vh)
+    """The layer's W = U_eff diag(s) Vh_eff, as one k-deep GEMM on U and Vh synced in place
+    (sync_active): no copy of U or Vh, no separate product for the active part."""
+    sync_active(U, Vh, u_active, vh_active, idx)
+    return dense_from_factors(U, s, Vh)
 
 
 def sampling_probabilities(s: torch.Tensor, uniform_mix: bool = False) -> torch.Tensor:
@@ -143,16 +146,16 @@ class _SSTMatmul(torch.autograd.Function):
     @staticmethod
     @torch.amp.custom_fwd(device_type="cuda")
     def forward(ctx, x, U, Vh, spectral, idx, bias, path, layer):
-        s, u_active, vh_active = layer.split(spectral)
         # the bias goes into the last GEMM's epilogue (F.linear), as nn.Linear's does
         if path == "factored":
+            s, u_active, vh_active = layer.split(spectral)
             U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
             h = x @ Vh_eff.T  # (..., k)
             y = F.linear(h * s, U_eff, bias)
             ctx.save_for_backward(x, U, Vh, spectral, idx, h)
         else:
             kept = layer.kept_weight() if path == "materialized" else None
-            weight = kept if kept is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
+            weight = kept if kept is not None else spectral_weight(U, Vh, *layer.split(spectral), idx)
             y = F.linear(x, weight, bias)
             # the dense path forms W again in the backward rather than holding it
             ctx.save_for_backward(x, U, Vh, spectral, idx, kept)
@@ -191,15 +194,21 @@ class _SSTMatmul(torch.autograd.Function):
             layer.gradient_sum = None
         else:
             G = g2.T @ x2  # (out, in): the dense weight gradient
-        # σ_i's gradient u_iᵀ G v_i for all k, through the k-deep product with the smaller result
+        # U and Vh hold the trained active vectors (an engine may have gathered them anew since
+        # the forward), so one k-deep product on the smaller side gives every σ_i's gradient
+        # u_iᵀ G v_i and, at the active indices, one of the two vector gradients
+        sync_active(U, Vh, u_active, vh_active, idx)
+        idx = idx.to(G.device)
         if U.shape[0] >= Vh.shape[1]:
-            grad_s = ((U.T @ G) * Vh).sum(1)
+            P = U.T @ G  # (k, in): row i is Gᵀ u_i
+            grad_s = (P * Vh).sum(1)
+            grad_vh = P[idx]
+            grad_u = G @ vh_active.T  # (out, r): column i is G v_i
         else:
-            grad_s = (U * (G @ Vh.T)).sum(0)
-        grad_u = G @ vh_active.T  # (out, r): column i is G v_i
-        grad_vh = u_active.T @ G  # (r, in): row i is Gᵀ u_i
-        # at the active indices the frozen vectors are stale: use the trained ones
-        grad_s[idx.to(grad_s.device)] = (u_active * grad_u).sum(0)
+            Q = G @ Vh.T  # (out, k): column i is G v_i
+            grad_s = (U * Q).sum(0)
+            grad_u = Q[:, idx]
+            grad_vh = u_active.T @ G  # (r, in): row i is Gᵀ u_i
         return grad_x, None, None, layer.pack(grad_s, grad_u, grad_vh), None, grad_bias, None, None
 
 
@@ -209,6 +218,8 @@ class SSTLinear(nn.Module):
     """A linear layer trained in its spectral form. Parameters:
 
     U (out, k), Vh (k, in): frozen (requires_grad=False) so an engine shards them like any weight;
+    their columns / rows at the active indices are overwritten with the trained vectors whenever
+    W or the factor gradients are formed (sync_active), so they never go stale where read.
     spectral (k + out·r + r·in,), bias (out,): trainable. `spectral` packs s (k,), u_active
     (out, r) and vh_active (r, in), which are views of it: one tensor where there would be three,
     because an engine's per-tensor work (gradient hooks, overflow checks, norms) costs time per
@@ -232,6 +243,7 @@ class SSTLinear(nn.Module):
         factory = dict(device=device, dtype=dtype)
         self.in_features, self.out_features, self.rank, self.path = in_features, out_features, rank, path
         self.k = k
+        self._sizes = (k, out_features * rank, rank * in_features)  # of s, u_active, vh_active
         self._kept: tuple | None = None  # materialized: (what W was formed from, W)
         self.holds_gradient = False  # materialized: a micro-batch before the step's last
         self.gradient_sum: torch.Tensor | None = None  # materialized: G summed over micro-batches
@@ -243,15 +255,15 @@ class SSTLinear(nn.Module):
 
     def regions(self) -> tuple[tuple[int, int], ...]:
         """(offset, numel) of s, u_active and vh_active in `spectral`."""
-        k, u = self.k, self.out_features * self.rank
-        return (0, k), (k, u), (k + u, self.rank * self.in_features)
+        k, u, v = self._sizes
+        return (0, k), (k, u), (k + u, v)
 
     def split(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views (s, u_active, vh_active) of a tensor laid out as `spectral` (its value, a read of
         it, its gradient or optimizer state)."""
-        (_, k), (a, u), (b, v) = self.regions()
-        return packed[:k], packed[a:a + u].view(self.out_features, self.rank), \
-            packed[b:b + v].view(self.rank, self.in_features)
+        k, u, v = self._sizes
+        return packed[:k], packed[k:k + u].view(self.out_features, self.rank), \
+            packed[k + u:k + u + v].view(self.rank, self.in_features)
 
     def pack(self, s, u_active, vh_active) -> torch.Tensor:
         """The inverse of split: one flat tensor in s's dtype."""
@@ -314,11 +326,14 @@ class SSTLinear(nn.Module):
     def kept_weight(self) -> torch.Tensor:
         # storage and version of every factor: an in-place update or a new tensor forms W again.
         # Engines that write through `.data` bump no version; SSTController drops W after them.
-        key = tuple((t.data_ptr(), t._version) for t in (self.U, self.Vh, self.spectral, self.active_indices))
-        if self._kept is None or self._kept[0] != key:
+        if self._kept is None or self._kept[0] != self._weight_key():
             self._kept = None  # the old W goes before the new one is formed
-            self._kept = (key, spectral_weight(*self._factors()))
+            weight = spectral_weight(*self._factors())
+            self._kept = (self._weight_key(), weight)  # after the sync's own writes to U and Vh
         return self._kept[1]
+
+    def _weight_key(self) -> tuple:
+        return tuple((t.data_ptr(), t._version) for t in (self.U, self.Vh, self.spectral, self.active_indices))
 
     def drop_kept_weight(self) -> None:
         """At a step boundary (the factors are about to change or just did)."""
@@ -454,11 +469,56 @@ def region(shards, offset: int, numel: int) -> tuple[list[Shard], list[Shard]]:
     return cut(owned), cut(mirrors)
 
 
+def _extent(view: torch.Tensor) -> int:
+    """How many storage elements a view spans, from its first element to its last."""
+    return 1 + sum((n - 1) * s for n, s in zip(view.shape, view.stride()))
+
+
+def strided_runs(pieces):
+    """Coalesces views that lie at one stride apart in one storage into one batched view per run.
+
+    pieces: (view, tag, group): equally shaped views of one group (anything hashable) whose tags
+    (e.g. layer indices) advance by one step while their storage offsets advance by one stride are
+    one run. Yields (batched (n, *shape), first tag, tag step, n, group). Where an engine keeps its
+    parameters in one flat buffer, the same layer of every block is one run: one kernel where
+    there would be one per layer. Views in storages of their own stay runs of one.
+    """
+    groups: dict[tuple, list] = {}
+    for view, tag, group in pieces:
+        key = (view.untyped_storage().data_ptr(), view.dtype, tuple(view.shape), view.stride(), group)
+        groups.setdefault(key, []).append((view, tag))
+
+    def batched(run, group):
+        view, tag = run[0]
+        if len(run) == 1:
+            return view.unsqueeze(0), tag, 1, 1, group
+        stride = run[1][0].storage_offset() - view.storage_offset()
+        whole = view.as_strided((len(run), *view.shape), (stride, *view.stride()), view.storage_offset())
+        return whole, tag, run[1][1] - tag, len(run), group
+
+    for (*_, group), members in groups.items():
+        members.sort(key=lambda member: member[1])
+        run = [members[0]]
+        for view, tag in members[1:]:
+            step = (view.storage_offset() - run[-1][0].storage_offset(), tag - run[-1][1])
+            if len(run) == 1:
+                fits = step[0] >= _extent(view) and step[1] > 0  # no overlap, tags ascending
+            else:
+                fits = step == (run[1][0].storage_offset() - run[0][0].storage_offset(), run[1][1] - run[0][1])
+            if fits:
+                run.append((view, tag))
+            else:
+                yield batched(run, group)
+                run = [(view, tag)]
+        yield batched(run, group)
+
+
 class _RenormPlan:
     """SSTController.post_step's views and buffers, for one layout of shards.
 
-    Building it walks every shard of s, u_active and vh_active once; a step then costs one
-    stacked norm per group of equally shaped pieces, one index_add, one all-reduce and a few
+    Building it walks every shard of s, u_active and vh_active once. The u / vh pieces are
+    coalesced into strided runs across layers where the engine's flat buffers allow (see
+    strided_runs), so a step costs a few stacked norms, one index_add, one all-reduce and a few
     list ops (torch._foreach_*) per dtype, whatever the number of layers.
     """
 
@@ -480,7 +540,7 @@ class _RenormPlan:
         self.div_lists: dict[torch.dtype, tuple[list, list]] = {}
         self.scale_cast: dict[torch.dtype, torch.Tensor] = {}
         self.norms_cast: dict[torch.dtype, torch.Tensor] = {}
-        owned_groups: dict[tuple, list] = {}  # (kind, shape, dtype) -> [(view, slot)]
+        pieces, owned_pieces = [], []  # (view, layer index, (kind, first slot, slot count))
         for i, (layer, (s_shards, u_shards, vh_shards)) in enumerate(zip(layers, shards)):
             for shard in s_shards[0] + s_shards[1]:
                 values = shard.values
@@ -496,23 +556,34 @@ class _RenormPlan:
                         first, count = (col, view.shape[1]) if kind == 0 else (row, view.shape[0])
                         if view.dtype not in self.norms_cast:
                             self.norms_cast[view.dtype] = torch.empty(n, 2, rank, dtype=view.dtype, device=device)
-                        norms = self.norms_cast[view.dtype]
-                        divisor = norms[i, 0, first:first + count] if kind == 0 else \
-                            norms[i, 1, first:first + count, None]
-                        lists = self.div_lists.setdefault(view.dtype, ([], []))
-                        lists[0].append(view)
-                        lists[1].append(divisor)
+                        pieces.append((view, i, (kind, first, count)))
                         if is_owned:
-                            owned_groups.setdefault((kind, tuple(view.shape), view.dtype), []).append(
-                                (view, (i, kind, first, count)))
-        # owned pieces of one shape are stacked for one norm kernel; the slots follow that order
+                            owned_pieces.append((view, i, (kind, first, count)))
+        for views, i, step, m, (kind, first, count) in strided_runs(pieces):
+            norms = self.norms_cast[views.dtype][i:i + step * (m - 1) + 1:step, kind, first:first + count]
+            lists = self.div_lists.setdefault(views.dtype, ([], []))
+            lists[0].append(views)
+            lists[1].append(norms[:, None, :] if kind == 0 else norms[:, :, None])
+        # owned runs of one shape are concatenated for one norm kernel; the slots follow that order
+        by_shape: dict[tuple, list] = {}
+        for views, i, step, m, (kind, first, count) in strided_runs(owned_pieces):
+            by_shape.setdefault((kind, tuple(views.shape[1:]), views.dtype), []).append((views, i, step, first, count))
         self.norm_groups, slots = [], []
-        for (kind, shape, _), members in owned_groups.items():
+        for (kind, shape, _), runs in by_shape.items():
             per_stack = max(1, self.MAX_STACK // max(1, shape[0] * shape[1]))
-            for a in range(0, len(members), per_stack):
-                chunk = members[a:a + per_stack]
-                self.norm_groups.append((kind, [view for view, _ in chunk]))
-                slots += [slot for _, slot in chunk]
+            stack, members = [], 0
+            for views, i, step, first, count in runs:
+                a = 0
+                while a < views.shape[0]:
+                    b = min(views.shape[0], a + per_stack - members)
+                    stack.append(views[a:b])
+                    slots += [(i + j * step, kind, first, count) for j in range(a, b)]
+                    members, a = members + b - a, b
+                    if members == per_stack:
+                        self.norm_groups.append((kind, stack))
+                        stack, members = [], 0
+            if stack:
+                self.norm_groups.append((kind, stack))
         flat = [(i * 2 + kind) * rank + first + j for i, kind, first, count in slots for j in range(count)]
         self.slot_index = torch.tensor(flat, dtype=torch.long, device=device)
 
@@ -529,8 +600,9 @@ class _RenormPlan:
         if self.norm_groups:
             # float64 partial sums: how the elements are split over shards and ranks then changes
             # nothing at float32 precision, so the run does not depend on the world size
-            partials = [torch.linalg.vector_norm(torch.stack(views), dim=kind + 1, dtype=torch.float64).flatten()
-                        for kind, views in self.norm_groups]
+            partials = [torch.linalg.vector_norm(stack[0] if len(stack) == 1 else torch.cat(stack),
+                                                 dim=kind + 1, dtype=torch.float64).flatten()
+                        for kind, stack in self.norm_groups]
             sums.index_add_(0, self.slot_index, torch.cat(partials).square_())
         norms = backend.all_reduce_sum(sums).view(n, 2, rank).sqrt_()
         norms.clamp_(min=torch.finfo(torch.float32).tiny)
@@ -637,4 +709,5 @@ class SSTController:
 
 __all__ = ["SSTLinear", "apply_sst", "SSTController", "sample_active", "assign_slots",
            "layer_generator", "resampled", "resvd_factors", "renormalized", "merged_factors",
-           "dense_from_factors", "spectral_weight", "sampling_probabilities", "region"]
+           "dense_from_factors", "spectral_weight", "sync_active", "sampling_probabilities", "region",
+           "strided_runs"]

@@ -286,6 +286,39 @@ def test_post_step_on_shards_cut_mid_row_equals_the_whole_tensor():
                 torch.testing.assert_close(backend.mirrors[q], p.detach(), rtol=0, atol=1e-12)
 
 
+def test_post_step_coalesces_layers_laid_out_in_one_flat_buffer():
+    """Engines keep parameters in one flat buffer (ZeRO's partitions and bf16 weights): the plan
+    then treats each layer position of every block as one strided view, and must scale exactly
+    the elements that per-layer views would."""
+    def blocks():
+        torch.manual_seed(0)
+        model = nn.Sequential(*[nn.Linear(8, 8) for _ in range(4)]).double()
+        for i in range(4):
+            model[i] = SSTLinear.from_linear(model[i], 3, torch.Generator().manual_seed(i))
+        return model
+
+    apart, flat = blocks(), blocks()
+    buffer = torch.cat([layer.spectral.data for layer in flat])
+    offset = 0
+    for layer in flat:
+        n = layer.spectral.numel()
+        layer.spectral.data = buffer[offset:offset + n]
+        offset += n
+    opts = [torch.optim.AdamW(m.parameters(), lr=0.5) for m in (apart, flat)]
+    controllers = [SSTController({str(i): m[i] for i in range(4)}, TorchBackend(o), seed=0)
+                   for m, o in zip((apart, flat), opts)]
+    for i in range(4):
+        for model, opt, controller in zip((apart, flat), opts, controllers):
+            _step(model, opt, i)
+            controller.post_step()
+        for p, q in zip(apart.parameters(), flat.parameters()):
+            torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
+    assert flat[2].spectral.data_ptr() == buffer[2 * flat[0].spectral.numel()].data_ptr()
+    views, _ = controllers[1]._plan.div_lists[torch.float64]
+    assert [tuple(v.shape) for v in views] == [(4, 8, 3), (4, 3, 8)]  # u of all layers, vh of all
+    assert len(controllers[0]._plan.div_lists[torch.float64][0]) == 8  # separate storages: per layer
+
+
 def test_post_step_follows_a_parameter_whose_storage_changed():
     """post_step keeps its views between steps; when an engine gives a parameter new storage (a
     checkpoint load, a re-flattening), it must work on the new tensor, not the stale one."""
