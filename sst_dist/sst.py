@@ -186,6 +186,8 @@ class _SSTMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             weight = extra if extra is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
             grad_x = gy @ weight
+        if ctx.path == "materialized" and not layer.holds_gradient:
+            layer._kept = None  # the step's last use of W: the optimizer step runs without it
         if ctx.path == "materialized" and (layer.holds_gradient or layer.gradient_sum is not None):
             layer.gradient_sum = _sum_product(layer.gradient_sum, g2.T, x2)
             if layer.holds_gradient:  # zeros, not None: engines' gradient hooks expect a tensor
@@ -478,39 +480,45 @@ def strided_runs(pieces):
     """Coalesces views that lie at one stride apart in one storage into one batched view per run.
 
     pieces: (view, tag, group): equally shaped views of one group (anything hashable) whose tags
-    (e.g. layer indices) advance by one step while their storage offsets advance by one stride are
-    one run. Yields (batched (n, *shape), first tag, tag step, n, group). Where an engine keeps its
-    parameters in one flat buffer, the same layer of every block is one run: one kernel where
-    there would be one per layer. Views in storages of their own stay runs of one.
+    (e.g. layer indices) advance by one step while their storage offsets advance by one stride
+    form a run. Yields (batched (n, *shape), first tag, tag step, n, group). Where an engine keeps
+    its parameters in one flat buffer, the same layer of every block is one run (tags 6 apart in
+    an OPT block of q, k, v, out, fc1, fc2): one kernel where there would be one per layer.
+    Views in storages of their own stay runs of one.
     """
-    groups: dict[tuple, list] = {}
+    groups: dict[tuple, dict] = {}
     for view, tag, group in pieces:
         key = (view.untyped_storage().data_ptr(), view.dtype, tuple(view.shape), view.stride(), group)
-        groups.setdefault(key, []).append((view, tag))
-
-    def batched(run, group):
-        view, tag = run[0]
-        if len(run) == 1:
-            return view.unsqueeze(0), tag, 1, 1, group
-        stride = run[1][0].storage_offset() - view.storage_offset()
-        whole = view.as_strided((len(run), *view.shape), (stride, *view.stride()), view.storage_offset())
-        return whole, tag, run[1][1] - tag, len(run), group
-
-    for (*_, group), members in groups.items():
-        members.sort(key=lambda member: member[1])
-        run = [members[0]]
-        for view, tag in members[1:]:
-            step = (view.storage_offset() - run[-1][0].storage_offset(), tag - run[-1][1])
-            if len(run) == 1:
-                fits = step[0] >= _extent(view) and step[1] > 0  # no overlap, tags ascending
+        by_tag = groups.setdefault(key, {})
+        if tag in by_tag:  # two pieces of one tag (a layer cut by several shards): no run
+            yield view.unsqueeze(0), tag, 1, 1, group
+        else:
+            by_tag[tag] = view
+    for (*_, group), by_tag in groups.items():
+        left = sorted(by_tag)
+        while left:
+            # the longest progression from the first tag left, over every step to another tag
+            first, best, step = left[0], [left[0]], 1
+            start = by_tag[first].storage_offset()
+            for other in left[1:]:
+                tag_step, offset_step = other - first, by_tag[other].storage_offset() - start
+                if offset_step < _extent(by_tag[first]):  # would overlap (or run backwards)
+                    continue
+                run = [first]
+                while run[-1] + tag_step in by_tag and \
+                        by_tag[run[-1] + tag_step].storage_offset() == start + len(run) * offset_step:
+                    run.append(run[-1] + tag_step)
+                if len(run) > len(best):
+                    best, step = run, tag_step
+            view = by_tag[first]
+            if len(best) == 1:
+                yield view.unsqueeze(0), first, 1, 1, group
             else:
-                fits = step == (run[1][0].storage_offset() - run[0][0].storage_offset(), run[1][1] - run[0][1])
-            if fits:
-                run.append((view, tag))
-            else:
-                yield batched(run, group)
-                run = [(view, tag)]
-        yield batched(run, group)
+                stride = by_tag[best[1]].storage_offset() - start
+                whole = view.as_strided((len(best), *view.shape), (stride, *view.stride()), start)
+                yield whole, first, step, len(best), group
+            taken = set(best)
+            left = [tag for tag in left if tag not in taken]
 
 
 class _RenormPlan:

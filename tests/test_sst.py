@@ -399,6 +399,7 @@ def test_the_materialized_path_forms_w_once_per_step_and_sums_g_over_micro_batch
             if p.grad is not None:
                 torch.testing.assert_close(q.grad, p.grad, rtol=1e-10, atol=1e-12)
         assert models[1][0].gradient_sum is None  # released with the last micro-batch
+        assert models[1][0]._kept is None and models[1][2]._kept is None  # so is W, before the step
         for model, controller in zip(models, controllers):
             for p in model.parameters():
                 if p.grad is not None:  # an engine's step: its updated copy lands through .data
