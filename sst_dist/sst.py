@@ -152,20 +152,24 @@ class _SSTMatmul(torch.autograd.Function):
             U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
             h = x @ Vh_eff.T  # (..., k)
             y = F.linear(h * s, U_eff, bias)
-            ctx.save_for_backward(x, U, Vh, spectral, idx, h)
+            ctx.save_for_backward(x, spectral, idx, h)
         else:
             kept = layer.kept_weight() if path == "materialized" else None
             weight = kept if kept is not None else spectral_weight(U, Vh, *layer.split(spectral), idx)
             y = F.linear(x, weight, bias)
             # the dense path forms W again in the backward rather than holding it
-            ctx.save_for_backward(x, U, Vh, spectral, idx, kept)
-        ctx.path, ctx.layer = path, layer
+            ctx.save_for_backward(x, spectral, idx, kept)
+        # U and Vh by reference, not saved: sync_active writes their active columns / rows in
+        # place, which would fail the saved-tensor version check of an earlier forward through
+        # this layer whose backward has not run yet (a layer used twice before one backward)
+        ctx.frozen, ctx.path, ctx.layer = (U, Vh), path, layer
         return y
 
     @staticmethod
     @torch.amp.custom_bwd(device_type="cuda")
     def backward(ctx, gy):
-        x, U, Vh, spectral, idx, extra = ctx.saved_tensors
+        x, spectral, idx, extra = ctx.saved_tensors
+        U, Vh = ctx.frozen
         layer = ctx.layer
         s, u_active, vh_active = layer.split(spectral)
         x2 = x.reshape(-1, x.shape[-1])

@@ -97,6 +97,24 @@ def test_enhanced_gradient_matches_formulas(path, shape):
 
 
 @pytest.mark.parametrize("path", PATHS)
+def test_a_layer_used_twice_before_one_backward_sums_both_gradients(path):
+    """Forming W writes the trained vectors into U and Vh in place; a second forward through the
+    layer before the first one's backward must neither fail autograd's saved-tensor check nor
+    change the first one's gradient."""
+    _, layer = make_layer(5, 6, rank=2, path=path)
+    train_a_little(layer)
+    x1, x2 = torch.randn(3, 6, dtype=torch.float64), torch.randn(4, 6, dtype=torch.float64)
+    grads = []
+    for xs in ((x1,), (x2,)):
+        layer.zero_grad()
+        layer(xs[0]).pow(2).sum().backward()
+        grads.append(layer.spectral.grad.clone())
+    layer.zero_grad()
+    (layer(x1).pow(2).sum() + layer(x2).pow(2).sum()).backward()
+    torch.testing.assert_close(layer.spectral.grad, grads[0] + grads[1], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("path", PATHS)
 def test_resample_and_resvd_preserve_the_function(path):
     _, layer = make_layer(12, 8, rank=3, path=path)
     train_a_little(layer)
