@@ -30,10 +30,11 @@ def compute_dtype(*tensors: torch.Tensor) -> torch.dtype:
 
 
 def merged_factors(U, Vh, u_active, vh_active, idx):
-    """U (out, k), Vh (k, in) with the active columns / rows (idx: r) replaced by the trained ones."""
-    idx = idx.to(U.device)
-    return (U.index_copy(1, idx, u_active.to(U.dtype)),
-            Vh.index_copy(0, idx, vh_active.to(Vh.dtype)))
+    """Copies of U (out, k), Vh (k, in) with the active columns / rows (idx: r) replaced by the
+    trained ones: what sync_active does in place, for callers that must not write the originals."""
+    U, Vh = U.clone(), Vh.clone()
+    sync_active(U, Vh, u_active, vh_active, idx)
+    return U, Vh
 
 
 def dense_from_factors(U, s, Vh):
@@ -149,9 +150,9 @@ class _SSTMatmul(torch.autograd.Function):
         # the bias goes into the last GEMM's epilogue (F.linear), as nn.Linear's does
         if path == "factored":
             s, u_active, vh_active = layer.split(spectral)
-            U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
-            h = x @ Vh_eff.T  # (..., k)
-            y = F.linear(h * s, U_eff, bias)
+            sync_active(U, Vh, u_active, vh_active, idx)
+            h = x @ Vh.T  # (..., k)
+            y = F.linear(h * s, U, bias)
             ctx.save_for_backward(x, spectral, idx, h)
         else:
             kept = layer.kept_weight() if path == "materialized" else None
@@ -178,11 +179,11 @@ class _SSTMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[5]:
             grad_bias = g2.sum(0)
         if ctx.path == "factored":
-            U_eff, Vh_eff = merged_factors(U, Vh, u_active, vh_active, idx)
+            sync_active(U, Vh, u_active, vh_active, idx)
             h2 = extra.reshape(-1, extra.shape[-1])
-            gh = g2 @ U_eff  # (T, k): column i is gy · u_i
+            gh = g2 @ U  # (T, k): column i is gy · u_i
             if ctx.needs_input_grad[0]:
-                grad_x = (gh * s).reshape(*gy.shape[:-1], -1) @ Vh_eff
+                grad_x = (gh * s).reshape(*gy.shape[:-1], -1) @ Vh
             grad_s = (gh * h2).sum(0)
             grad_u = g2.T @ h2[:, idx]
             grad_vh = gh[:, idx].T @ x2
@@ -225,7 +226,7 @@ class SSTLinear(nn.Module):
 
     U (out, k), Vh (k, in): frozen (requires_grad=False) so an engine shards them like any weight;
     their columns / rows at the active indices are overwritten with the trained vectors whenever
-    W or the factor gradients are formed (sync_active), so they never go stale where read.
+    the layer computes (sync_active), so they never go stale where read.
     spectral (k + out·r + r·in,), bias (out,): trainable. `spectral` packs s (k,), u_active
     (out, r) and vh_active (r, in), which are views of it: one tensor where there would be three,
     because an engine's per-tensor work (gradient hooks, overflow checks, norms) costs time per
