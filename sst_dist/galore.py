@@ -39,6 +39,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.optim import Optimizer
 
+from sst_dist.precision import autocast_backward, autocast_forward, full_precision
+
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 CONVENTIONS = ("hf", "torch")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -224,6 +226,7 @@ class _GaLoreMatmul(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, x, weight, proj, B, probe, decay, scale, side):
         dense = x @ weight.T
         if decay != 1.0:
@@ -240,6 +243,7 @@ class _GaLoreMatmul(torch.autograd.Function):
         return y
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, gy):
         x, weight, proj, B = ctx.saved_tensors[:4]
         decay, scale = ctx.decay, ctx.scale
@@ -260,7 +264,8 @@ class _GaLoreMatmul(torch.autograd.Function):
                 grad_B = g2.T @ h.reshape(-1, h.shape[-1])  # gyᵀ x Qᵀ = G Qᵀ
         if ctx.needs_input_grad[4]:
             wide = torch.promote_types(x.dtype, torch.float32)
-            grad_probe = g2.T.to(wide) @ x2.to(wide)
+            with full_precision(x):
+                grad_probe = g2.T.to(wide) @ x2.to(wide)
         return grad_x, None, None, grad_B, grad_probe, None, None, None
 
 
@@ -274,6 +279,7 @@ class _GaLoreLookup(torch.autograd.Function):
     """
 
     @staticmethod
+    @autocast_forward
     def forward(ctx, ids, weight, proj, B, probe, decay, scale, side, padding_idx):
         rows = F.embedding(ids, weight)
         if decay != 1.0:
@@ -285,6 +291,7 @@ class _GaLoreLookup(torch.autograd.Function):
         return rows + low * scale
 
     @staticmethod
+    @autocast_backward
     def backward(ctx, gy):
         ids, proj = ctx.saved_tensors
         (vocab, width), B_shape = ctx.shapes
@@ -297,7 +304,8 @@ class _GaLoreLookup(torch.autograd.Function):
             if ctx.side == "left":
                 grad_B = proj.index_select(0, flat).T @ g2  # P[ids]ᵀ gy: (r, h)
             else:
-                grad_B = g2.new_zeros(B_shape).index_add_(0, flat, g2 @ proj.T)  # (V, r)
+                low = g2 @ proj.T  # (T, r), in the autocast dtype where autocast is on
+                grad_B = low.new_zeros(B_shape).index_add_(0, flat, low)  # (V, r)
         if ctx.needs_input_grad[4]:
             wide = torch.promote_types(gy.dtype, torch.float32)
             grad_probe = g2.new_zeros((vocab, width), dtype=wide).index_add_(0, flat, g2.to(wide))

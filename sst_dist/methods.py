@@ -27,6 +27,7 @@ class Method:
     galore_layers: list = field(default_factory=list)  # GaLoreLinear / GaLoreEmbedding
     galore_lr: float | None = None  # the galore group's peak lr
     weight_decay: float = 0.0
+    controller_resets: bool = False  # whether the periodic work resets optimizer state (SST, ReLoRA*)
     controller: object = None
     backend: object = None
 
@@ -39,7 +40,10 @@ class Method:
         groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in special],
                    "lr": self.schedule.lr, "name": "full"}]
         if self.lowrank_params:
-            groups.append({"params": self.lowrank_params, "lr": self.schedule.lowrank_lr, "name": "lowrank"})
+            # the periodic resets zero slots of this group's state: it counts steps per element
+            # (sst_dist.optim), so a reset slot restarts as a fresh Adam, bias correction included
+            groups.append({"params": self.lowrank_params, "lr": self.schedule.lowrank_lr, "name": "lowrank",
+                           "resettable": self.controller_resets})
         if galore:
             groups.append({"params": galore, "lr": self.galore_lr, "name": "galore"})
         return groups
@@ -111,7 +115,7 @@ def build_method(recipe: Recipe, model: nn.Module) -> Method:
     galore = recipe.galore
     galore_kw = dict(scale=galore.scale, proj_type=galore.proj_type, update_proj_gap=galore.update_proj_gap)
     galore_rank = galore.rank or recipe.rank
-    galore_lr = galore.lr if galore.lr is not None else o.lr  # B stands in for a full-rank weight
+    galore_lr = galore.lr
     if recipe.method == "full":
         return Method("full", plain)
     if recipe.method == "lora":
@@ -121,7 +125,7 @@ def build_method(recipe: Recipe, model: nn.Module) -> Method:
         layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed)
         schedule = Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps,
                             steps_per_iteration=recipe.relora.reset_every)
-        return Method("relora", schedule, _lowrank(layers), layers)
+        return Method("relora", schedule, _lowrank(layers), layers, controller_resets=True)
     if recipe.method == "galore":
         layers = apply_galore(model, galore_rank, recipe.targets, **galore_kw)
         return Method("galore", plain, galore_layers=list(layers.values()), galore_lr=galore_lr,
@@ -135,7 +139,7 @@ def build_method(recipe: Recipe, model: nn.Module) -> Method:
                             steps_per_iteration=recipe.sst.steps_per_iteration,
                             iterations_per_round=per_round)
         params = [p for layer in layers.values() for p in layer.sst_parameters()]
-        method = Method(recipe.method, schedule, params, layers)
+        method = Method(recipe.method, schedule, params, layers, controller_resets=True)
         if recipe.method == "sst+galore":
             # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
             method.galore_layers = list(apply_galore_embedding(model, galore_rank, **galore_kw).values())

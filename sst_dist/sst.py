@@ -20,6 +20,7 @@ from torch import nn
 
 from sst_dist.config import SST_PATHS as PATHS
 from sst_dist.engines.base import Shard
+from sst_dist.precision import autocast_backward, autocast_forward
 
 
 # ----------------------------------------------------------------------------- tensor math
@@ -145,7 +146,7 @@ class _SSTMatmul(torch.autograd.Function):
     """
 
     @staticmethod
-    @torch.amp.custom_fwd(device_type="cuda")
+    @autocast_forward
     def forward(ctx, x, U, Vh, spectral, idx, bias, path, layer):
         # the bias goes into the last GEMM's epilogue (F.linear), as nn.Linear's does
         if path == "factored":
@@ -167,7 +168,7 @@ class _SSTMatmul(torch.autograd.Function):
         return y
 
     @staticmethod
-    @torch.amp.custom_bwd(device_type="cuda")
+    @autocast_backward
     def backward(ctx, gy):
         x, spectral, idx, extra = ctx.saved_tensors
         U, Vh = ctx.frozen

@@ -6,6 +6,7 @@ from torch import nn
 
 from sst_dist.engines.base import Shard
 from sst_dist.engines.torch import TorchBackend
+from sst_dist.optim import RESET_KEYS, AdamW
 from sst_dist.sst import (SSTController, SSTLinear, assign_slots, layer_generator, row_pieces,
                           sample_active, sampling_probabilities)
 
@@ -194,7 +195,9 @@ def _step(model, opt, seed):
 def test_resample_prunes_exactly_the_resampled_slots():
     model = _model()
     layers = {"0": model[0], "2": model[2]}
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    spectral = [layer.spectral for layer in layers.values()]
+    rest = [p for p in model.parameters() if p.requires_grad and all(p is not q for q in spectral)]
+    opt = AdamW([{"params": spectral, "resettable": True}, {"params": rest}], lr=1e-2)
     controller = SSTController(layers, TorchBackend(opt), seed=0)
     for i in range(3):
         _step(model, opt, i)
@@ -216,7 +219,7 @@ def test_resample_prunes_exactly_the_resampled_slots():
         changed = layer.active_indices != old_idx
         state, prior = opt.state[layer.spectral], before[layer.spectral]
         for part, dim in ((1, 1), (2, 0)):  # u_active's columns, vh_active's rows
-            for key in ("exp_avg", "exp_avg_sq"):
+            for key in RESET_KEYS:  # moments and per-element ages: a fresh Adam for new slots
                 new, prev = layer.split(state[key])[part], layer.split(prior[key])[part]
                 sl = (slice(None), changed) if dim == 1 else (changed, slice(None))
                 kept = (slice(None), ~changed) if dim == 1 else (~changed, slice(None))
@@ -225,7 +228,7 @@ def test_resample_prunes_exactly_the_resampled_slots():
                 pruned_any |= bool(changed.any())
                 kept_any |= bool((~changed).any() and prev[kept].abs().sum() > 0)
         assert torch.equal(state["step"], prior["step"])
-        for key in ("exp_avg", "exp_avg_sq"):  # s keeps its state by default
+        for key in RESET_KEYS:  # s keeps its state by default
             assert torch.equal(layer.split(state[key])[0], layer.split(prior[key])[0])
     assert pruned_any and kept_any
     for p in (model[0].bias, model[2].bias):

@@ -90,6 +90,10 @@ def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro
     if name == "deepspeed":
         from sst_dist.engines.deepspeed import DeepSpeedEngine
 
+        if dtype == _torch.bfloat16 and device.type != "cuda":
+            raise ConfigError("train.dtype: bfloat16 under DeepSpeed needs a GPU (its CPU ranks run "
+                              "float32); use --set train.dtype=float32, or the torch or fsdp engine")
+
         return DeepSpeedEngine(model, param_groups, recipe, device=device, dtype=dtype,
                                micro_batch=micro_batch, accumulation=accumulation,
                                ds_config=ds_config, ctx=ctx)

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import torch
 
+from sst_dist.optim import RESET_KEYS
+
 
 @dataclass
 class Shard:
@@ -37,7 +39,9 @@ class Backend(ABC):
     @abstractmethod
     def reset_state(self, param: torch.nn.Parameter, index: torch.Tensor | None = None,
                     dim: int = 0) -> None:
-        """Zeroes the optimizer moments of `param`: all of it, or the slices `index` along `dim`."""
+        """Resets the optimizer state of `param` to a fresh start: all of it, or the slices `index`
+        along `dim`. Zeroes the moments, and the per-element ages of a resettable group, so the
+        reset elements' bias correction starts again too (sst_dist.optim)."""
 
     @abstractmethod
     def optimizer_state(self, param: torch.nn.Parameter, key: str) -> torch.Tensor | None:
@@ -77,10 +81,10 @@ class Backend(ABC):
         return torch.device("cpu")
 
 
-def zero_moments(state: dict, index: torch.Tensor | None, dim: int,
-                 keys=("exp_avg", "exp_avg_sq")) -> None:
-    """Zeroes Adam moments in a plain state dict, whole or along `dim` at `index`."""
-    for key in keys:
+def zero_moments(state: dict, index: torch.Tensor | None, dim: int) -> None:
+    """Zeroes Adam moments (and per-element ages, sst_dist.optim) in a plain state dict, whole or
+    along `dim` at `index`."""
+    for key in RESET_KEYS:
         tensor = state.get(key)
         if tensor is None:
             continue

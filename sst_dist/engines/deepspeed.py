@@ -17,15 +17,14 @@ import deepspeed
 import torch
 import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
-                             safe_get_local_fp32_param, safe_get_local_optimizer_state,
-                             safe_set_full_fp32_param, safe_set_local_optimizer_state)
+                             safe_get_local_fp32_param, safe_set_full_fp32_param)
 
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
 from sst_dist.config import ConfigError
 from sst_dist.engines.base import Backend, Shard
+from sst_dist.optim import RESET_KEYS, build_optimizer, set_learning_rates
 
-MOMENTS = ("exp_avg", "exp_avg_sq")
 
 
 def _is_zero3(param) -> bool:
@@ -111,14 +110,16 @@ class DeepSpeedBackend(Backend):
         mask = _slot_mask(param, index, dim)
         if _is_zero3(param):
             optimizer = param._z3_optimizer
-            for key in MOMENTS:
-                local = safe_get_local_optimizer_state(param, key)
-                start = optimizer._get_param_partition_rank(param) * local.numel()
-                part = mask[start:start + local.numel()]
-                part = torch.cat([part, part.new_zeros(local.numel() - part.numel())])
-                local = local.clone()
-                local[part.to(local.device)] = 0
-                safe_set_local_optimizer_state(param, local, key)
+            group, _, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+            keys = optimizer.optimizer.state.get(optimizer.fp32_partitioned_groups_flat[group], {})
+            start = optimizer._get_param_partition_rank(param) * numel
+            part = mask[start:start + numel]
+            part = torch.cat([part, part.new_zeros(numel - part.numel())])
+            for key in RESET_KEYS:
+                if key in keys:  # this rank's slice of the state, zeroed in place
+                    local, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                                       optim_state_key=key)
+                    local[part.to(local.device)] = 0
             return
         relink_state_fragments(self.engine.optimizer)
         mapping = getattr(param, "_hp_mapping", None)
@@ -126,9 +127,11 @@ class DeepSpeedBackend(Backend):
             return
         address = mapping.lp_fragment_address
         part = mask[address.start:address.start + address.numel]
-        for key in MOMENTS:
-            fragment = mapping.get_hp_fragment(key)
-            fragment.view(-1)[part.to(fragment.device)] = 0
+        keys = mapping.get_optim_state_keys()
+        for key in RESET_KEYS:
+            if key in keys:
+                fragment = mapping.get_hp_fragment(key)
+                fragment.view(-1)[part.to(fragment.device)] = 0
 
     def shards(self, param):
         if _is_zero3(param):
@@ -209,20 +212,17 @@ class DeepSpeedEngine:
         self.rank, self.world_size = ctx.rank, ctx.world_size
         config = load_ds_config(ds_config, recipe, device=device, dtype=dtype, micro_batch=micro_batch,
                                 accumulation=accumulation, world_size=ctx.world_size)
-        client_optimizer = None
-        if device.type != "cuda" or "optimizer" not in config:
-            # on CPU DeepSpeed's own AdamW would JIT-compile a C++ op: torch's AdamW is the same math
-            config.pop("optimizer", None)
-            o = recipe.optim
-            client_optimizer = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), eps=o.eps,
-                                                 weight_decay=o.weight_decay)
-        elif recipe.optim.weight_decay:
-            for group in param_groups:
-                group.setdefault("weight_decay", recipe.optim.weight_decay)
+        # The optimizer is always sst_dist.optim.AdamW, DeepSpeed's own never: its per-element ages
+        # make a slot's state reset exact (a fresh Adam), which no DeepSpeed optimizer can do. The
+        # ds_config's optimizer section only names the type; the recipe gives its settings.
+        config.pop("optimizer", None)
+        config["zero_allow_untested_optimizer"] = True  # a torch.optim.AdamW subclass
+        offload = config.get("zero_optimization", {}).get("offload_optimizer", {}).get("device") in ("cpu", "nvme")
+        if offload:  # the states live in host memory: torch's CPU AdamW steps them there
+            config["zero_force_ds_cpu_optimizer"] = False
+        optimizer = build_optimizer(param_groups, recipe, torch.device("cpu") if offload else device)
         self.config = config
-        self.model, self.optimizer, _, _ = deepspeed.initialize(
-            model=model, model_parameters=None if client_optimizer else param_groups,
-            optimizer=client_optimizer, config=config)
+        self.model, self.optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config)
         self.backend = DeepSpeedBackend(self.model, device)
         self._micro = 0
 
@@ -254,8 +254,7 @@ class DeepSpeedEngine:
         self._micro = 0
 
     def set_learning_rates(self, lrs):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lrs[group["name"]]
+        set_learning_rates(self.optimizer, lrs)
 
     def save(self, path):
         self.model.save_checkpoint(str(path), tag="engine", save_latest=False)

@@ -25,8 +25,7 @@ from torch.distributed.tensor import DTensor, Shard as ShardPlacement
 
 from sst_dist.config import ConfigError
 from sst_dist.engines.base import Backend, Shard
-
-MOMENTS = ("exp_avg", "exp_avg_sq")
+from sst_dist.optim import RESET_KEYS, build_optimizer, set_learning_rates
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -93,7 +92,7 @@ class FSDPBackend(Backend):
     @torch.no_grad()
     def reset_state(self, param, index=None, dim=0):
         state = self.optimizer.state.get(param, {})
-        for key in MOMENTS:
+        for key in RESET_KEYS:
             moment = state.get(key)
             if moment is None:
                 continue
@@ -138,7 +137,7 @@ class FSDPEngine:
         # in-place op on such a view would skip its pre-backward hook; the next layer only reads it
         warnings.filterwarnings("ignore", message="FSDP2-wrapped module .* returned a view tensor")
         mesh = init_device_mesh(device.type, (ctx.world_size,))
-        if dtype == torch.bfloat16 and device.type == "cuda":
+        if dtype == torch.bfloat16:
             # bf16 gathers and compute; fp32 masters, states and gradient reduction
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
@@ -156,12 +155,9 @@ class FSDPEngine:
         sharded = dict(model.named_parameters())
         groups = [{**group, "params": [sharded[n] for n in names]}
                   for group, names in zip(param_groups, group_names)]
-        o = recipe.optim
-        # fused on GPU: one kernel for all of a group's DTensor shards instead of a dispatch per op
-        self.optimizer = torch.optim.AdamW(groups, betas=(o.beta1, o.beta2), eps=o.eps,
-                                           weight_decay=o.weight_decay, fused=device.type == "cuda")
+        self.optimizer = build_optimizer(groups, recipe, device)
         self.params = [p for group in groups for p in group["params"]]
-        self.grad_clip = o.grad_clip
+        self.grad_clip = recipe.optim.grad_clip
         self.backend = FSDPBackend(model, self.optimizer, device)
 
     @contextlib.contextmanager
@@ -188,8 +184,7 @@ class FSDPEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def set_learning_rates(self, lrs: dict[str, float]):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lrs[group["name"]]
+        set_learning_rates(self.optimizer, lrs)
 
     def _state(self) -> dict:
         """Model and optimizer state as sharded DTensors under their unsharded names, so DCP can

@@ -7,6 +7,7 @@ import contextlib
 import torch
 
 from sst_dist.engines.base import Backend, Shard, zero_moments
+from sst_dist.optim import build_optimizer, set_learning_rates
 
 
 class TorchBackend(Backend):
@@ -48,14 +49,12 @@ class TorchEngine:
     def __init__(self, model, param_groups: list[dict], recipe, device: torch.device, accumulation: int,
                  dtype: torch.dtype = torch.float32):
         self.model = model
-        # fp32 weights and states; bf16 only inside autocast, and only on a GPU
-        self.autocast_dtype = dtype if device.type == "cuda" and dtype == torch.bfloat16 else None
+        # fp32 weights and states; bf16 only inside autocast, on a GPU and on a CPU alike
+        self.autocast_dtype = dtype if dtype == torch.bfloat16 else None
         self.device = device
         self.accumulation = accumulation
-        o = recipe.optim
-        self.optimizer = torch.optim.AdamW(param_groups, betas=(o.beta1, o.beta2), eps=o.eps,
-                                           weight_decay=o.weight_decay)
-        self.grad_clip = o.grad_clip
+        self.optimizer = build_optimizer(param_groups, recipe, device)
+        self.grad_clip = recipe.optim.grad_clip
         self.backend = TorchBackend(self.optimizer, device)
 
     @contextlib.contextmanager
@@ -66,7 +65,7 @@ class TorchEngine:
     def forward_context(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
-        return torch.autocast("cuda", dtype=self.autocast_dtype)
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss):
         (loss / self.accumulation).backward()
@@ -79,8 +78,7 @@ class TorchEngine:
         self.optimizer.zero_grad(set_to_none=True)
 
     def set_learning_rates(self, lrs: dict[str, float]):
-        for group in self.optimizer.param_groups:
-            group["lr"] = lrs[group["name"]]
+        set_learning_rates(self.optimizer, lrs)
 
     def save(self, path):
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},

@@ -18,6 +18,7 @@ from sst_dist.config import load_recipe  # noqa: E402
 from sst_dist.engines import build_engine, distributed_context  # noqa: E402
 from sst_dist.methods import build_method  # noqa: E402
 from sst_dist.models import build_model  # noqa: E402
+from sst_dist.optim import RESET_KEYS  # noqa: E402
 from sst_dist.sst import SSTController  # noqa: E402
 
 
@@ -71,7 +72,7 @@ def main():
         entry = {"changed": changed.tolist(),
                  "master_holds_new_vectors": float((u_master - U[:, layer.active_indices]).abs().max()),
                  "full_changed_moment_abs": 0.0, "full_kept_moment_abs": 0.0, "local_changed_moment_abs": 0.0}
-        for key in ("exp_avg", "exp_avg_sq"):
+        for key in RESET_KEYS:  # moments and per-element ages
             state = layer.split(backend.optimizer_state(layer.spectral, key))[1]  # u_active's
             entry["full_changed_moment_abs"] += float(state[:, changed].abs().sum())
             entry["full_kept_moment_abs"] += float(state[:, kept].abs().sum())

@@ -24,6 +24,7 @@ from sst_dist.engines import build_engine, distributed_context  # noqa: E402
 from sst_dist.engines.fsdp import local_rows  # noqa: E402
 from sst_dist.methods import build_method  # noqa: E402
 from sst_dist.models import build_model  # noqa: E402
+from sst_dist.optim import RESET_KEYS  # noqa: E402
 from sst_dist.sst import SSTController  # noqa: E402
 
 VOCAB = 128
@@ -108,7 +109,7 @@ def layer_report(engine, layer, old_idx):
              "full_changed_moment_abs": 0.0, "full_kept_moment_abs": 0.0, "local_changed_moment_abs": 0.0}
     # u_active (out, r): the slots are columns; vh_active (r, in): rows. Both live in the packed
     # `spectral`, which FSDP shards flat, so a slot's elements spread over the ranks
-    for key in ("exp_avg", "exp_avg_sq"):
+    for key in RESET_KEYS:  # moments and per-element ages
         _, u_state, vh_state = layer.split(backend.optimizer_state(layer.spectral, key).cpu())
         for state, dim in ((u_state, 1), (vh_state, 0)):
             entry["full_changed_moment_abs"] += float(state.index_select(dim, changed).abs().sum())

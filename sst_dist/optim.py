@@ -1,0 +1,139 @@
+"""The optimizer every engine builds: torch's AdamW, with exact per-slot state resets.
+
+SST's resample and ReLoRA*'s restart reset the Adam moments of some slots (vectors, factors)
+while the rest of the tensor trains on. Zeroing the moments alone is not a fresh start: Adam's
+bias correction divides by 1 - beta^t with the optimizer's step t, which keeps counting, so a slot
+zeroed at t = 600 then moves 2-4 times faster than a fresh Adam would for a whole iteration
+(docs/design.md, "the state-reset trap"). Optimizers count steps per tensor (torch) or per flat
+partition (ZeRO), never per slot.
+
+So a parameter group marked `resettable` keeps one more state tensor, `age`: the number of steps
+each element has taken since its last reset, and its bias correction uses that age. A reset
+(engines' `reset_state`) zeroes exp_avg, exp_avg_sq *and* age of the chosen elements, after which
+they compute exactly what a new AdamW on those elements alone would. Every other group is plain
+torch.optim.AdamW (fused on a GPU). The update is elementwise, so it is the same on a whole tensor,
+a ZeRO flat partition or an FSDP shard.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+# optimizer-state keys a slot reset zeroes
+RESET_KEYS = ("exp_avg", "exp_avg_sq", "age")
+
+
+def _local(tensor: torch.Tensor) -> torch.Tensor:
+    """An FSDP2 DTensor's local shard (the update is elementwise), any other tensor as it is."""
+    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
+
+
+class BiasCorrection:
+    """1 - beta1^a and sqrt(1 - beta2^a) for integer ages a, looked up, not computed per element:
+    a table gather rounds the same for every element, wherever it lies in a vector, a shard or a
+    flat partition, so the update does not depend on the engine's layout or the CPU's kernels.
+    Ages past the table's end are clamped: there both corrections are 1.0 in float32."""
+
+    def __init__(self, beta1: float, beta2: float, dtype: torch.dtype, device):
+        length = max(_saturation(beta1), _saturation(beta2)) + 1
+        ages = torch.arange(length, dtype=torch.float64)
+        bc1 = 1.0 - torch.tensor(beta1, dtype=torch.float64) ** ages
+        bc2 = 1.0 - torch.tensor(beta2, dtype=torch.float64) ** ages
+        bc1[0], bc2[0] = 1.0, 1.0  # age 0 only occurs for elements never stepped; never divides
+        self.key = (beta1, beta2, dtype, torch.device(device))
+        self.bc1 = bc1.to(dtype=dtype, device=device)
+        self.bc2_sqrt = bc2.sqrt().to(dtype=dtype, device=device)
+        self.last = length - 1
+
+    def lookup(self, age: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        index = age.reshape(-1).clamp(max=self.last).to(torch.int32)
+        return self.bc1.index_select(0, index).view_as(age), self.bc2_sqrt.index_select(0, index).view_as(age)
+
+
+def _saturation(beta: float) -> int:
+    """The age past which 1 - beta^a rounds to 1 even in float64 (beta^a < 2^-54)."""
+    if beta <= 0.0:
+        return 1
+    return min(int(math.ceil(-54 * math.log(2) / math.log(beta))) + 1, 1 << 24)
+
+
+class AdamW(torch.optim.AdamW):
+    """torch.optim.AdamW; groups with `resettable: True` count steps per element (`age`).
+
+    Group keys beyond torch's: `name` (the trainer's lr groups) and `resettable`. For a resettable
+    group the arithmetic is torch's single-tensor AdamW with the bias corrections taken per element:
+        p <- p (1 - lr wd);  m <- lerp(m, g, 1 - b1);  v <- b2 v + (1 - b2) g^2
+        p <- p - lr (m / bc1(age)) / (sqrt(v) / sqrt(bc2(age)) + eps)
+    """
+
+    def __init__(self, params, **kwargs):
+        super().__init__(params, **kwargs)
+        self._tables: dict[tuple, BiasCorrection] = {}
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        groups = self.param_groups
+        plain = [g for g in groups if not g.get("resettable")]
+        if len(plain) < len(groups):
+            for group in groups:
+                if group.get("resettable"):
+                    self._resettable_step(group)
+        if plain:
+            # torch's own implementation (fused or foreach) for every other group; engines such as
+            # ZeRO swap param_groups themselves, so swapping here composes with theirs
+            self.param_groups = plain
+            try:
+                super().step()
+            finally:
+                self.param_groups = groups
+        return loss
+
+    def _table(self, beta1, beta2, dtype, device) -> BiasCorrection:
+        key = (beta1, beta2, dtype, torch.device(device))
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = BiasCorrection(beta1, beta2, dtype, device)
+        return table
+
+    def _resettable_step(self, group: dict) -> None:
+        beta1, beta2 = (float(b) for b in group["betas"])
+        lr, eps, decay = float(group["lr"]), group["eps"], group["weight_decay"]
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            state = self.state[p]
+            if not state:
+                state["step"] = torch.zeros((), dtype=torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["age"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["step"] += 1  # the tensor's own count, kept for tools that read it
+            param, grad = _local(p), _local(p.grad)
+            exp_avg, exp_avg_sq, age = (_local(state[k]) for k in RESET_KEYS)
+            age.add_(1)
+            bc1, bc2_sqrt = self._table(beta1, beta2, param.dtype, param.device).lookup(age)
+            if decay:
+                param.mul_(1.0 - lr * decay)
+            exp_avg.lerp_(grad, 1.0 - beta1)
+            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+            denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
+            param.addcdiv_(exp_avg / bc1, denom, value=-lr)
+
+
+def build_optimizer(param_groups: list[dict], recipe, device: torch.device) -> AdamW:
+    """The AdamW of every engine, from the recipe's optim section."""
+    o = recipe.optim
+    return AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
+                 fused=True if torch.device(device).type == "cuda" else None)
+
+
+def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]) -> None:
+    """Sets each named group's lr (`full`, `lowrank`, `galore`) for this step."""
+    for group in optimizer.param_groups:
+        group["lr"] = lrs[group["name"]]
