@@ -38,7 +38,7 @@ class SSTConfig:
     uniform_mix: bool = False  # p_i = (1/k + sigma_i / sum(sigma)) / 2 instead of p_i ~ sigma_i
     reset_s_state: bool = False  # also zero the Adam state of s at each resample
     # dense: form W per forward and backward | materialized: W once per step, kept, and G summed
-    # over micro-batches (+1 W, +1 fp32 G per layer; DESIGN §4) | factored: x -> Vh -> s -> U
+    # over micro-batches (+1 W, +1 fp32 G per layer; docs/design.md §4) | factored: x -> Vh -> s -> U
     path: str = "dense"
 
 

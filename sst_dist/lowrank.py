@@ -1,4 +1,4 @@
-"""The low-rank baselines in SST's harness: LoRA and ReLoRA* (DESIGN §2)."""
+"""The low-rank baselines in SST's harness: LoRA and ReLoRA* (docs/design.md §2)."""
 
 from __future__ import annotations
 

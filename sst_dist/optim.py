@@ -4,7 +4,7 @@ SST's resample and ReLoRA*'s restart reset the Adam moments of some slots (vecto
 while the rest of the tensor trains on. Zeroing the moments alone is not a fresh start: Adam's
 bias correction divides by 1 - beta^t with the optimizer's step t, which keeps counting, so a slot
 zeroed at t = 600 then moves 2-4 times faster than a fresh Adam would for a whole iteration
-(docs/design.md, "the state-reset trap"). Optimizers count steps per tensor (torch) or per flat
+(docs/design.md §1, the state-reset trap). Optimizers count steps per tensor (torch) or per flat
 partition (ZeRO), never per slot.
 
 So a parameter group marked `resettable` keeps one more state tensor, `age`: the number of steps

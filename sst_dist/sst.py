@@ -3,7 +3,7 @@
 A targeted linear layer keeps its weight as a full SVD, W = U diag(s) Vh with k = min(out, in).
 All k singular values train; r active singular vectors (columns U[:, S], rows Vh[S, :]) train as
 the fixed-shape parameters `u_active` (out x r) and `vh_active` (r x in); the rest of U and Vh are
-frozen, non-trainable parameters. See DESIGN §1.
+frozen, non-trainable parameters. See docs/design.md §1.
 
 Engine-facing work (resample, re-SVD, the per-step clamp and renormalisation) goes through the
 seam in `sst_dist.engines.base.Backend`, so the same code is right under ZeRO and FSDP.
@@ -62,7 +62,7 @@ def spectral_weight(U, Vh, s, u_active, vh_active, idx):
 
 
 def sampling_probabilities(s: torch.Tensor, uniform_mix: bool = False) -> torch.Tensor:
-    """p_i ~ sigma_i (DESIGN §1), optionally mixed half-and-half with uniform. s: (k,) -> (k,)."""
+    """p_i ~ sigma_i (docs/design.md §1), optionally mixed half-and-half with uniform. s: (k,) -> (k,)."""
     weights = s.detach().double().clamp_min(0)
     k = weights.numel()
     total = weights.sum()
@@ -234,7 +234,7 @@ class SSTLinear(nn.Module):
     tensor whatever its size; packed, the layer has nn.Linear's two.
     Buffer active_indices (r,): which singular indices the active slots hold.
 
-    How it computes (`path`, DESIGN §4): "dense" forms W in each forward and again in the
+    How it computes (`path`, docs/design.md §4): "dense" forms W in each forward and again in the
     backward, holding nothing extra; "materialized" forms W once per optimizer step and keeps it
     (one W per layer), and sums G over the step's micro-batches (one float32 G per layer while
     `holds_gradient`), so the factor gradients are taken once per step; "factored" never forms W.

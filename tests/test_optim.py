@@ -85,7 +85,7 @@ def test_reset_slots_continue_as_a_fresh_adamw(dim):
 
 def test_zeroing_the_moments_alone_inflates_the_step():
     """The trap the per-element age removes: with the moments zeroed under a running step count,
-    the first steps of a reset slot are several times a fresh Adam's (DESIGN: 2.1x after 1 step,
+    the first steps of a reset slot are several times a fresh Adam's (docs/design.md §1: 2.1x after 1 step,
     4.4x after 10 at t = 600)."""
     T = 600
     param = torch.nn.Parameter(torch.zeros(1, dtype=torch.float64))

@@ -1,4 +1,4 @@
-"""The SST layer's math in float64 against the formulas of DESIGN §1."""
+"""The SST layer's math in float64 against the formulas of docs/design.md §1."""
 
 import pytest
 import torch

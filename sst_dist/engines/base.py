@@ -2,7 +2,7 @@
 
 A method (SST resample / re-SVD, ReLoRA* merge, GaLore refresh) never touches `param.data` or an
 optimizer's state dict directly: under ZeRO or FSDP those are shards, flat buffers or low-precision
-copies, and edits to them are silently overwritten by the next step (DESIGN §3). It goes through
+copies, and edits to them are silently overwritten by the next step (docs/design.md §3). It goes through
 these verbs instead. Every verb is collective: all ranks call it, in the same order.
 """
 

@@ -4,7 +4,7 @@ ZeRO owns the fp32 masters and Adam moments as flat partitions; the model's own 
 low-precision copies (stage 1/2: full on every rank; stage 3: `ds_tensor` partitions). A write
 therefore goes to the master *and* to the low-precision copy, or the next forward runs on stale
 values; a state reset zeroes only this rank's fragment, located through DeepSpeed's own mapping,
-with no gather (DESIGN §3).
+with no gather (docs/design.md §3).
 """
 
 from __future__ import annotations

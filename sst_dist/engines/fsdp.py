@@ -5,7 +5,7 @@ dimension; its local shard *is* the fp32 master (FSDP2 all-gathers a fresh, poss
 each forward and frees it after), and AdamW's moments are DTensors sharded the same way. So a
 write copies this rank's rows of the full value into its local shard, and a state reset zeroes
 the chosen slots in the local shards of the moments: no gather, no mirror to keep in step
-(DESIGN §3). Only `read` and `optimizer_state` gather; they run at resample / re-SVD time and in
+(docs/design.md §3). Only `read` and `optimizer_state` gather; they run at resample / re-SVD time and in
 tests, never per step.
 """
 
