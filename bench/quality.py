@@ -1,0 +1,808 @@
+"""Every method on the same data, seed and token budget, through the real launcher: one command.
+
+    python bench/quality.py --size 125m --steps 20000 --gpus 6 --device cuda --out runs/quality \\
+        [--methods full,lora,relora,sst,galore,sst+galore] [--set KEY=V] [--set METHOD:KEY=V] \\
+        [--sweep [METHOD:]KEY=V1,V2,...] [--eval-every E] [--eval-tokens T] [--warmup W]
+    python bench/quality.py --plot-only --out runs/quality
+
+Each run is `python launch/pretrain.py` (single process) on recipes/<size>-<method>.yaml
+(`--size tiny`: recipes/tiny-<method>.yaml) in its own folder OUT/runs/<name>/ (metrics.jsonl,
+checkpoints, run.log, bench.json). With `--device cuda`, up to --gpus runs at once, one GPU each;
+on CPU one after another. A finished run is reused, an unfinished one resumed, so re-running the
+same command after an interruption only does what is left. Writes OUT/quality.csv, quality.md
+(the table and the checks below it, also printed) and eval_loss.png, train_loss.png,
+ppl_vs_memory.png. See docs/quality.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import itertools
+import json
+import math
+import os
+import re
+import shlex
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from sst_dist.config import METHODS, ConfigError, load_recipe  # noqa: E402
+
+# recipe keys that do not change what a run trains: a finished or half-done folder whose recipe
+# differs from this invocation's only in these is still the same run
+NEUTRAL_KEYS = ("train.max_steps", "train.log_every", "eval.every_steps", "eval.tokens",
+                "checkpoint.every_steps", "checkpoint.keep", "wandb", "data.num_proc")
+RESET_EVENTS = ("reset", "resample", "resvd")  # ReLoRA* merges, SST resamples and re-SVDs
+RISE_BEFORE, RISE_AFTER, RISE_WINDOW = 10, 50, 10
+CSV_FIELDS = ("method", "variant", "eval_loss", "eval_ppl", "final_train_loss", "peak_mem_gib",
+              "tokens_per_s", "tokens", "steps", "trainable_params", "status", "run_dir")
+
+
+class BenchError(Exception):
+    """A mistake on the command line; reported as one line."""
+
+
+@dataclass
+class RunSpec:
+    method: str
+    variant: str  # the sweep overrides that tell this run from the method's others ("" if none)
+    name: str  # folder name under OUT/runs: no commas, no plus signs
+    recipe: Path
+    overrides: list[str]  # --set items for the launcher, in order (later wins)
+    steps: int = 0  # train.max_steps of the resolved recipe
+    resolved: dict = field(default_factory=dict)  # the recipe as the trainer will see it
+
+    def folder(self, out: Path) -> Path:
+        return out / "runs" / self.name
+
+
+# ----------------------------------------------------------------------------- planning
+
+
+def safe_name(text: str) -> str:
+    """A file-name-safe form: `sst+galore` -> `sst-galore`, anything but [A-Za-z0-9._=-] -> `_`."""
+    return re.sub(r"[^A-Za-z0-9._=-]", "_", text.replace("+", "-"))
+
+
+def recipe_path(size: str, method: str) -> Path:
+    prefix = "tiny" if size == "tiny" else f"opt-{size}"
+    path = ROOT / "recipes" / f"{prefix}-{method}.yaml"
+    if not path.is_file():
+        raise BenchError(f"--size {size}: no recipe {path.relative_to(ROOT)} for method {method}; "
+                         f"write one (e.g. from recipes/opt-125m-{method}.yaml) or drop {method} from --methods")
+    return path
+
+
+def split_method(item: str, flag: str) -> tuple[str | None, str]:
+    """`[METHOD:]dotted.key=value` -> (METHOD or None, `dotted.key=value`), checked."""
+    if "=" not in item:
+        raise BenchError(f"{flag} {item!r}: expected [METHOD:]dotted.key=value")
+    key, value = item.split("=", 1)
+    method = None
+    if ":" in key:
+        method, key = key.split(":", 1)
+        if method not in METHODS:
+            raise BenchError(f"{flag} {item!r}: unknown method {method!r}; use one of {', '.join(METHODS)}")
+    key = key.strip()
+    if not key or not all(part.strip() for part in key.split(".")):
+        raise BenchError(f"{flag} {item!r}: expected [METHOD:]dotted.key=value")
+    return method, f"{key}={value}"
+
+
+def parse_sweep(item: str) -> tuple[str | None, str, list[str]]:
+    method, kv = split_method(item, "--sweep")
+    key, raw = kv.split("=", 1)
+    values = [v.strip() for v in raw.split(",") if v.strip()]
+    if not values:
+        raise BenchError(f"--sweep {item!r}: no values; expected [METHOD:]KEY=V1,V2,...")
+    if len(set(values)) != len(values):
+        raise BenchError(f"--sweep {item!r}: a value is listed twice")
+    return method, key, values
+
+
+def parse_methods(text: str) -> list[str]:
+    methods = [m.strip() for m in text.split(",") if m.strip()]
+    for m in methods:
+        if m not in METHODS:
+            raise BenchError(f"--methods: unknown method {m!r}; use a comma list of {', '.join(METHODS)}")
+    if not methods:
+        raise BenchError(f"--methods: empty; use a comma list of {', '.join(METHODS)}")
+    if len(set(methods)) != len(methods):
+        raise BenchError("--methods: a method is listed twice")
+    return methods
+
+
+def common_overrides(args) -> list[str]:
+    """What every run shares besides the user's --set: the budget, warm-up, evaluation, checkpoints."""
+    steps = args.steps
+    warmup = args.warmup if args.warmup is not None else min(2000, steps // 10)
+    every = args.eval_every if args.eval_every is not None else max(1, steps // 10)
+    sets = [f"train.max_steps={steps}", f"optim.warmup_steps={warmup}", f"eval.every_steps={every}",
+            # a checkpoint per evaluation: an interrupted bench loses at most one interval
+            f"checkpoint.every_steps={every}", "wandb.mode=disabled", f"train.device={args.device}"]
+    if args.eval_tokens is not None:
+        sets.append(f"eval.tokens={args.eval_tokens}")
+    return sets
+
+
+def plan(args) -> list[RunSpec]:
+    """One RunSpec per (method, sweep variant), every recipe resolved and validated up front."""
+    methods = parse_methods(args.methods)
+    shared, per_method = [], {m: [] for m in methods}
+    for item in args.set:
+        method, kv = split_method(item, "--set")
+        if method is None:
+            shared.append(kv)
+        elif method in per_method:
+            per_method[method].append(kv)
+        else:
+            print(f"note: --set {item} ignored: {method} is not in --methods", flush=True)
+    sweeps = [parse_sweep(item) for item in args.sweep]
+    for method, key, _ in sweeps:
+        if method is not None and method not in methods:
+            print(f"note: --sweep {method}:{key} ignored: {method} is not in --methods", flush=True)
+    base = common_overrides(args)
+    specs, names = [], {}
+    for method in methods:
+        recipe = recipe_path(args.size, method)
+        mine = [(key, values) for m, key, values in sweeps if m in (None, method)]
+        for combo in itertools.product(*[[(key, v) for v in values] for key, values in mine]):
+            variant_sets = [f"{key}={value}" for key, value in combo]
+            variant = " ".join(variant_sets)
+            name = safe_name(method) + "".join(f"__{safe_name(s)}" for s in variant_sets)
+            if name in names:
+                raise BenchError(f"--sweep: runs {names[name]!r} and {method + ' ' + variant!r} "
+                                 f"would share the folder runs/{name}; use distinguishable values")
+            names[name] = f"{method} {variant}".strip()
+            overrides = [*base, *shared, *per_method[method], *variant_sets]
+            try:
+                resolved = load_recipe(recipe, overrides)
+            except ConfigError as err:
+                where = f"{method} {variant}".strip()
+                raise BenchError(f"{where} ({recipe.relative_to(ROOT)}): {err}") from None
+            if resolved.method != method:
+                raise BenchError(f"{recipe.relative_to(ROOT)}: method is {resolved.method!r}, "
+                                 f"expected {method!r} (do not --set method)")
+            specs.append(RunSpec(method, variant, name, recipe, overrides, resolved.train.max_steps,
+                                 resolved.to_dict()))
+    return specs
+
+
+# ----------------------------------------------------------------------------- reading runs
+
+
+def read_rows(folder: Path, max_step: int | None = None) -> list[dict]:
+    """metrics.jsonl, one row per step: a resumed run re-logs the steps after its checkpoint, and
+    the later row is the one the final model descends from."""
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    by_step = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue  # a line cut short by a kill
+        if isinstance(row, dict) and "step" in row and (max_step is None or row["step"] <= max_step):
+            by_step[row["step"]] = row
+    return [by_step[s] for s in sorted(by_step)]
+
+
+def last_row(folder: Path) -> dict | None:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return None
+    with open(path, "rb") as f:
+        f.seek(0, os.SEEK_END)
+        f.seek(max(0, f.tell() - 8192))
+        lines = f.read().decode(errors="replace").splitlines()
+    for line in reversed(lines):
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+
+def flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def recipe_mismatch(spec: RunSpec, folder: Path) -> str | None:
+    """The keys that would make a resumed or reused folder another run than this invocation asks for."""
+    path = folder / "recipe.json"
+    if not path.is_file():
+        return None
+    try:
+        had = flatten(json.loads(path.read_text()))
+    except ValueError:
+        return None
+    want = flatten(spec.resolved)
+    neutral = lambda k: any(k == n or k.startswith(n + ".") for n in NEUTRAL_KEYS)  # noqa: E731
+    diff = [f"{k}: {had.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(had) | set(want))
+            if not neutral(k) and had.get(k) != want.get(k)]
+    return "; ".join(diff) or None
+
+
+def trainable_params(resolved: dict) -> int | None:
+    """Trainable parameters of the run's model and method (the layer form the trainer uses)."""
+    try:
+        from sst_dist.data import prepared_dir
+        from sst_dist.data.shards import read_manifest
+        from sst_dist.memory import count_parameters
+        from sst_dist.models import OPT_VOCAB
+
+        recipe = load_recipe(None, [f"{k}={json.dumps(v)}" for k, v in flatten(resolved).items()])
+        manifest = read_manifest(prepared_dir(recipe.data))
+        data_vocab = manifest["settings"]["vocab_size"] if manifest else None
+        if recipe.model.size == "tiny":  # as sst_dist.train: tiny models take the data's vocabulary
+            if data_vocab is None:
+                return None
+            vocab = data_vocab
+        else:
+            vocab = max(OPT_VOCAB, data_vocab or 0)
+        counts = count_parameters(recipe.model.size, recipe.method, recipe.rank, galore_rank=recipe.galore.rank,
+                                  sst_path=recipe.sst.path, galore_form="layer", targets=tuple(recipe.targets),
+                                  seq=recipe.model.seq_len, vocab_size=vocab)
+        return counts.trainable
+    except Exception:  # a count is a nicety: never let it cost a finished run's row
+        return None
+
+
+def summarize(meta: dict, folder: Path, out: Path) -> dict:
+    """One CSV row from a run folder's bench.json and metrics.jsonl."""
+    steps = meta["steps"]
+    rows = read_rows(folder, steps)
+    # run_dir relative to OUT: results copied to another machine still find their folders
+    row = {"method": meta["method"], "variant": meta.get("variant", ""), "run_dir": folder.relative_to(out).as_posix(),
+           "trainable_params": meta.get("trainable_params"), "_folder": folder, "_steps": steps}
+    done = bool(rows) and rows[-1]["step"] >= steps
+    row["status"] = meta.get("status") if meta.get("status") == "failed" else ("ok" if done else "incomplete")
+    if not rows:
+        return row
+    evals = [r for r in rows if "eval_loss" in r]
+    if evals:
+        row["eval_loss"] = evals[-1]["eval_loss"]
+        row["eval_ppl"] = evals[-1]["eval_ppl"]
+    tail = rows[-max(1, math.ceil(len(rows) / 10)):]
+    row["final_train_loss"] = statistics.fmean(r["loss"] for r in tail)
+    mems = [r["peak_mem_gib"] for r in rows if "peak_mem_gib" in r]
+    row["peak_mem_gib"] = max(mems) if mems else None
+    steady = rows[min(10, len(rows) // 5):]  # the first steps pay for allocation and warm-up
+    row["tokens_per_s"] = round(statistics.median(r["tokens_per_s"] for r in steady), 1)
+    row["tokens"] = rows[-1]["tokens"]
+    row["steps"] = rows[-1]["step"]
+    return row
+
+
+def reset_rise(rows: list[dict]) -> tuple[float, int, int] | None:
+    """Largest loss rise after a reset: over the RISE_AFTER steps from a reset, the highest
+    RISE_WINDOW-step rolling mean minus the mean of the RISE_BEFORE steps before it (nats).
+    (rise, step of that reset, resets measured), or None if no reset has the steps around it."""
+    loss = {r["step"]: r["loss"] for r in rows}
+    best, checked = None, 0
+    for r in rows:
+        if not any(e in RESET_EVENTS for e in str(r.get("event", "")).split("+")):
+            continue
+        s = r["step"]  # the first step trained after the reset
+        before = [loss.get(t) for t in range(s - RISE_BEFORE, s)]
+        after = [loss[t] for t in range(s, s + RISE_AFTER) if t in loss]
+        if None in before or len(after) < RISE_WINDOW:
+            continue
+        pre = statistics.fmean(before)
+        peak = max(statistics.fmean(after[i:i + RISE_WINDOW]) for i in range(len(after) - RISE_WINDOW + 1))
+        checked += 1
+        if best is None or peak - pre > best[0]:
+            best = (peak - pre, s)
+    return None if best is None else (best[0], best[1], checked)
+
+
+# ----------------------------------------------------------------------------- reports
+
+
+def fmt(value, spec: str) -> str:
+    if value is None or value == "":
+        return ""
+    return format(value, spec)
+
+
+def label(row: dict) -> str:
+    return f"{row['method']} {row['variant']}".strip()
+
+
+def checks(results: list[dict]) -> list[str]:
+    lines = []
+    rises = []
+    for row in results:
+        if row["method"] not in ("relora", "sst", "sst+galore"):
+            continue
+        rise = reset_rise(read_rows(row["_folder"], row["_steps"]))
+        if rise is None:
+            rises.append(f"{label(row)}: no reset with {RISE_BEFORE} steps before and "
+                         f"{RISE_WINDOW} after it")
+        else:
+            value, step, count = rise
+            rises.append(f"{label(row)}: {value:+.4f} (the reset before step {step}; "
+                         f"{count} reset{'s' if count != 1 else ''} measured)")
+    if rises:
+        lines.append(f"- Largest training-loss rise after a reset, in nats: the highest {RISE_WINDOW}-step "
+                     f"rolling mean within the {RISE_AFTER} steps from a reset, minus the mean of the "
+                     f"{RISE_BEFORE} steps before it (negative: the loss kept falling):")
+        lines += [f"  - {r}" for r in rises]
+
+    def best(method):  # the lowest eval loss of a method over its sweep variants
+        rows = [r for r in results if r["method"] == method and r.get("eval_loss") is not None]
+        return min(rows, key=lambda r: r["eval_loss"]) if rows else None
+
+    full, lora = best("full"), best("lora")
+    swept = any(r["variant"] for r in results)
+    for method in ("sst", "sst+galore"):
+        row = best(method)
+        if row is None or full is None or lora is None:
+            continue
+        gap = lora["eval_loss"] - full["eval_loss"]
+        name = "SST" if method == "sst" else "SST + GaLore"
+        which = " (best variant of each)" if swept else ""
+        if gap <= 0:
+            lines.append(f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes: n/a, LoRA is not "
+                         f"behind full-rank here ({lora['eval_loss']:.4f} vs {full['eval_loss']:.4f})")
+        else:
+            frac = (lora["eval_loss"] - row["eval_loss"]) / gap
+            lines.append(f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes{which}: "
+                         f"(lora - {method}) / (lora - full) = ({lora['eval_loss']:.4f} - {row['eval_loss']:.4f})"
+                         f" / ({lora['eval_loss']:.4f} - {full['eval_loss']:.4f}) = **{frac:.3f}**")
+    return lines
+
+
+def markdown(results: list[dict]) -> str:
+    head = ["method", "variant", "eval loss", "eval ppl", "final train loss", "peak GiB", "tokens/s",
+            "tokens", "steps", "trainable", "status"]
+    lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
+    for r in results:
+        cells = [r["method"], r.get("variant", ""), fmt(r.get("eval_loss"), ".4f"), fmt(r.get("eval_ppl"), ".2f"),
+                 fmt(r.get("final_train_loss"), ".4f"), fmt(r.get("peak_mem_gib"), ".2f"),
+                 fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("tokens"), ","), fmt(r.get("steps"), "d"),
+                 fmt(r.get("trainable_params"), ","), r.get("status", "")]
+        lines.append("| " + " | ".join(cells) + " |")
+    notes = checks(results)
+    if notes:
+        lines += ["", "Checks:", "", *notes]
+    return "\n".join(lines) + "\n"
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        for r in results:
+            writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
+
+
+def smooth(values: list[float], window: int) -> list[float]:
+    """Trailing mean over `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def plot(results: list[dict], out: Path) -> list[Path]:
+    """eval_loss.png, train_loss.png, ppl_vs_memory.png from the run folders; returns the paths."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("plots skipped: matplotlib is not installed (pip install matplotlib)", flush=True)
+        return []
+    colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
+    styles = ["-", "--", ":", "-."]
+    variant_index: dict[str, int] = {}
+    series = []
+    for r in results:
+        rows = read_rows(r["_folder"], r["_steps"])
+        n = variant_index[r["method"]] = variant_index.get(r["method"], -1) + 1
+        series.append((r, rows, dict(color=colors.get(r["method"]), linestyle=styles[n % len(styles)])))
+    written = []
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for r, rows, style in series:
+        evals = [x for x in rows if "eval_loss" in x]
+        if evals:
+            ax.plot([x["tokens"] for x in evals], [x["eval_loss"] for x in evals], marker="o", markersize=3,
+                    label=label(r), **style)
+    ax.set(xlabel="tokens", ylabel="eval loss (nats)", title="Held-out loss")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "eval_loss.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    tops, lows, windows = [], [], set()
+    for r, rows, style in series:
+        if not rows:
+            continue
+        window = max(1, len(rows) // 50)
+        windows.add(window)
+        smoothed = smooth([x["loss"] for x in rows], window)
+        tokens = [x["tokens"] for x in rows]
+        ax.plot(tokens, smoothed, label=label(r), linewidth=1, **style)
+        for x in rows:
+            if any(e in RESET_EVENTS for e in str(x.get("event", "")).split("+")):
+                # the reset ran before this row's step: mark the tokens trained until then
+                ax.axvline(x["tokens"] * (x["step"] - 1) / x["step"], color=style["color"], alpha=0.12,
+                           linewidth=0.6)
+        tops.append(max(smoothed[len(smoothed) // 10:]))  # past the first drop, which would flatten the rest
+        lows.append(min(smoothed))
+    if tops:
+        span = max(tops) - min(lows)
+        ax.set_ylim(min(lows) - 0.05 * span, max(tops) + 0.05 * span + 1e-6)
+    mean = f", trailing mean of {max(windows)} steps" if windows and max(windows) > 1 else ""
+    ax.set(xlabel="tokens", ylabel=f"training loss (nats{mean})",
+           title="Training loss (faint lines: ReLoRA* resets, SST resamples)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    written.append(out / "train_loss.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+
+    # on CPU no memory is measured: the trainable-parameter count stands in as the cost axis
+    measured = [r for r in results if r.get("peak_mem_gib") and r.get("eval_ppl")]
+    points = measured or [r for r in results if r.get("trainable_params") and r.get("eval_ppl")]
+    xkey = "peak_mem_gib" if measured else "trainable_params"
+    fig, ax = plt.subplots(figsize=(7, 5))
+    for r in points:
+        ax.scatter(r[xkey], r["eval_ppl"], color=colors.get(r["method"]), s=30)
+        ax.annotate(label(r), (r[xkey], r["eval_ppl"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    if measured:
+        ax.set(xlabel="peak GPU memory (GiB)", title="Final eval perplexity against peak memory")
+    else:
+        ax.set(xlabel="trainable parameters (no GPU memory measured)",
+               title="Final eval perplexity against trainable parameters")
+    ax.set_ylabel("eval perplexity")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    written.append(out / "ppl_vs_memory.png")
+    fig.savefig(written[-1], dpi=120)
+    plt.close(fig)
+    return written
+
+
+def read_meta(folder: Path) -> dict | None:
+    try:
+        return json.loads((folder / "bench.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def write_meta(folder: Path, meta: dict) -> None:
+    tmp = folder / "bench.json.tmp"
+    tmp.write_text(json.dumps(meta, indent=1))
+    os.replace(tmp, folder / "bench.json")
+
+
+def report(out: Path, specs: list[RunSpec] | None = None) -> str:
+    """Re-reads the run folders (those of `specs`, or every OUT/runs/*/bench.json) and writes
+    quality.csv, quality.md and the plots. Returns the markdown."""
+    if specs is not None:
+        folders = [s.folder(out) for s in specs]
+    else:
+        folders = sorted(p.parent for p in (out / "runs").glob("*/bench.json"))
+        order = {m: i for i, m in enumerate(METHODS)}
+        folders.sort(key=lambda p: (order.get((read_meta(p) or {}).get("method"), 99), p.name))
+    results = []
+    for folder in folders:
+        meta = read_meta(folder)
+        if meta is None:
+            continue
+        if meta.get("trainable_params") is None and meta.get("recipe_resolved"):
+            meta["trainable_params"] = trainable_params(meta["recipe_resolved"])
+        results.append(summarize(meta, folder, out))
+    if not results:
+        raise BenchError(f"--out {out}: no runs found under {out / 'runs'}")
+    write_csv(results, out / "quality.csv")
+    text = markdown(results)
+    (out / "quality.md").write_text(text)
+    plot(results, out)
+    return text
+
+
+# ----------------------------------------------------------------------------- running
+
+
+def child_env(gpu: str | None, threads: int | None) -> dict:
+    env = dict(os.environ, PYTHONUNBUFFERED="1", TOKENIZERS_PARALLELISM="false")
+    # the runs import this checkout's sst_dist, whatever is installed
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p)
+    for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "LOCAL_WORLD_SIZE"):  # each run is a world of one
+        env.pop(key, None)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    if threads is not None and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(threads)
+    return env
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    # tqdm redraws with carriage returns: keep the last state of each line
+    kept = [line.rsplit("\r", 1)[-1] for line in text.splitlines()]
+    return "\n".join(["    " + line for line in kept if line.strip()][-lines:])
+
+
+def prepare_data(specs: list[RunSpec], out: Path) -> list[RunSpec]:
+    """Tokenizes each distinct data source once, before side-by-side runs would race on the same
+    folder. Returns the specs whose data could not be prepared (reported here)."""
+    groups: dict[str, list[RunSpec]] = {}
+    for spec in specs:
+        groups.setdefault(json.dumps(spec.resolved["data"], sort_keys=True), []).append(spec)
+    log = out / "prepare.log"
+    failed = []
+    for group in groups.values():
+        spec = group[0]
+        cmd = [sys.executable, "-m", "sst_dist.data", "prepare", "--recipe", str(spec.recipe), "--quiet",
+               *[x for o in spec.overrides for x in ("--set", o)]]
+        print(f"preparing data for {', '.join(s.name for s in group)} (log: {log})", flush=True)
+        with open(log, "a") as f:
+            f.write(f"\n$ {shlex.join(cmd)}\n")
+            f.flush()
+            rc = subprocess.run(cmd, stdout=f, stderr=subprocess.STDOUT, env=child_env(None, None)).returncode
+        if rc:
+            print(f"FAILED data preparation for {', '.join(s.name for s in group)} (exit {rc}); "
+                  f"last lines of {log}:\n{log_tail(log)}", flush=True)
+            failed += group
+    return failed
+
+
+class Interrupted(Exception):
+    pass
+
+
+def run_all(specs: list[RunSpec], out: Path, slots: list[str | None], status_every: float
+            ) -> tuple[list[str], list[RunSpec]]:
+    """Runs what is not finished, one per slot (a GPU id, or None: this process's device) at once.
+    Returns the names that failed and the specs whose folders hold this invocation's runs (not
+    those holding other settings)."""
+    todo, failed, mine = [], [], []
+    for spec in specs:
+        folder = spec.folder(out)
+        folder.mkdir(parents=True, exist_ok=True)
+        meta = read_meta(folder) or {}
+        mismatch = recipe_mismatch(spec, folder)
+        if mismatch:
+            print(f"FAILED {spec.name}: {folder} holds a run with other settings ({mismatch}); "
+                  f"delete it or use another --out", flush=True)
+            failed.append(spec.name)
+            continue
+        mine.append(spec)
+        meta.update({"method": spec.method, "variant": spec.variant, "name": spec.name,
+                     "recipe": str(spec.recipe), "overrides": spec.overrides, "steps": spec.steps,
+                     "recipe_resolved": spec.resolved})
+        meta.pop("status", None)
+        rows = read_rows(folder, spec.steps)
+        if rows and rows[-1]["step"] >= spec.steps:
+            meta.setdefault("trainable_params", trainable_params(spec.resolved))
+            write_meta(folder, meta)
+            print(f"reused {spec.name}: finished before ({ppl_text(rows)})", flush=True)
+            continue
+        write_meta(folder, meta)
+        todo.append(spec)
+    if len(slots) > 1 and len(todo) > 1:
+        for spec in prepare_data(todo, out):
+            todo.remove(spec)
+            failed.append(spec.name)
+            meta = read_meta(spec.folder(out)) or {}
+            write_meta(spec.folder(out), {**meta, "status": "failed"})
+    threads = max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None
+    running: dict = {}  # slot -> (spec, Popen, start time, log file)
+    total, started, last_status = len(todo), 0, time.time()
+
+    def stop(signum, frame):
+        raise Interrupted
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while todo or running:
+            for slot in slots:
+                if slot in running or not todo:
+                    continue
+                spec = todo.pop(0)
+                started += 1
+                running[slot] = launch(spec, out, slot, threads, f"{started}/{total}")
+            time.sleep(0.5)
+            for slot, (spec, proc, t0, log) in list(running.items()):
+                if proc.poll() is None:
+                    continue
+                log.close()
+                del running[slot]
+                if not finish(spec, out, proc.returncode, time.time() - t0):
+                    failed.append(spec.name)
+            if running and status_every and time.time() - last_status >= status_every:
+                last_status = time.time()
+                print(status_line(running, out), flush=True)
+    except (KeyboardInterrupt, Interrupted):
+        # the trainers save a checkpoint at the end of the current step on SIGINT and exit 0
+        print("\ninterrupted: asking the running trainers to checkpoint and stop ...", flush=True)
+        for spec, proc, _, _ in running.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGINT)
+        for spec, proc, _, log in running.values():
+            proc.wait()
+            log.close()
+        print("stopped; re-run the same command to resume", flush=True)
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    return failed, mine
+
+
+def gpu_slots(count: int) -> list[str]:
+    """The GPU ids to pin runs to, within an inherited CUDA_VISIBLE_DEVICES if one is set."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise BenchError("--device cuda: no GPU is visible; use --device cpu")
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    ids = [v.strip() for v in visible.split(",") if v.strip()] if visible else \
+        [str(i) for i in range(torch.cuda.device_count())]
+    if count > len(ids):
+        raise BenchError(f"--gpus {count}: only {len(ids)} GPU(s) visible")
+    return ids[:count]
+
+
+def launch_command(spec: RunSpec, out: Path) -> list[str]:
+    return [sys.executable, str(ROOT / "launch" / "pretrain.py"), "--recipe", str(spec.recipe),
+            "--output-dir", str(spec.folder(out)), *[x for o in spec.overrides for x in ("--set", o)]]
+
+
+def launch(spec: RunSpec, out: Path, gpu: str | None, threads: int | None, counter: str):
+    folder = spec.folder(out)
+    cmd = launch_command(spec, out)
+    rows = read_rows(folder, spec.steps)
+    log = open(folder / "run.log", "a")  # appended: a resumed run keeps the earlier attempts' lines
+    pinned = f" CUDA_VISIBLE_DEVICES={gpu}" if gpu is not None else ""
+    log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')}{pinned} {shlex.join(cmd)}\n")
+    log.flush()
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(gpu, threads))
+    where = f" on GPU {gpu}" if gpu is not None else ""
+    what = f"resumed from step {rows[-1]['step']}" if rows else "started"
+    print(f"[{counter}] {what} {spec.name}{where}: {spec.steps} steps (log: {folder / 'run.log'})", flush=True)
+    return spec, proc, time.time(), log
+
+
+def ppl_text(rows: list[dict]) -> str:
+    evals = [r for r in rows if "eval_loss" in r]
+    if not evals:
+        return "no evaluation logged"
+    return f"eval ppl {evals[-1]['eval_ppl']:.2f}, loss {evals[-1]['eval_loss']:.4f}"
+
+
+def finish(spec: RunSpec, out: Path, rc: int, seconds: float) -> bool:
+    folder = spec.folder(out)
+    rows = read_rows(folder, spec.steps)
+    meta = read_meta(folder) or {}
+    if rc == 0 and rows and rows[-1]["step"] >= spec.steps:
+        meta["trainable_params"] = trainable_params(spec.resolved)
+        write_meta(folder, meta)
+        print(f"done {spec.name} in {seconds:.0f} s: {ppl_text(rows)}", flush=True)
+        return True
+    meta["status"] = "failed"
+    write_meta(folder, meta)
+    reached = rows[-1]["step"] if rows else 0
+    why = f"exit {rc}" if rc else f"exited at step {reached} of {spec.steps}"
+    print(f"FAILED {spec.name} ({why}); last lines of {folder / 'run.log'}:\n{log_tail(folder / 'run.log')}",
+          flush=True)
+    return False
+
+
+def status_line(running: dict, out: Path) -> str:
+    parts = []
+    for spec, _, t0, _ in running.values():
+        row = last_row(spec.folder(out))
+        where = f"{row['step']}/{spec.steps} loss {row['loss']:.3f}" if row else "starting"
+        parts.append(f"{spec.name} {where}")
+    return f"[{time.strftime('%H:%M:%S')}] " + " | ".join(parts)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                epilog="See docs/quality.md for the offline GPU workflow.")
+    p.add_argument("--size", default="125m",
+                   help="recipes/opt-SIZE-METHOD.yaml, or 'tiny' for recipes/tiny-METHOD.yaml")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (train.max_steps)")
+    p.add_argument("--gpus", type=int, default=1, help="--device cuda: runs side by side, one GPU each")
+    p.add_argument("--methods", default=",".join(METHODS), help="comma list (default: all six)")
+    p.add_argument("--set", action="append", default=[], metavar="[METHOD:]KEY=VALUE",
+                   help="recipe override for every run, or with METHOD: for that method's runs (repeatable)")
+    p.add_argument("--sweep", action="append", default=[], metavar="[METHOD:]KEY=V1,V2,...",
+                   help="one run per value (per method, or only METHOD's); several --sweep: every combination")
+    p.add_argument("--out", required=True, help="runs/<name>/, quality.csv, quality.md and the plots go here")
+    p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if a GPU is visible, else cpu")
+    p.add_argument("--eval-every", type=int, help="eval.every_steps (default: steps // 10); checkpoints too")
+    p.add_argument("--eval-tokens", type=int, help="eval.tokens (default: the recipe's)")
+    p.add_argument("--warmup", type=int, help="optim.warmup_steps (default: min(2000, steps // 10))")
+    p.add_argument("--status-every", type=float, default=60.0, help="seconds between progress lines (0: none)")
+    p.add_argument("--dry-run", action="store_true", help="print each run's launcher command and stop")
+    p.add_argument("--plot-only", action="store_true",
+                   help="no training: re-read OUT/runs/*, rewrite quality.csv / quality.md and the plots")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
+    try:
+        if args.plot_only:
+            if not out.is_dir():
+                raise BenchError(f"--out {out}: no such folder")
+            print(report(out), end="", flush=True)
+            return 0
+        if args.steps is None or args.steps < 1:
+            raise BenchError("--steps: required, a positive number of optimizer steps per run")
+        if args.gpus < 1:
+            raise BenchError(f"--gpus {args.gpus}: must be >= 1")
+        for flag, value in (("--eval-every", args.eval_every), ("--eval-tokens", args.eval_tokens),
+                            ("--warmup", args.warmup)):
+            if value is not None and value < (1 if flag == "--eval-tokens" else 0):
+                raise BenchError(f"{flag} {value}: must be {'>= 1' if flag == '--eval-tokens' else '>= 0'}")
+        if args.device is None:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        specs = plan(args)
+        if args.dry_run:
+            for spec in specs:
+                print(shlex.join(launch_command(spec, out)))
+            return 0
+        slots = gpu_slots(args.gpus) if args.device == "cuda" else [None]
+        out.mkdir(parents=True, exist_ok=True)
+        way = (f"up to {len(slots)} at a time, one GPU each" if args.device == "cuda"
+               else "one after another on CPU")
+        print(f"{len(specs)} run(s) of {args.steps} steps, {way}, under {out / 'runs'}", flush=True)
+        t0 = time.time()
+        try:
+            failed, mine = run_all(specs, out, slots, args.status_every)
+        except (KeyboardInterrupt, Interrupted):
+            return 130
+        print(f"\nruns done in {time.time() - t0:.0f} s\n", flush=True)
+        if mine:
+            print(report(out, mine), end="", flush=True)
+        if failed:
+            print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
+            return 1
+        return 0
+    except BenchError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,207 @@
+"""bench/quality.py: the six-method comparison end to end on CPU (tiny recipes), its reuse of
+finished runs, the report, and the one-line errors."""
+
+import csv
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from conftest import ROOT, quiet_env
+
+BENCH = ROOT / "bench" / "quality.py"
+METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
+STEPS = 20
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+PLOTS = ("eval_loss.png", "train_loss.png", "ppl_vs_memory.png")
+
+
+def load_bench():
+    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def bench(*args, timeout=600):
+    return subprocess.run([sys.executable, str(BENCH), *map(str, args)], cwd=ROOT, env=quiet_env(),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def tiny_args(out, *extra):
+    return [str(a) for a in ("--size", "tiny", "--steps", STEPS, "--device", "cpu", "--out", out,
+                             "--eval-every", 10, "--eval-tokens", 2048, *extra)]
+
+
+def read_csv(path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+@pytest.fixture(scope="module")
+def six(tmp_path_factory):
+    """All six methods, 20 steps each, through the real command; then the same command again."""
+    out = tmp_path_factory.mktemp("quality")
+    first = bench(*tiny_args(out, "--methods", ",".join(METHODS)))
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    metrics = sorted((out / "runs").glob("*/metrics.jsonl"))
+    mtimes = {p: p.stat().st_mtime_ns for p in metrics}
+    rows = read_csv(out / "quality.csv")
+    second = bench(*tiny_args(out, "--methods", ",".join(METHODS)))
+    return out, first, second, rows, mtimes
+
+
+@pytest.mark.slow
+def test_one_row_per_method_with_the_budget_and_finite_losses(six):
+    out, first, _, rows, _ = six
+    assert [r["method"] for r in rows] == list(METHODS)
+    recipe = yaml.safe_load((ROOT / "recipes" / "tiny-sst.yaml").read_text())
+    tokens = STEPS * recipe["train"]["global_batch"] * recipe["model"]["seq_len"]
+    for r in rows:
+        assert r["status"] == "ok" and r["variant"] == ""
+        assert int(r["steps"]) == STEPS and int(r["tokens"]) == tokens
+        loss, ppl = float(r["eval_loss"]), float(r["eval_ppl"])
+        assert math.isfinite(loss) and 0 < loss < 20 and math.isclose(ppl, math.exp(loss), rel_tol=1e-9)
+        assert math.isfinite(float(r["final_train_loss"])) and float(r["tokens_per_s"]) > 0
+        assert r["peak_mem_gib"] == ""  # measured on GPU only
+        assert int(r["trainable_params"]) > 0
+    losses = sorted(float(r["eval_loss"]) for r in rows)
+    assert all(b - a > 1e-7 for a, b in zip(losses, losses[1:])), losses  # six different trainings
+    # folder names: no plus signs or commas; the CSV keeps the method's own name
+    names = sorted(p.name for p in (out / "runs").iterdir())
+    assert names == sorted(m.replace("+", "-") for m in METHODS)
+    assert rows[-1]["run_dir"] == "runs/sst-galore"
+    for r in rows:
+        assert (out / r["run_dir"] / "run.log").stat().st_size > 0
+    done = [line for line in first.stdout.splitlines() if line.startswith("done ")]
+    assert len(done) == len(METHODS) and all("eval ppl" in line for line in done), first.stdout
+
+
+@pytest.mark.slow
+def test_report_markdown_checks_and_plots(six):
+    out, first, _, rows, _ = six
+    text = (out / "quality.md").read_text()
+    assert text.splitlines()[0].startswith("| method | variant | eval loss")
+    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 2 + len(METHODS)
+    assert "Largest training-loss rise after a reset" in text
+    for method in ("relora", "sst", "sst+galore"):
+        assert f"  - {method}: " in text
+    assert "gap SST closes" in text
+    assert text in first.stdout  # printed at the end
+    for name in PLOTS:
+        data = (out / name).read_bytes()
+        assert data[:8] == PNG_MAGIC and len(data) > 1000, name
+
+
+@pytest.mark.slow
+def test_second_invocation_reuses_finished_runs(six):
+    out, _, second, rows, mtimes = six
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert second.stdout.count("reused ") == len(METHODS) and "started" not in second.stdout
+    assert {p: p.stat().st_mtime_ns for p in mtimes} == mtimes
+    assert read_csv(out / "quality.csv") == rows
+
+
+@pytest.mark.slow
+def test_plot_only_redraws_from_the_run_folders(six, tmp_path):
+    out = six[0]
+    for name in ("quality.csv", "quality.md", *PLOTS):
+        (out / name).unlink()
+    proc = bench("--plot-only", "--out", out, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert read_csv(out / "quality.csv") == six[3]
+    assert all((out / name).read_bytes()[:8] == PNG_MAGIC for name in PLOTS)
+
+
+@pytest.mark.slow
+def test_side_by_side_runs_pin_one_gpu_each_and_share_prepared_data(tmp_path, monkeypatch, capsys):
+    """The --device cuda scheduler on CPU: two GPU ids stand in, the runs train on CPU."""
+    quality = load_bench()
+    monkeypatch.setattr(quality, "gpu_slots", lambda n: ["0", "1"][:n])
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    rc = quality.main(["--size", "tiny", "--steps", "6", "--device", "cuda", "--gpus", "2", "--out", str(tmp_path),
+                       "--methods", "full,sst", "--set", "train.device=cpu", "--eval-tokens", "1024",
+                       "--status-every", "0"])
+    printed = capsys.readouterr().out
+    assert rc == 0, printed
+    lines = printed.splitlines()
+    starts = [i for i, line in enumerate(lines) if " started " in line]
+    dones = [i for i, line in enumerate(lines) if line.startswith("done ")]
+    assert len(starts) == len(dones) == 2 and max(starts) < min(dones), printed  # both ran at once
+    assert "on GPU 0" in lines[starts[0]] and "on GPU 1" in lines[starts[1]]
+    assert "CUDA_VISIBLE_DEVICES=0" in (tmp_path / "runs" / "full" / "run.log").read_text()
+    assert "CUDA_VISIBLE_DEVICES=1" in (tmp_path / "runs" / "sst" / "run.log").read_text()
+    assert "preparing data" in printed and (tmp_path / "prepare.log").is_file()
+    assert [r["status"] for r in read_csv(tmp_path / "quality.csv")] == ["ok", "ok"]
+
+
+@pytest.mark.slow
+def test_a_failed_run_is_reported_with_its_log_and_the_exit_is_nonzero(tmp_path):
+    proc = bench(*tiny_args(tmp_path, "--methods", "full", "--set", "data.source=local",
+                            "--set", f"data.path={tmp_path / 'no-such-corpus'}"))
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "FAILED full (exit 2)" in proc.stdout and "error: " in proc.stdout  # the log's tail
+    assert "1 run(s) failed: full" in proc.stderr
+    assert [r["status"] for r in read_csv(tmp_path / "quality.csv")] == ["failed"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--methods", "full,adam"], "error: --methods: unknown method 'adam'"),
+    (["--set", "optim.nope=1"], "unknown recipe key 'optim.nope'"),
+    (["--set", "optim.lr"], "error: --set 'optim.lr': expected [METHOD:]dotted.key=value"),
+    (["--set", "adam:optim.lr=1"], "unknown method 'adam'"),
+    (["--sweep", "optim.lr=1e-3,1e-3"], "a value is listed twice"),
+    (["--size", "350m"], "no recipe recipes/opt-350m-full.yaml"),
+    (["--set", "sst:sst.steps_per_iteration=0"], "sst.steps_per_iteration: 0 must be > 0"),
+])
+def test_user_errors_are_one_line(tmp_path, capsys, args, message):
+    quality = load_bench()
+    assert quality.main(tiny_args(str(tmp_path / "out"), *args)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert not (tmp_path / "out").exists()  # nothing started
+
+
+def test_sweeps_and_per_method_sets_plan_one_folder_per_variant(tmp_path):
+    quality = load_bench()
+    args = quality.parse_args(tiny_args(str(tmp_path), "--methods", "full,sst+galore", "--set", "optim.grad_clip=0.5",
+                                        "--set", "sst+galore:optim.lowrank_lr=2e-3",
+                                        "--sweep", "optim.lr=1e-3,2e-3", "--sweep", "sst+galore:galore.scale=0.5,1"))
+    specs = quality.plan(args)
+    assert [(s.method, s.variant, s.name) for s in specs] == [
+        ("full", "optim.lr=1e-3", "full__optim.lr=1e-3"),
+        ("full", "optim.lr=2e-3", "full__optim.lr=2e-3"),
+        ("sst+galore", "optim.lr=1e-3 galore.scale=0.5", "sst-galore__optim.lr=1e-3__galore.scale=0.5"),
+        ("sst+galore", "optim.lr=1e-3 galore.scale=1", "sst-galore__optim.lr=1e-3__galore.scale=1"),
+        ("sst+galore", "optim.lr=2e-3 galore.scale=0.5", "sst-galore__optim.lr=2e-3__galore.scale=0.5"),
+        ("sst+galore", "optim.lr=2e-3 galore.scale=1", "sst-galore__optim.lr=2e-3__galore.scale=1"),
+    ]
+    assert all("+" not in s.name and "," not in s.name for s in specs)
+    last = specs[-1].resolved
+    assert last["optim"]["lr"] == 2e-3 and last["galore"]["scale"] == 1.0
+    assert last["optim"]["lowrank_lr"] == 2e-3 and last["optim"]["grad_clip"] == 0.5
+    assert specs[0].resolved["optim"]["lowrank_lr"] == 3e-3  # the per-method --set is sst+galore's only
+    assert last["train"]["max_steps"] == STEPS and last["optim"]["warmup_steps"] == STEPS // 10
+    assert last["eval"]["every_steps"] == 10 and last["checkpoint"]["every_steps"] == 10
+    assert last["wandb"]["mode"] == "disabled" and last["train"]["device"] == "cpu"
+
+
+def test_metrics_rows_deduplicated_and_reset_rise(tmp_path):
+    quality = load_bench()
+    # a resumed run re-logs the steps after its checkpoint: the later row counts
+    lines = [{"step": s, "loss": 5.0} for s in range(1, 31)] + [{"step": 29, "loss": 1.0}]
+    lines[19]["event"] = "resample"  # the reset before step 20
+    (tmp_path / "metrics.jsonl").write_text("\n".join(map(json.dumps, lines)) + '\n{"step": 3')
+    rows = quality.read_rows(tmp_path)
+    assert [r["step"] for r in rows] == list(range(1, 31)) and rows[28]["loss"] == 1.0
+    rows[28]["loss"] = 5.0
+    for r in rows[19:24]:
+        r["loss"] = 7.0  # five steps 2 nats up after the reset: the worst 10-step mean is 1 nat up
+    rise, step, count = quality.reset_rise(rows)
+    assert step == 20 and count == 1 and math.isclose(rise, 1.0)
