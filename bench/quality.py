@@ -24,6 +24,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import statistics
 import subprocess
@@ -178,6 +179,30 @@ def plan(args) -> list[RunSpec]:
 
 
 # ----------------------------------------------------------------------------- reading runs
+
+
+def best_of_each(specs: list[RunSpec], out: Path, steps: int) -> list[RunSpec]:
+    """Each method's run with the lowest final eval loss, continued to `steps` in its own folder.
+
+    The lr schedule is warm-up then constant (no decay), and data and resets are functions of the
+    step, so a run continued from step S to N is the run N steps long would have been: a sweep at
+    S steps followed by its winners at N costs one sweep, not a second one."""
+    best: dict[str, tuple[float, RunSpec]] = {}
+    for spec in specs:
+        loss = summarize(read_meta(spec.folder(out)) or {"method": spec.method, "steps": spec.steps},
+                         spec.folder(out), out).get("eval_loss")
+        if loss is not None and math.isfinite(loss) and (spec.method not in best or loss < best[spec.method][0]):
+            best[spec.method] = (loss, spec)
+    winners = []
+    for method in (m for m in METHODS if m in best):
+        spec = best[method][1]
+        overrides = [o for o in spec.overrides if not o.startswith("train.max_steps=")] + [f"train.max_steps={steps}"]
+        resolved = load_recipe(spec.recipe, overrides)
+        winners.append(RunSpec(spec.method, spec.variant, spec.name, spec.recipe, overrides, steps,
+                               resolved.to_dict()))
+    return winners
+
+
 
 
 def read_rows(folder: Path, max_step: int | None = None) -> list[dict]:
@@ -750,6 +775,9 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, help="eval.tokens (default: the recipe's)")
     p.add_argument("--warmup", type=int, help="optim.warmup_steps (default: min(2000, steps // 10))")
     p.add_argument("--status-every", type=float, default=60.0, help="seconds between progress lines (0: none)")
+    p.add_argument("--best-to", type=int, metavar="N",
+                   help="after the runs (a sweep), continue each method's best one (lowest eval loss) to N "
+                        "steps; the sweep's table is kept as sweep.csv / sweep.md")
     p.add_argument("--dry-run", action="store_true", help="print each run's launcher command and stop")
     p.add_argument("--plot-only", action="store_true",
                    help="no training: re-read OUT/runs/*, rewrite quality.csv / quality.md and the plots")
@@ -767,6 +795,8 @@ def main(argv=None) -> int:
             return 0
         if args.steps is None or args.steps < 1:
             raise BenchError("--steps: required, a positive number of optimizer steps per run")
+        if args.best_to is not None and args.best_to <= args.steps:
+            raise BenchError(f"--best-to {args.best_to}: must be more than --steps {args.steps}")
         if args.gpus < 1:
             raise BenchError(f"--gpus {args.gpus}: must be >= 1")
         for flag, value in (("--eval-every", args.eval_every), ("--eval-tokens", args.eval_tokens),
@@ -795,6 +825,20 @@ def main(argv=None) -> int:
         print(f"\nruns done in {time.time() - t0:.0f} s\n", flush=True)
         if mine:
             print(report(out, mine), end="", flush=True)
+        if args.best_to and not failed:
+            # the sweep's table stays as sweep.csv / sweep.md; quality.* then hold the winners
+            for suffix in (".csv", ".md"):
+                shutil.copyfile(out / f"quality{suffix}", out / f"sweep{suffix}")
+            winners = best_of_each(specs, out, args.best_to)
+            print(f"\ncontinuing each method's best run to {args.best_to} steps: "
+                  + ", ".join(f"{w.method} {w.variant}".strip() for w in winners), flush=True)
+            try:
+                failed, mine = run_all(winners, out, slots, args.status_every)
+            except (KeyboardInterrupt, Interrupted):
+                return 130
+            print(f"\nruns done in {time.time() - t0:.0f} s\n", flush=True)
+            if mine:
+                print(report(out, mine), end="", flush=True)
         if failed:
             print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
             return 1

@@ -205,3 +205,27 @@ def test_metrics_rows_deduplicated_and_reset_rise(tmp_path):
         r["loss"] = 7.0  # five steps 2 nats up after the reset: the worst 10-step mean is 1 nat up
     rise, step, count = quality.reset_rise(rows)
     assert step == 20 and count == 1 and math.isclose(rise, 1.0)
+
+
+@pytest.mark.slow
+def test_best_to_continues_each_methods_best_sweep_run(tmp_path):
+    """--best-to: the sweep's rows stay in sweep.csv; each method's lowest-eval-loss variant is
+    continued in its own folder (resumed, not restarted) and is quality.csv's only row for it."""
+    proc = bench("--size", "tiny", "--steps", 4, "--device", "cpu", "--out", tmp_path, "--eval-every", 2,
+                 "--eval-tokens", 2048, "--warmup", 2, "--methods", "full,sst", "--status-every", 0,
+                 "--sweep", "full:optim.lr=1e-3,4e-3", "--sweep", "sst:optim.lowrank_lr=1e-3,4e-3",
+                 "--best-to", 8)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    sweep = read_csv(tmp_path / "sweep.csv")
+    assert len(sweep) == 4 and {r["steps"] for r in sweep} == {"4"}
+    final = read_csv(tmp_path / "quality.csv")
+    assert [r["method"] for r in final] == ["full", "sst"]
+    for row in final:
+        candidates = [r for r in sweep if r["method"] == row["method"]]
+        best = min(candidates, key=lambda r: float(r["eval_loss"]))
+        assert row["variant"] == best["variant"] and row["steps"] == "8"
+        steps = [json.loads(line)["step"] for line in
+                 (tmp_path / row["run_dir"] / "metrics.jsonl").read_text().splitlines()]
+        assert steps == list(range(1, 9))  # steps 1-4 from the sweep, 5-8 continued
+        log = (tmp_path / row["run_dir"] / "run.log").read_text()
+        assert "resuming from" in log
