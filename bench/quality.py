@@ -686,8 +686,10 @@ def run_all(specs: list[RunSpec], out: Path, slots: list[str | None], status_eve
     return failed, mine
 
 
-def gpu_slots(count: int) -> list[str]:
-    """The GPU ids to pin runs to, within an inherited CUDA_VISIBLE_DEVICES if one is set."""
+def gpu_slots(count: int, per_gpu: int = 1) -> list[str]:
+    """The GPU ids to pin runs to, within an inherited CUDA_VISIBLE_DEVICES if one is set; each id
+    `per_gpu` times (a small model leaves a GPU idle between kernels: two runs fill it, at the
+    cost of tokens/s that no longer measure one run alone)."""
     import torch
 
     if not torch.cuda.is_available():
@@ -697,7 +699,7 @@ def gpu_slots(count: int) -> list[str]:
         [str(i) for i in range(torch.cuda.device_count())]
     if count > len(ids):
         raise BenchError(f"--gpus {count}: only {len(ids)} GPU(s) visible")
-    return ids[:count]
+    return [gpu for gpu in ids[:count] for _ in range(per_gpu)]
 
 
 def launch_command(spec: RunSpec, out: Path) -> list[str]:
@@ -775,6 +777,8 @@ def parse_args(argv=None):
     p.add_argument("--eval-tokens", type=int, help="eval.tokens (default: the recipe's)")
     p.add_argument("--warmup", type=int, help="optim.warmup_steps (default: min(2000, steps // 10))")
     p.add_argument("--status-every", type=float, default=60.0, help="seconds between progress lines (0: none)")
+    p.add_argument("--runs-per-gpu", type=int, default=1,
+                   help="--device cuda: runs sharing each GPU (tokens/s then measure shared GPUs)")
     p.add_argument("--best-to", type=int, metavar="N",
                    help="after the runs (a sweep), continue each method's best one (lowest eval loss) to N "
                         "steps; the sweep's table is kept as sweep.csv / sweep.md")
@@ -797,6 +801,8 @@ def main(argv=None) -> int:
             raise BenchError("--steps: required, a positive number of optimizer steps per run")
         if args.best_to is not None and args.best_to <= args.steps:
             raise BenchError(f"--best-to {args.best_to}: must be more than --steps {args.steps}")
+        if args.runs_per_gpu < 1:
+            raise BenchError(f"--runs-per-gpu {args.runs_per_gpu}: must be >= 1")
         if args.gpus < 1:
             raise BenchError(f"--gpus {args.gpus}: must be >= 1")
         for flag, value in (("--eval-every", args.eval_every), ("--eval-tokens", args.eval_tokens),
@@ -812,7 +818,7 @@ def main(argv=None) -> int:
             for spec in specs:
                 print(shlex.join(launch_command(spec, out)))
             return 0
-        slots = gpu_slots(args.gpus) if args.device == "cuda" else [None]
+        slots = gpu_slots(args.gpus, args.runs_per_gpu) if args.device == "cuda" else [None]
         out.mkdir(parents=True, exist_ok=True)
         way = (f"up to {len(slots)} at a time, one GPU each" if args.device == "cuda"
                else "one after another on CPU")

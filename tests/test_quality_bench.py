@@ -122,7 +122,9 @@ def test_plot_only_redraws_from_the_run_folders(six, tmp_path):
 def test_side_by_side_runs_pin_one_gpu_each_and_share_prepared_data(tmp_path, monkeypatch, capsys):
     """The --device cuda scheduler on CPU: two GPU ids stand in, the runs train on CPU."""
     quality = load_bench()
-    monkeypatch.setattr(quality, "gpu_slots", lambda n: ["0", "1"][:n])
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     rc = quality.main(["--size", "tiny", "--steps", "6", "--device", "cuda", "--gpus", "2", "--out", str(tmp_path),
@@ -229,3 +231,14 @@ def test_best_to_continues_each_methods_best_sweep_run(tmp_path):
         assert steps == list(range(1, 9))  # steps 1-4 from the sweep, 5-8 continued
         log = (tmp_path / row["run_dir"] / "run.log").read_text()
         assert "resuming from" in log
+
+
+def test_gpu_slots_follow_visible_devices_and_runs_per_gpu(monkeypatch):
+    quality = load_bench()
+    monkeypatch.setattr("torch.cuda.is_available", lambda: True)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 4)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3,5")
+    assert quality.gpu_slots(2, 2) == ["3", "3", "5", "5"]
+    assert quality.gpu_slots(1) == ["3"]
+    with pytest.raises(quality.BenchError, match="only 2 GPU"):
+        quality.gpu_slots(3)
