@@ -3,6 +3,7 @@
     python launch/pretrain.py --recipe recipes/tiny-sst.yaml --output-dir runs/tiny-sst
     deepspeed --num_gpus 2 launch/pretrain.py --recipe R --ds-config ds_configs/zero2.json --output-dir D
     torchrun --nproc_per_node 2 launch/pretrain.py --recipe R --engine fsdp --output-dir D
+    python launch/deepspeed_run.py --num_gpus 2 launch/pretrain.py ...  (kill / Ctrl-C: every rank checkpoints)
 
 Re-running the same command with the same --output-dir resumes from the latest checkpoint;
 adding --eval-only evaluates that checkpoint on the held-out split instead of training.

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -11,6 +12,8 @@ from sst_dist.config import ConfigError, load_recipe
 def run_cli(args) -> int:
     from sst_dist.data import DataError
 
+    started = False  # before: a mistake in the arguments, the same on every rank
+    recipe = None
     try:
         overrides = list(args.set)
         if args.max_steps is not None:
@@ -21,11 +24,28 @@ def run_cli(args) -> int:
             raise ConfigError("--ds-config goes with the deepspeed engine; drop --engine or the config")
         if args.ds_config and not Path(args.ds_config).is_file():
             raise ConfigError(f"--ds-config {args.ds_config}: no such file")
+        if args.ds_config:
+            from sst_dist.engines.deepspeed import read_ds_config
+
+            read_ds_config(args.ds_config, recipe)  # checked now, not after the data is prepared
         from sst_dist.train import Run, main, set_threads
 
         set_threads()
+        started = True
         main(Run(recipe, Path(args.output_dir), engine, args.ds_config, eval_only=args.eval_only))
     except (ConfigError, DataError) as err:
-        print(f"error: {err}", file=sys.stderr)
+        # every rank finds an argument mistake: rank 0 says it, not each of them
+        if started or os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
         return 2
+    except RuntimeError as err:
+        from sst_dist.engines import collective_failure
+
+        line = collective_failure(err, recipe.train.collective_timeout_s) if recipe else None
+        if line is None:
+            raise
+        print(f"error: {line}", file=sys.stderr, flush=True)
+        sys.stdout.flush()
+        # exiting through the interpreter would join gloo's threads, which abort() after a failure
+        os._exit(1)
     return 0

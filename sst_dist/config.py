@@ -7,6 +7,8 @@ rejected here, early, with one line naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import math
+import os
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,6 +18,10 @@ import yaml
 METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 SST_PATHS = ("dense", "materialized", "factored")  # how an SSTLinear computes (SSTConfig.path)
+WANDB_MODES = ("offline", "online", "disabled")
+# Environment settings that fill a recipe key the recipe (file or --set) leaves unset, so that a
+# cluster script's `export WANDB_MODE=offline` takes effect; a value written in the recipe wins.
+ENV_DEFAULTS = {"WANDB_MODE": ("wandb.mode", WANDB_MODES), "WANDB_PROJECT": ("wandb.project", None)}
 
 
 class ConfigError(ValueError):
@@ -81,9 +87,12 @@ class TrainConfig:
     global_batch: int = 8  # sequences per optimizer step, whatever the world size
     micro_batch: int | None = None  # sequences per rank per forward; None = global_batch / world
     max_steps: int = 40
-    log_every: int = 1
+    log_every: int = 1  # progress bar and wandb every this many steps; metrics.jsonl gets every step
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | float32 | bfloat16 | float64
+    # longest wait of one rank for the others in a collective before the job ends with an error
+    # naming the rank (a stalled or dead rank); rank 0's data preparation is not bound by it
+    collective_timeout_s: float = 300.0
 
 
 @dataclass
@@ -169,14 +178,19 @@ def _coerce(value, annotation, key: str):
             return int(value)
         raise ConfigError(f"{key}: expected an integer, got {value!r}")
     if annotation is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads 1e-3 as a string
+                number = float(value)  # YAML 1.1 reads 1e-3 as a string
             except ValueError:
                 pass
-        raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if number is None:
+            raise ConfigError(f"{key}: expected a number, got {value!r}")
+        if not math.isfinite(number):  # every float key is a rate, scale or fraction
+            raise ConfigError(f"{key}: {value!r} is not a finite number")
+        return number
     if annotation is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)
@@ -229,11 +243,17 @@ def _positive(key: str, value, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key}: {value!r} must be {bound}")
 
 
+def _unit_interval(key: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ConfigError(f"{key}: {value!r} must be in [0, 1)")
+
+
 def validate(recipe: Recipe) -> Recipe:
-    from sst_dist.models import OPT_SIZES, min_target_dim
+    from sst_dist.models import OPT_SIZES, attn_implementations, min_target_dim
 
     _choice("method", recipe.method, METHODS)
     _choice("model.size", recipe.model.size, tuple(OPT_SIZES))
+    _choice("model.attn_implementation", recipe.model.attn_implementation, attn_implementations())
     for t in recipe.targets:
         _choice("targets", t, OPT_TARGETS)
     if not recipe.targets and recipe.method != "full":
@@ -254,7 +274,7 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))
     _choice("data.source", recipe.data.source, ("sample", "local", "openwebtext"))
-    _choice("wandb.mode", recipe.wandb.mode, ("offline", "online", "disabled"))
+    _choice("wandb.mode", recipe.wandb.mode, WANDB_MODES)
     if recipe.data.source == "local" and not recipe.data.path:
         raise ConfigError("data.path: required when data.source is 'local' (a folder of text files)")
     for key, value in [
@@ -270,11 +290,18 @@ def validate(recipe: Recipe) -> Recipe:
         ("optim.lr", recipe.optim.lr),
         ("optim.lowrank_lr", recipe.optim.lowrank_lr),
         ("galore.lr", recipe.galore.lr),
+        ("galore.scale", recipe.galore.scale),
+        ("lora.alpha", recipe.lora.alpha),
+        ("optim.eps", recipe.optim.eps),
+        ("train.collective_timeout_s", recipe.train.collective_timeout_s),
+        ("data.max_docs", recipe.data.max_docs),
         ("checkpoint.keep", recipe.checkpoint.keep),
         ("eval.tokens", recipe.eval.tokens),
     ]:
         _positive(key, value)
     for key, value in [
+        ("seed", recipe.seed),
+        ("data.num_proc", recipe.data.num_proc),
         ("optim.warmup_steps", recipe.optim.warmup_steps),
         ("optim.rewarm_steps", recipe.optim.rewarm_steps),
         ("optim.weight_decay", recipe.optim.weight_decay),
@@ -283,24 +310,83 @@ def validate(recipe: Recipe) -> Recipe:
         ("checkpoint.every_steps", recipe.checkpoint.every_steps),
     ]:
         _positive(key, value, allow_zero=True)
+    _unit_interval("optim.beta1", recipe.optim.beta1)
+    _unit_interval("optim.beta2", recipe.optim.beta2)
     if not 0.0 < recipe.data.val_fraction < 1.0:
         raise ConfigError(f"data.val_fraction: {recipe.data.val_fraction} must be in (0, 1)")
     return recipe
 
 
+class _RecipeLoader(yaml.SafeLoader):
+    """yaml.safe_load, but a key written twice in one mapping is an error: PyYAML keeps the
+    second silently, so a section written twice would drop the first one's settings."""
+
+
+def _mapping_without_duplicates(loader, node, deep=False):
+    first_line = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *anchor` merges are not duplicates
+            continue
+        key = loader.construct_object(key_node, deep=deep)
+        if not isinstance(key, typing.Hashable):  # construct_mapping reports it
+            continue
+        line = key_node.start_mark.line + 1
+        if key in first_line:
+            raise ConfigError(f"line {line}: '{key}' is written twice (first on line {first_line[key]});"
+                              " keep one")
+        first_line[key] = line
+    return loader.construct_mapping(node, deep)
+
+
+_RecipeLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+
+
+def _read_yaml(path: Path) -> dict:
+    try:
+        tree = yaml.load(path.read_text(), Loader=_RecipeLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"--recipe {path}:{where} is not valid YAML") from None
+    except ConfigError as err:
+        raise ConfigError(f"--recipe {path}: {err}") from None
+    if tree is None:  # an empty file would train every default without a word
+        raise ConfigError(f"--recipe {path}: the recipe is empty; write at least method and model "
+                          "(start from recipes/tiny-sst.yaml)")
+    if not isinstance(tree, dict):
+        raise ConfigError(f"--recipe {path}: expected a mapping of recipe keys, got {type(tree).__name__}"
+                          f" {tree!r:.60}")
+    return tree
+
+
+def _apply_environment(tree: dict) -> None:
+    """Fills the keys of ENV_DEFAULTS from the environment where the recipe leaves them unset."""
+    for variable, (dotted, allowed) in ENV_DEFAULTS.items():
+        value = os.environ.get(variable)
+        if not value:
+            continue
+        section, key = dotted.split(".")
+        node = tree.get(section)
+        if node is None:
+            node = tree[section] = {}
+        if not isinstance(node, dict) or key in node:
+            continue  # not a section: _build reports it
+        if allowed is not None and value not in allowed:
+            raise ConfigError(f"{variable}: {value!r} is not one of {', '.join(allowed)} (it sets {dotted}"
+                              " when the recipe does not); unset it or fix it")
+        node[key] = value
+
+
 def load_recipe(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Recipe:
-    """Reads a YAML recipe (or the defaults), applies `dotted.key=value` overrides, validates."""
+    """Reads a YAML recipe (or the defaults), applies `dotted.key=value` overrides and the
+    environment (ENV_DEFAULTS) where neither set a key, validates."""
     tree: dict = {}
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise ConfigError(f"--recipe {path}: no such file")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            mark = getattr(err, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark else ""
-            raise ConfigError(f"--recipe {path}:{where} is not valid YAML") from None
+        tree = _read_yaml(path)
     for item in overrides:
         _set_dotted(tree, item)
+    _apply_environment(tree)
     return validate(_build(Recipe, tree))

@@ -51,6 +51,31 @@ def opt_config(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
     return config
 
 
+def attn_implementations() -> tuple[str, ...]:
+    """model.attn_implementation values: eager plus the kernels this transformers registers for
+    OPT (sdpa, flash_attention_2/3/4, flex_attention); `paged|` ones serve generation only."""
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    registered = [name for name in ALL_ATTENTION_FUNCTIONS.keys() if not name.startswith("paged|")]
+    return ("eager", "sdpa", *sorted(set(registered) - {"sdpa"}))
+
+
+def check_attn_implementation(name: str, device) -> None:
+    """ConfigError (one line) if OPT cannot train with attention `name` on `device` here: a kernel
+    whose package is missing, flex_attention on CPU. Found before the data is prepared, not at
+    the first step, by building a 2-layer model of width 64 with it."""
+    from sst_dist.config import ConfigError
+
+    key = "model.attn_implementation"
+    if name == "flex_attention" and device.type == "cpu":
+        raise ConfigError(f"{key}: flex_attention has no backward on CPU; use sdpa or eager")
+    try:
+        OPTForCausalLM(opt_config("tiny", vocab_size=16, seq_len=8, attn_implementation=name))
+    except (ImportError, ValueError) as err:
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"{key}: {name!r} cannot be used here ({reason}); use sdpa or eager") from None
+
+
 def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
                 attn_implementation: str = "sdpa") -> OPTForCausalLM:
     return OPTForCausalLM(opt_config(size, vocab_size, seq_len, attn_implementation))

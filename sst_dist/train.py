@@ -19,7 +19,7 @@ from sst_dist.config import ConfigError, Recipe
 from sst_dist.data import evaluate, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
 from sst_dist.methods import build_method
-from sst_dist.models import OPT_VOCAB, build_model
+from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -82,9 +82,10 @@ class StopFlag:
 
 def main(run: Run) -> dict:
     recipe = run.recipe
-    ctx = distributed_context(run.engine)
+    ctx = distributed_context(run.engine, recipe.train.collective_timeout_s)
     device = resolve_device(recipe, ctx.local_rank)
     dtype = resolve_dtype(recipe, device)
+    check_attn_implementation(recipe.model.attn_implementation, device)
     micro, accumulation = batch_geometry(recipe, ctx.world_size)
     is_main = ctx.rank == 0
     out = run.output_dir
@@ -93,7 +94,7 @@ def main(run: Run) -> dict:
     # data: one rank tokenizes, the others wait and read the same shards
     if is_main:
         prepare(recipe.data, progress=True)
-    ctx.barrier()
+    ctx.barrier(patient=True)
     data = open_data(recipe.data, seq_len=recipe.model.seq_len, global_batch=recipe.train.global_batch,
                      seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
 
@@ -173,8 +174,9 @@ def main(run: Run) -> dict:
         if recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
             record.update(run_eval(engine.model, data, recipe, device))
         logger.log(record)
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss_value:.4f}")
+        if logger.due(record):
+            bar.update(step - bar.n)
+            bar.set_postfix(loss=f"{loss_value:.4f}")
 
         stopping = ctx.any(stop.raised)
         every = recipe.checkpoint.every_steps
@@ -229,11 +231,13 @@ def save(engine, data, state, step, out, recipe, ctx) -> None:
 
 
 class MetricsLogger:
-    """metrics.jsonl (appended, one object per step) and wandb, on rank 0 only."""
+    """metrics.jsonl (appended, one object per step) and wandb, on rank 0 only. wandb, like the
+    progress bar, sees every train.log_every-th step, evaluations and the last step."""
 
     def __init__(self, out: Path, recipe: Recipe, enabled: bool, resumed: bool):
         self.enabled = enabled
         self.wandb = None
+        self.every, self.last = recipe.train.log_every, recipe.train.max_steps
         if not enabled:
             return
         self.file = open(out / "metrics.jsonl", "a")
@@ -249,12 +253,16 @@ class MetricsLogger:
                                     config=recipe.to_dict())
             id_file.write_text(self.wandb.id)
 
+    def due(self, record: dict) -> bool:
+        step = record["step"]
+        return step % self.every == 0 or step == self.last or "eval_loss" in record
+
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        if self.wandb is not None and self.due(record):
             self.wandb.log({k: v for k, v in record.items() if k != "event"}, step=record["step"])
 
     def close(self) -> None:

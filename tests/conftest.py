@@ -23,20 +23,22 @@ def quiet_env() -> dict:
     return env
 
 
-def run_deepspeed(args, nproc, timeout):
-    """`deepspeed --num_gpus nproc ARGS` on CPU ranks: (cmd, completed process).
+def remove_shm_buffers(port: int) -> None:
+    """DeepSpeed's shared-memory all-reduce leaves its buffers in /dev/shm (named by the master
+    port) after the ranks exit; repeated test runs had filled 23 GiB of RAM there, so they go."""
+    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
+        leftover.unlink(missing_ok=True)
 
-    DeepSpeed's shared-memory all-reduce leaves its buffers in /dev/shm (named by the master
-    port) after the ranks exit; repeated test runs had filled 23 GiB of RAM there, so they go here.
-    """
+
+def run_deepspeed(args, nproc, timeout):
+    """`deepspeed --num_gpus nproc ARGS` on CPU ranks: (cmd, completed process)."""
     port = free_port()
     cmd = ["deepspeed", "--num_gpus", str(nproc), "--master_port", str(port), *args]
     try:
         return cmd, subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True,
                                    timeout=timeout)
     finally:
-        for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-            leftover.unlink(missing_ok=True)
+        remove_shm_buffers(port)
 
 
 def pretrain(output_dir, recipe, *extra, launcher=None, nproc=1, timeout=600, check=True):

@@ -2,6 +2,7 @@ import subprocess
 import sys
 
 import pytest
+import yaml
 
 from sst_dist.config import ConfigError, load_recipe
 
@@ -15,6 +16,19 @@ from sst_dist.config import ConfigError, load_recipe
     ("model.size=7b", ["model.size", "1.3b"]),
     ("sst.path=fast", ["sst.path", "factored"]),
     ("train.max_steps=abc", ["train.max_steps", "integer"]),
+    ("optim.beta1=1.5", ["optim.beta1", "1.5", "[0, 1)"]),
+    ("optim.beta2=1", ["optim.beta2", "[0, 1)"]),
+    ("optim.eps=0", ["optim.eps", "> 0"]),
+    ("optim.lr=nan", ["optim.lr", "finite"]),
+    ("optim.lowrank_lr=.inf", ["optim.lowrank_lr", "finite"]),
+    ("galore.scale=-inf", ["galore.scale", "finite"]),
+    ("galore.scale=0", ["galore.scale", "> 0"]),
+    ("lora.alpha=0", ["lora.alpha", "> 0"]),
+    ("model.attn_implementation=flash", ["model.attn_implementation", "eager", "sdpa", "flash_attention_2"]),
+    ("train.collective_timeout_s=0", ["train.collective_timeout_s", "> 0"]),
+    ("seed=-1", ["seed", ">= 0"]),
+    ("data.num_proc=-2", ["data.num_proc", ">= 0"]),
+    ("data.max_docs=0", ["data.max_docs", "> 0"]),
 ])
 def test_bad_recipes_name_the_key_and_the_allowed_values(override, words):
     with pytest.raises(ConfigError) as err:
@@ -37,3 +51,42 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
                            str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["error: rank: 999 exceeds min(out, in) = 64 of model 'tiny'; use 1..64"]
+
+
+@pytest.mark.parametrize("text, words", [
+    ("method: sst\noptim: {lr: 1.0e-3}\nmodel: {size: tiny}\noptim:\n  beta1: 0.8\n",
+     ["line 4", "'optim'", "first on line 2"]),
+    ("method: sst\nmodel:\n  size: tiny\n  seq_len: 64\n  size: 125m\n", ["line 5", "'size'", "first on line 3"]),
+])
+def test_a_key_written_twice_is_refused(tmp_path, text, words):
+    assert yaml.safe_load(text)  # plain YAML would keep the second silently
+    path = tmp_path / "twice.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as err:
+        load_recipe(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"--recipe {path}:")
+    for word in words:
+        assert word in message
+
+
+@pytest.mark.parametrize("text", ["", "# nothing yet\n", "---\n"])
+def test_an_empty_recipe_is_refused(tmp_path, text):
+    path = tmp_path / "empty.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="the recipe is empty"):
+        load_recipe(path)
+
+
+def test_environment_fills_only_what_the_recipe_leaves_unset(monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    recipe = load_recipe("recipes/tiny-sst.yaml")
+    assert (recipe.wandb.mode, recipe.wandb.project) == ("disabled", "from-env")
+    recipe = load_recipe("recipes/tiny-sst.yaml", ["wandb.mode=online"])
+    assert (recipe.wandb.mode, recipe.wandb.project) == ("online", "from-env")
+    monkeypatch.delenv("WANDB_MODE")
+    assert load_recipe("recipes/tiny-sst.yaml").wandb.mode == "offline"  # the default
+    monkeypatch.setenv("WANDB_MODE", "dryrun")
+    with pytest.raises(ConfigError, match="WANDB_MODE: 'dryrun' is not one of offline, online, disabled"):
+        load_recipe("recipes/tiny-sst.yaml")

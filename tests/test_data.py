@@ -347,3 +347,30 @@ def test_command_line_errors_in_one_line(tmp_path):
                           cwd=root, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "not prepared" in proc.stderr
+
+
+def test_a_changed_local_source_is_not_reused(tmp_path):
+    """A prepared folder remembers its local files (names, sizes, times): new, edited or removed
+    files stop the run with one line saying how to prepare again; a deleted source does not."""
+    cfg = local_cfg(tmp_path, make_docs(30))
+    folder = prepare(cfg, progress=False)
+    assert prepare(cfg, progress=False) == folder  # unchanged: reused
+    src = tmp_path / "src"
+    edited = src / "part001.jsonl"
+    edited.write_text(edited.read_text() + json.dumps({"text": "one more document."}) + "\n")
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False)
+    assert "changed since" in one_line(err) and f"delete {folder}" in str(err.value)
+    for path in src.iterdir():
+        path.unlink()
+    src.rmdir()
+    assert prepare(cfg, progress=False) == folder  # the shards are all training needs
+    write_local(src, make_docs(30))
+    os.utime(src / "part000.jsonl", ns=(0, 0))  # same names and sizes, another time
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False)
+    assert "other names or times" in one_line(err)
+    import shutil
+
+    shutil.rmtree(folder)
+    assert prepare(cfg, progress=False) == folder  # prepared again from the new files

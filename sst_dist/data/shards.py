@@ -206,6 +206,40 @@ def _write_atomic(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def source_files(cfg) -> dict | None:
+    """What a local source held: its files' count, bytes and a digest of (path, size, mtime), so a
+    prepared folder is not reused after the files changed. None for the other sources, which
+    cannot change under the same name unnoticed (the sample ships with the code) or cannot be
+    listed cheaply (the hub)."""
+    if cfg.source != "local":
+        return None
+    root = Path(cfg.path).expanduser().resolve()
+    files = local_files(root)
+    digest = hashlib.sha256()
+    total = 0
+    for path in files:
+        stat = path.stat()
+        total += stat.st_size
+        digest.update(f"{path.relative_to(root)}\0{stat.st_size}\0{stat.st_mtime_ns}\n".encode())
+    return {"files": len(files), "bytes": total, "sha256": digest.hexdigest()}
+
+
+def check_source_unchanged(cfg, folder: Path, manifest: dict) -> None:
+    """DataError if a local source's files differ from those the complete `folder` was prepared
+    from. A source folder deleted after preparing is fine: the shards are all training reads."""
+    then = manifest["settings"].get("source_files")
+    if then is None or cfg.source != "local" or not Path(cfg.path).expanduser().is_dir():
+        return
+    now = source_files(cfg)
+    if now == then:
+        return
+    sizes = f"{then['files']} files, {then['bytes']:,} bytes then; {now['files']}, {now['bytes']:,} now"
+    if (then["files"], then["bytes"]) == (now["files"], now["bytes"]):
+        sizes = f"{now['files']} files, {now['bytes']:,} bytes, but other names or times"
+    raise DataError(f"data.path {cfg.path}: its files changed since {folder} was prepared ({sizes});"
+                    f" delete {folder} to prepare it again from them")
+
+
 def _settings(cfg, tok: Tok) -> dict:
     return {
         "source": cfg.source,
@@ -219,6 +253,7 @@ def _settings(cfg, tok: Tok) -> dict:
         "val_fraction": cfg.val_fraction,
         "max_docs": cfg.max_docs,
         "docs_per_part": DOCS_PER_PART,
+        "source_files": source_files(cfg),
     }
 
 
@@ -336,6 +371,7 @@ def prepare(cfg, progress: bool = True) -> Path:
     for folder in candidate_folders(cfg):  # done before: no source, no hub needed
         manifest = read_manifest(folder)
         if manifest is not None and manifest["complete"]:
+            check_source_unchanged(cfg, folder, manifest)
             return folder
     docs = iter_documents(cfg)
     first = next(docs, None)  # a missing folder or an unreachable hub fails here, before any write
@@ -347,12 +383,14 @@ def prepare(cfg, progress: bool = True) -> Path:
     settings = _settings(cfg, tok)
     manifest = read_manifest(folder)
     if manifest is not None:
-        changed = [k for k, v in settings.items() if manifest["settings"].get(k) != v]
+        changed = [k for k, v in settings.items() if k != "source_files" and manifest["settings"].get(k) != v]
         if changed:
             raise DataError(f"{folder / MANIFEST}: made with other {', '.join(changed)}; "
                             f"delete {folder} or choose another data.cache_dir")
         if manifest["complete"]:
             return folder
+        # resuming after a failure, typically a fixed source file: the files read from now on
+        manifest["settings"]["source_files"] = settings["source_files"]
     else:
         manifest = {"format": FORMAT, "settings": settings, "parts": [], "complete": False}
     folder.mkdir(parents=True, exist_ok=True)

@@ -6,7 +6,9 @@
 
 from __future__ import annotations
 
+import datetime
 import os
+import re
 import socket
 from dataclasses import dataclass
 
@@ -19,19 +21,25 @@ from sst_dist.config import ConfigError
 ENGINES = ("torch", "deepspeed", "fsdp")
 
 
+# Rank 0 prepares the data while the others wait: hours for a hub corpus, so that one wait has
+# its own CPU group with this timeout instead of train.collective_timeout_s.
+PATIENT_TIMEOUT = datetime.timedelta(days=1)
+
+
 @dataclass
 class DistributedContext:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    patient_group: object = None  # gloo, PATIENT_TIMEOUT; for barrier(patient=True)
 
     @property
     def active(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
 
-    def barrier(self) -> None:
+    def barrier(self, patient: bool = False) -> None:
         if self.active:
-            dist.barrier()
+            dist.barrier(group=self.patient_group if patient else None)
 
     def _reduce(self, value: float, op) -> float:
         if not self.active:
@@ -59,7 +67,9 @@ def _single_process_env() -> None:
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
 
 
-def distributed_context(engine: str) -> DistributedContext:
+def distributed_context(engine: str, timeout_s: float | None = None) -> DistributedContext:
+    """Joins the launcher's process group; `timeout_s` (train.collective_timeout_s) bounds every
+    collective, so a stalled or dead rank ends the job instead of hanging it."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if engine == "torch":
         if world > 1:
@@ -68,16 +78,47 @@ def distributed_context(engine: str) -> DistributedContext:
         return DistributedContext()
     _single_process_env()
     backend = "nccl" if _torch.cuda.is_available() else "gloo"
+    timeout = {}
+    if timeout_s is not None:
+        timeout = {"timeout": datetime.timedelta(seconds=timeout_s)}
+        # groups made later by dist.new_group without a timeout (ZeRO's data-parallel group) take
+        # these c10d defaults (30 min gloo, 10 min NCCL), not the world group's timeout
+        c10d = dist.distributed_c10d
+        c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout["timeout"]
     if engine == "deepspeed":
         import deepspeed
 
-        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False)
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False, **timeout)
     elif not dist.is_initialized():
         # NCCL otherwise guesses each rank's GPU from its global rank (a hang on uneven nodes)
         local = _torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" else None
-        dist.init_process_group(backend, device_id=local)
+        dist.init_process_group(backend, device_id=local, **timeout)
+    patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT) if dist.get_world_size() > 1 else None
     return DistributedContext(dist.get_rank(), dist.get_world_size(),
-                              int(os.environ.get("LOCAL_RANK", "0")))
+                              int(os.environ.get("LOCAL_RANK", "0")), patient)
+
+
+# What gloo and the c10d store say when a peer does not answer in time, or went away
+_TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
+_LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
+
+
+def collective_failure(err: BaseException, timeout_s: float) -> str | None:
+    """One line for a collective that failed because another rank stalled or died, else None
+    (any other error keeps its traceback). NCCL's watchdog ends the process itself, with a log
+    line naming the rank and the collective."""
+    if not (isinstance(err, RuntimeError) and dist.is_initialized() and dist.get_world_size() > 1):
+        return None
+    text = str(err).strip()
+    first = re.sub(r"^\[[^\]]*\.(cc|cpp):\d+\]\s*", "", text.splitlines()[0] if text else "")[:160]
+    if _TIMED_OUT.search(text):
+        what = f"no answer from another rank within train.collective_timeout_s = {timeout_s:g} s"
+    elif isinstance(err, dist.DistError) or any(s in text for s in _LOST):
+        what = "lost contact with another rank"
+    else:
+        return None
+    return (f"rank {dist.get_rank()} of {dist.get_world_size()}: {what} ({first}); another rank stalled"
+            " or died: see that rank's output")
 
 
 def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro_batch, accumulation,

@@ -165,15 +165,62 @@ class DeepSpeedBackend(Backend):
         return contextlib.nullcontext()
 
 
-def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accumulation, world_size) -> dict:
-    """Reads a ds_config and fills its "auto" fields from the recipe, so the two cannot disagree."""
+STAGES = (1, 2, 3)  # stage 0 keeps no per-parameter link to the Adam state, which SST resets
+
+
+def _json(value) -> str:
+    return json.dumps(value)
+
+
+def read_ds_config(path: str | None, recipe) -> dict:
+    """The ds_config at `path`, checked: a JSON object, a ZeRO stage this engine runs, and no
+    optimizer setting or scheduler that contradicts the recipe, which owns them (an "auto" or
+    equal value passes)."""
     if path is None:
-        config = {"zero_optimization": {"stage": 2}}
-    else:
-        try:
-            config = json.loads(Path(path).read_text())
-        except json.JSONDecodeError as err:
-            raise ConfigError(f"--ds-config {path}: not valid JSON (line {err.lineno})") from None
+        return {"zero_optimization": {"stage": 2}}
+    where = f"--ds-config {path}"
+    try:
+        config = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as err:
+        raise ConfigError(f"{where}: not valid JSON (line {err.lineno})") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{where}: expected a JSON object {{...}}, got {_json(config)[:60]}")
+    zero = config.get("zero_optimization")
+    if not isinstance(zero, dict) or "stage" not in zero:
+        raise ConfigError(f"{where}: zero_optimization is {_json(zero)[:60]}; write it as an object such as"
+                          " {\"stage\": 2}")
+    stage = zero["stage"]
+    if isinstance(stage, bool) or stage not in STAGES:
+        raise ConfigError(f"{where}: zero_optimization.stage is {_json(stage)}; use 1, 2 or 3 (no sharding:"
+                          " drop --ds-config for the torch engine)")
+    if "scheduler" in config:
+        raise ConfigError(f"{where}: has a scheduler, but the recipe owns the lr schedule (optim.warmup_steps,"
+                          " optim.rewarm_steps); remove the scheduler section")
+    optimizer = config.get("optimizer")
+    if optimizer is None:
+        return config
+    if not isinstance(optimizer, dict) or not isinstance(optimizer.get("params", {}), dict):
+        raise ConfigError(f"{where}: optimizer is {_json(optimizer)[:60]}; write it as"
+                          " {\"type\": \"AdamW\", \"params\": {...}}")
+    if str(optimizer.get("type", "")).lower() not in ("adamw", "adam"):
+        raise ConfigError(f"{where}: optimizer.type {optimizer.get('type')!r}; use AdamW")
+    o = recipe.optim
+    owned = {"lr": ("optim.lr", o.lr), "betas": ("optim.beta1, optim.beta2", [o.beta1, o.beta2]),
+             "eps": ("optim.eps", o.eps), "weight_decay": ("optim.weight_decay", o.weight_decay)}
+    params = optimizer.get("params", {})
+    for key, (recipe_key, value) in owned.items():
+        given = params.get(key, "auto")
+        if given != "auto" and given != value:
+            shown = ", ".join(map(str, value)) if isinstance(value, list) else value
+            raise ConfigError(f"{where}: optimizer.params.{key} is {_json(given)} but the recipe has {recipe_key}"
+                              f" = {shown}; set it to \"auto\" (the recipe owns it) or change the recipe")
+    return config
+
+
+def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accumulation, world_size) -> dict:
+    """Reads a ds_config (read_ds_config) and fills its "auto" fields from the recipe, so the two
+    cannot disagree."""
+    config = read_ds_config(path, recipe)
     o = recipe.optim
     bf16 = dtype == torch.bfloat16 and device.type == "cuda"
     filled = {
@@ -192,8 +239,6 @@ def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accu
     config.setdefault("steps_per_print", 10**9)
     optimizer = config.get("optimizer")
     if optimizer is not None:
-        if optimizer.get("type", "").lower() not in ("adamw", "adam"):
-            raise ConfigError(f"--ds-config: optimizer.type {optimizer.get('type')!r}; use AdamW")
         params = optimizer.setdefault("params", {})
         for key, value in {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
                            "weight_decay": o.weight_decay}.items():
