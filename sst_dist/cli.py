@@ -10,6 +10,7 @@ from sst_dist.config import ConfigError, load_recipe
 
 def run_cli(args) -> int:
     from sst_dist.data import DataError
+    from sst_dist.rundir import RunError
 
     try:
         overrides = list(args.set)
@@ -25,7 +26,7 @@ def run_cli(args) -> int:
 
         set_threads()
         main(Run(recipe, Path(args.output_dir), engine, args.ds_config, eval_only=args.eval_only))
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     return 0
