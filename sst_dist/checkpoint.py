@@ -1,19 +1,36 @@
-"""Checkpoint folders that a kill can never corrupt.
+"""Checkpoint folders that a kill can never corrupt, and which one a run resumes from.
 
-A checkpoint is written into `step_NNNNNNN.partial/`, renamed to `step_NNNNNNN/` when complete,
+A checkpoint is written into `step_NNNNNNN.partial/`, sealed with `trainer.json` (the trainer's
+state, the settings the run was started with, and every file's size), renamed to `step_NNNNNNN/`
 and only then named in `latest` (itself replaced atomically). A killed save leaves a `.partial`
-folder that is ignored and removed next time; the previous good checkpoint is untouched.
+folder that is ignored and removed by the next save; the previous good checkpoint is untouched.
+
+Resuming never goes backwards silently: `latest` if it is complete, else the newest complete
+checkpoint with a warning naming what was skipped; never a fresh start while a `step_N` folder
+exists. Pruning keeps the newest by step number, the checkpoint just written and the one resumed from.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import re
 import shutil
 from pathlib import Path
 
+from sst_dist.rundir import RunError, write_atomic
+
 LATEST = "latest"
 TRAINER_STATE = "trainer.json"
+_STEP = re.compile(r"step_(\d+)")
+
+# Recipe keys that shape the model's parameters or the meaning of the saved state: a checkpoint
+# resumes only with the values it was written with. Every other key (lr, max_steps, eval,
+# checkpointing, logging, ...) may change on a re-run, and the new value is used.
+STATE_KEYS = ("method", "rank", "targets", "model.size", "model.seq_len", "sst.path", "galore.rank",
+              "galore.proj_type")
+# Engines whose checkpoints load only on the world size that wrote them: ZeRO stores one optimizer
+# partition per rank. FSDP2's DCP folders reshard, and the single-process engine has one world size.
+SAME_WORLD_SIZE = ("deepspeed",)
 
 
 def checkpoint_root(output_dir: str | Path) -> Path:
@@ -24,13 +41,85 @@ def step_name(step: int) -> str:
     return f"step_{step:07d}"
 
 
-def latest_checkpoint(output_dir: str | Path) -> Path | None:
+def step_of(path: Path) -> int | None:
+    match = _STEP.fullmatch(Path(path).name)
+    return int(match.group(1)) if match else None
+
+
+def step_folders(output_dir: str | Path) -> list[Path]:
+    """Every `step_N` folder, complete or not (never a `.partial` one), in step order (numeric: names
+    sort wrongly past step 9,999,999)."""
     root = checkpoint_root(output_dir)
+    if not root.is_dir():
+        return []
+    return sorted((p for p in root.iterdir() if step_of(p) is not None and p.is_dir()), key=step_of)
+
+
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((path / TRAINER_STATE).read_text())
+
+
+def problem(path: Path) -> str | None:
+    """Why `path` is not a complete checkpoint (a short phrase), or None when it is one."""
+    if not path.is_dir():
+        return "missing"
+    try:
+        state = read_trainer_state(path)
+    except FileNotFoundError:
+        return f"no {TRAINER_STATE}"
+    except (OSError, ValueError):
+        return f"{TRAINER_STATE} unreadable"
+    if not isinstance(state, dict) or state.get("step") != step_of(path):
+        return f"{TRAINER_STATE} is not for this step"
+    for name, size in state.get("files", {}).items():  # checkpoints from before the manifest have none
+        file = path / name
+        if not file.is_file():
+            return f"{name} missing"
+        if file.stat().st_size != size:
+            return f"{name} truncated ({file.stat().st_size} of {size} bytes)"
+    return None
+
+
+def resolve(output_dir: str | Path) -> tuple[list[Path], str | None]:
+    """The checkpoints to resume from, in the order to try them, and a warning line when the first
+    is not simply `latest`. The first is `latest` if complete, else the newest complete checkpoint;
+    the older complete ones follow, for when the engine cannot load one. Raises RunError if `step_N`
+    folders (or `latest`) exist but none is complete: a fresh start would silently discard them."""
+    root = checkpoint_root(output_dir)
+    folders = step_folders(output_dir)
+    problems = {p: problem(p) for p in folders}
+    complete = [p for p in reversed(folders) if problems[p] is None]  # newest first
     marker = root / LATEST
-    if not marker.is_file():
-        return None
-    path = root / marker.read_text().strip()
-    return path if (path / TRAINER_STATE).is_file() else None
+    named = None
+    notes = []
+    if marker.exists():
+        try:
+            named = marker.read_text().strip()
+        except OSError:
+            pass
+        if not named:
+            notes.append("latest is empty" if named == "" else "latest is unreadable")
+        elif root / named in complete:
+            chosen = root / named
+            newer = [p.name for p in complete if step_of(p) > step_of(chosen)]
+            warning = None
+            if newer:  # a save killed between its rename and `latest`, or `latest` edited by hand
+                warning = (f"warning: {root}: latest names {named}; resuming from it, not from the newer "
+                           f"{', '.join(newer)}")
+            return [chosen, *(p for p in complete if step_of(p) < step_of(chosen))], warning
+        else:
+            notes.append(f"latest names {named} ({problem(root / named) or 'not a checkpoint'})")
+    elif complete:
+        notes.append("latest is missing")
+    newest = step_of(complete[0]) if complete else -1
+    notes += [f"{p.name} is incomplete ({why})" for p, why in problems.items()
+              if why and step_of(p) > newest and p.name != named]
+    if not complete:
+        if notes:
+            raise RunError(f"{root}: no complete checkpoint to resume from: {'; '.join(notes)}. "
+                           f"To start fresh, move or delete {root}")
+        return [], None
+    return complete, f"warning: {root}: {'; '.join(notes)}; resuming from {complete[0].name}"
 
 
 def partial_dir(output_dir: str | Path, step: int) -> Path:
@@ -41,30 +130,82 @@ def partial_dir(output_dir: str | Path, step: int) -> Path:
     return path
 
 
-def commit(output_dir: str | Path, step: int, trainer_state: dict, keep: int) -> Path:
-    """Seals a fully written partial folder: trainer state, rename, `latest`, pruning."""
+def commit(output_dir: str | Path, step: int, trainer_state: dict, keep: int,
+           resumed_from: Path | None = None) -> Path:
+    """Seals a fully written partial folder: trainer state and file sizes, rename, `latest`, pruning."""
     root = checkpoint_root(output_dir)
     partial = root / (step_name(step) + ".partial")
-    _write_atomic(partial / TRAINER_STATE, json.dumps(trainer_state, indent=1))
+    files = {p.relative_to(partial).as_posix(): p.stat().st_size
+             for p in sorted(partial.rglob("*")) if p.is_file()}
+    write_atomic(partial / TRAINER_STATE, json.dumps({**trainer_state, "files": files}, indent=1))
     final = root / step_name(step)
     if final.exists():
         shutil.rmtree(final)
-    os.replace(partial, final)
-    _write_atomic(root / LATEST, final.name)
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".partial"))
-    for old in done[:-keep]:
-        shutil.rmtree(old, ignore_errors=True)
+    partial.replace(final)
+    write_atomic(root / LATEST, final.name)
+    prune(output_dir, keep, final, resumed_from)
     return final
 
 
-def read_trainer_state(path: Path) -> dict:
-    return json.loads((path / TRAINER_STATE).read_text())
+def prune(output_dir: str | Path, keep: int, written: Path, resumed_from: Path | None = None) -> None:
+    """Deletes complete checkpoints but the `keep` newest by step, the one just `written` and the one
+    the run `resumed_from`; incomplete `step_N` folders older than `written` (resuming never picks
+    them); and the `.partial` folders of killed saves."""
+    folders = step_folders(output_dir)
+    complete = [p for p in folders if problem(p) is None]
+    spare = {p.name for p in complete[-keep:]} | {written.name}
+    if resumed_from is not None:
+        spare.add(resumed_from.name)
+    for old in folders:
+        if old.name not in spare and (old in complete or step_of(old) < step_of(written)):
+            shutil.rmtree(old, ignore_errors=True)
+    for partial in checkpoint_root(output_dir).glob("step_*.partial"):
+        shutil.rmtree(partial, ignore_errors=True)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def run_settings(recipe: dict, *, engine: str, zero_stage: int | None, world_size: int,
+                 vocab_size: int) -> dict:
+    """What a checkpoint records about the run that wrote it, for `check_resume`."""
+    return {"recipe": recipe, "engine": engine, "zero_stage": zero_stage, "world_size": world_size,
+            "vocab_size": vocab_size}
+
+
+def check_resume(path: Path, saved: dict, current: dict) -> list[str]:
+    """Raises RunError naming every setting the checkpoint at `path` cannot be resumed with; returns
+    the changed settings it can, as 'key old -> new'. `saved` is its trainer state, `current` this
+    run's `run_settings`."""
+    old = saved.get("settings")
+    if old is None:  # written before checkpoints recorded their settings
+        return []
+    before, after = _flat(old["recipe"]), _flat(current["recipe"])
+    blocking, kept = [], []
+    for key in sorted(before.keys() | after.keys()):
+        if before.get(key) != after.get(key):
+            (blocking if key in STATE_KEYS else kept).append(f"{key} {_show(before.get(key))} -> "
+                                                             f"{_show(after.get(key))}")
+    facts = [("engine", "engine"), ("vocab_size", "vocabulary size")]
+    if old["engine"] == current["engine"]:
+        facts.append(("zero_stage", "ZeRO stage"))
+        if current["engine"] in SAME_WORLD_SIZE:
+            facts.append(("world_size", "world size"))
+    for key, label in facts:
+        if old.get(key) != current.get(key):
+            blocking.append(f"{label} {_show(old.get(key))} -> {_show(current.get(key))}")
+    if blocking:
+        raise RunError(f"cannot resume {path}, it was written with other settings: {', '.join(blocking)}. "
+                       f"Re-run with its settings, or use another --output-dir to start fresh")
+    return kept
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(_flat(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+def _show(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, list) else str(value)

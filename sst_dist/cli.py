@@ -11,6 +11,7 @@ from sst_dist.config import ConfigError, load_recipe
 
 def run_cli(args) -> int:
     from sst_dist.data import DataError
+    from sst_dist.rundir import RunError
 
     started = False  # before: a mistake in the arguments, the same on every rank
     recipe = None
@@ -33,7 +34,7 @@ def run_cli(args) -> int:
         set_threads()
         started = True
         main(Run(recipe, Path(args.output_dir), engine, args.ds_config, eval_only=args.eval_only))
-    except (ConfigError, DataError) as err:
+    except (ConfigError, DataError, RunError) as err:
         # every rank finds an argument mistake: rank 0 says it, not each of them
         if started or os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)

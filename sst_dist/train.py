@@ -6,6 +6,7 @@ import json
 import math
 import os
 import signal
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,12 +15,13 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from sst_dist import checkpoint
+from sst_dist import checkpoint, rundir
 from sst_dist.config import ConfigError, Recipe
 from sst_dist.data import evaluate, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
 from sst_dist.methods import build_method
 from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation
+from sst_dist.rundir import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -81,6 +83,14 @@ class StopFlag:
 
 
 def main(run: Run) -> dict:
+    lock = rundir.RunLock(run.output_dir)  # taken by rank 0 only, in _main
+    try:
+        return _main(run, lock)
+    finally:
+        lock.release()
+
+
+def _main(run: Run, lock: rundir.RunLock) -> dict:
     recipe = run.recipe
     ctx = distributed_context(run.engine, recipe.train.collective_timeout_s)
     device = resolve_device(recipe, ctx.local_rank)
@@ -89,7 +99,11 @@ def main(run: Run) -> dict:
     micro, accumulation = batch_geometry(recipe, ctx.world_size)
     is_main = ctx.rank == 0
     out = run.output_dir
-    out.mkdir(parents=True, exist_ok=True)
+    # rank 0 checks the folder, takes the lock and picks the checkpoints; its answer, or its one-line
+    # error, reaches every rank before any of them waits for another
+    claim = ctx.broadcast_object(claim_output_dir(out, lock) if is_main else None)
+    if "error" in claim:
+        raise RunError(claim["error"])
 
     # data: one rank tokenizes, the others wait and read the same shards
     if is_main:
@@ -113,26 +127,52 @@ def main(run: Run) -> dict:
     method.attach(engine.backend, recipe)
 
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
-    resume_from = checkpoint.latest_checkpoint(out)
-    if resume_from is not None:
-        engine.load(resume_from)
-        state = checkpoint.read_trainer_state(resume_from)
-        data.load_state_dict(state["data"])
-        if "torch_rng" in state:
-            torch.set_rng_state(torch.tensor(state["torch_rng"], dtype=torch.uint8))
+    settings = checkpoint.run_settings(recipe.to_dict(), engine=run.engine, world_size=ctx.world_size,
+                                       zero_stage=getattr(engine, "zero_stage", None), vocab_size=vocab)
+    resume_from = None
+    failures = []
+    # newest first; each is checked against this run's settings before loading, and one the engine
+    # cannot read gives way to the next older one
+    for path in map(Path, claim["checkpoints"]):
+        saved = checkpoint.read_trainer_state(path)
+        changed = checkpoint.check_resume(path, saved, settings)
+        failure = load_engine_state(engine, path, ctx)
+        if failure is not None:
+            failures.append(f"{path.name}: {failure}")
+            if is_main:
+                print(f"warning: cannot load {path} ({failure}); trying the next older checkpoint",
+                      file=sys.stderr, flush=True)
+            continue
+        if not run.eval_only and saved["step"] >= recipe.train.max_steps:  # of the checkpoint that loads
+            if is_main:
+                print(f"nothing to do: {path} is at step {saved['step']} and train.max_steps is "
+                      f"{recipe.train.max_steps}; raise --max-steps to train further", flush=True)
+            return {"step": saved["step"], "output_dir": str(out)}
+        resume_from = path
+        state = {key: saved[key] for key in state}
+        data.load_state_dict(saved["data"])
+        if "torch_rng" in saved:
+            torch.set_rng_state(torch.tensor(saved["torch_rng"], dtype=torch.uint8))
         if is_main:
             print(f"resuming from {resume_from} at step {state['step']}", flush=True)
+            if changed:
+                print(f"resuming with changed settings: {', '.join(changed)}", flush=True)
+        break
+    if failures and resume_from is None:
+        raise RunError(f"no checkpoint in {checkpoint.checkpoint_root(out)} could be loaded "
+                       f"({'; '.join(failures)}); to start fresh, move or delete that folder")
 
     if run.eval_only:
         return evaluate_checkpoint(engine, data, recipe, device, out, resume_from, state["step"], ctx)
 
-    logger = MetricsLogger(out, recipe, is_main, resumed=resume_from is not None)
+    logger = MetricsLogger(out, recipe, is_main, resume_step=state["step"])
     stop = StopFlag()
     tokens_per_step = recipe.train.global_batch * recipe.model.seq_len
     max_steps = recipe.train.max_steps
     bar = tqdm(total=max_steps, initial=state["step"], disable=not is_main, desc=recipe.method,
                unit="step", dynamic_ncols=True)
     last_saved = state["step"]
+    last_good = resume_from  # the newest checkpoint, named if the run diverges
     step = state["step"]
     while step < max_steps:
         t0 = time.perf_counter()
@@ -155,9 +195,11 @@ def main(run: Run) -> dict:
                 loss = lm_loss(engine.model, chunk)
             engine.backward(loss)
             loss_sum += loss.detach().double()
-        engine.step()
+        grad_norm = engine.step()
         method.after_step(lrs)
         loss_value = ctx.mean(loss_sum / accumulation)
+        # every rank sees the same all-reduced loss and global norm, so all stop at the same step
+        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(float(grad_norm)))
 
         step += 1
         elapsed = time.perf_counter() - t0
@@ -171,17 +213,24 @@ def main(run: Run) -> dict:
             record["event"] = event
         if device.type == "cuda":
             record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
-        if recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
+        if finite and recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
             record.update(run_eval(engine.model, data, recipe, device))
         logger.log(record)
         if logger.due(record):
             bar.update(step - bar.n)
             bar.set_postfix(loss=f"{loss_value:.4f}")
+        if not finite:  # stop before any save: a checkpoint of this state would replace good ones
+            bar.close()
+            logger.close()
+            raise RunError(f"training diverged at step {step} (loss {loss_value}, gradient norm "
+                           f"{None if grad_norm is None else float(grad_norm)}); nothing saved. Last good "
+                           f"checkpoint: {last_good or 'none'}; re-run with a lower lr "
+                           f"(--set optim.lr=...) to resume from it")
 
         stopping = ctx.any(stop.raised)
         every = recipe.checkpoint.every_steps
         if stopping or step == max_steps or (every and step % every == 0):
-            save(engine, data, state, step, out, recipe, ctx)
+            last_good = save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
             last_saved = step
         if stopping:
             if is_main:
@@ -189,7 +238,7 @@ def main(run: Run) -> dict:
             break
     bar.close()
     if last_saved != step:
-        save(engine, data, state, step, out, recipe, ctx)
+        save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
     logger.close()
     ctx.barrier()
     return {"step": step, "output_dir": str(out)}
@@ -217,7 +266,36 @@ def evaluate_checkpoint(engine, data, recipe: Recipe, device, out: Path, checkpo
     return result
 
 
-def save(engine, data, state, step, out, recipe, ctx) -> None:
+def claim_output_dir(out: Path, lock: rundir.RunLock) -> dict:
+    """Rank 0: the output folder checked and locked, and the checkpoints to try, newest first; or
+    the one-line reason not to start ({"error": ...})."""
+    try:
+        rundir.prepare(out)
+        took_over = lock.acquire()
+        checkpoints, warning = checkpoint.resolve(out)
+    except RunError as err:
+        return {"error": str(err)}
+    for line in (took_over, warning):
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    return {"checkpoints": [str(p) for p in checkpoints]}
+
+
+def load_engine_state(engine, path: Path, ctx) -> str | None:
+    """Loads a checkpoint's engine state; None, or why it failed on any rank (all ranks agree)."""
+    try:
+        engine.load(path)
+        failure = None
+    except Exception as err:  # a damaged file surfaces as anything from EOFError to RuntimeError
+        lines = str(err).strip().splitlines()
+        failure = f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+    if ctx.any(failure is not None):
+        return failure or "failed on another rank"
+    return None
+
+
+def save(engine, data, state, step, out, recipe, ctx, settings, resumed_from) -> Path:
+    """A checkpoint of `step` (collective); returns its folder."""
     path = checkpoint.partial_dir(out, step) if ctx.rank == 0 else checkpoint.checkpoint_root(out) / (
         checkpoint.step_name(step) + ".partial")
     ctx.barrier()
@@ -225,21 +303,29 @@ def save(engine, data, state, step, out, recipe, ctx) -> None:
     ctx.barrier()
     if ctx.rank == 0:
         trainer_state = {**state, "step": step, "data": data.state_dict(),
-                         "torch_rng": torch.get_rng_state().tolist(), "method": recipe.method}
-        checkpoint.commit(out, step, trainer_state, recipe.checkpoint.keep)
+                         "torch_rng": torch.get_rng_state().tolist(), "method": recipe.method,
+                         "settings": settings}
+        checkpoint.commit(out, step, trainer_state, recipe.checkpoint.keep, resumed_from)
     ctx.barrier()
+    return checkpoint.checkpoint_root(out) / checkpoint.step_name(step)
 
 
 class MetricsLogger:
     """metrics.jsonl (appended, one object per step) and wandb, on rank 0 only. wandb, like the
     progress bar, sees every train.log_every-th step, evaluations and the last step."""
 
-    def __init__(self, out: Path, recipe: Recipe, enabled: bool, resumed: bool):
+    def __init__(self, out: Path, recipe: Recipe, enabled: bool, resume_step: int):
         self.enabled = enabled
         self.wandb = None
         self.every, self.last = recipe.train.log_every, recipe.train.max_steps
         if not enabled:
             return
+        # rows past the checkpoint (a kill after it, or a fallback to an older one) are trained again
+        for name in ("metrics.jsonl", "eval.jsonl"):
+            dropped = rundir.cut_log(out / name, resume_step)
+            if dropped:
+                print(f"{name}: dropped {dropped} rows past step {resume_step}, which is trained again",
+                      flush=True)
         self.file = open(out / "metrics.jsonl", "a")
         (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
         if recipe.wandb.mode != "disabled":

@@ -55,6 +55,16 @@ class DistributedContext:
     def any(self, flag: bool) -> bool:
         return self._reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
 
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` on every rank: a decision taken once, so that no rank is left waiting for
+        one that stopped on it."""
+        if not self.active:
+            return obj
+        device = _torch.device("cuda", _torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=device)
+        return box[0]
+
 
 def _single_process_env() -> None:
     """Lets `python launch/pretrain.py --ds-config ...` run as a world of one, with no launcher."""

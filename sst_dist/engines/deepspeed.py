@@ -295,8 +295,15 @@ class DeepSpeedEngine:
             self.model.step()  # not a boundary: DeepSpeed only counts the micro-step
 
     def step(self):
+        """One optimizer step; returns ZeRO's gradient norm for the divergence guard (None if the
+        config turns its computation off)."""
         self.model.step()
         self._micro = 0
+        return self.model.get_global_grad_norm()
+
+    @property
+    def zero_stage(self) -> int:
+        return self.model.zero_optimization_stage()
 
     def set_learning_rates(self, lrs):
         set_learning_rates(self.optimizer, lrs)

@@ -174,14 +174,16 @@ class FSDPEngine:
         (loss / self.accumulation).backward()
 
     def step(self):
+        """One optimizer step; returns the gradient norm (before clipping) for the divergence guard."""
+        grads = [p.grad for p in self.params if p.grad is not None]
+        norm = torch.nn.utils.get_total_norm(grads, foreach=True)
+        if isinstance(norm, DTensor):  # the sum of squares is partial per rank until reduced
+            norm = norm.full_tensor()
         if self.grad_clip:
-            grads = [p.grad for p in self.params if p.grad is not None]
-            norm = torch.nn.utils.get_total_norm(grads, foreach=True)
-            if isinstance(norm, DTensor):  # the sum of squares is partial per rank until reduced
-                norm = norm.full_tensor()
             torch.nn.utils.clip_grads_with_norm_(self.params, self.grad_clip, norm, foreach=True)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def set_learning_rates(self, lrs: dict[str, float]):
         set_learning_rates(self.optimizer, lrs)

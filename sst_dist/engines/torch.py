@@ -71,11 +71,15 @@ class TorchEngine:
         (loss / self.accumulation).backward()
 
     def step(self):
+        """One optimizer step; returns the gradient norm (before clipping) for the divergence guard."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.grad_clip:
-            params = [p for g in self.optimizer.param_groups for p in g["params"]]
-            torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
+        else:
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        return norm
 
     def set_learning_rates(self, lrs: dict[str, float]):
         set_learning_rates(self.optimizer, lrs)

@@ -1,0 +1,153 @@
+"""The output folder: checked before anything is written, held by one run at a time, its logs cut
+back to the step a run resumes from."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import time
+from pathlib import Path
+
+LOCK = "run.lock"
+
+
+class RunError(RuntimeError):
+    """A problem with the output folder, its checkpoints or the run's progress; the message is one
+    line for the user."""
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Replaces `path` by `text` at once: a kill leaves the old file or the new one, never a mix."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def prepare(out: Path) -> None:
+    """Creates the output folder, or says in one line why it cannot hold a run."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file, not a folder" if existing == out else f"is inside {existing}, which is a file"
+        raise RunError(f"--output-dir {out} {where}")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise RunError(f"--output-dir {out}: cannot create it ({err.strerror})") from None
+    if (out / "checkpoints").exists() and not (out / "checkpoints").is_dir():
+        raise RunError(f"--output-dir {out}: {out / 'checkpoints'} is a file, not a folder")
+    for path in (out, out / "checkpoints", out / "metrics.jsonl", out / "recipe.json"):
+        if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
+            raise RunError(f"--output-dir {out}: {path} is read-only")
+
+
+def _start_time(pid: int) -> str | None:
+    """When the kernel started `pid` (Linux): tells the lock's holder from a process that got its pid later."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _running(pid, start: str | None) -> bool:
+    if not isinstance(pid, int) or pid <= 0:
+        return True  # not a pid this code wrote: assume the holder may still be there
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        pass
+    now = _start_time(pid)
+    return start is None or now is None or now == start
+
+
+class RunLock:
+    """`run.lock` in the output folder, naming the run that writes there (host, pid, start).
+
+    Taken by rank 0 before anything is written. A lock whose process is gone (a kill -9, a crashed
+    node's run re-started on the same host) is taken over with a warning; a live one, or one from
+    another host (whose processes cannot be checked from here), stops the new run.
+    """
+
+    def __init__(self, out: Path):
+        self.path = out / LOCK
+        self.held = False
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+
+    def acquire(self) -> str | None:
+        """Takes the lock; returns a warning line if it took over a stale one. Raises RunError if held."""
+        text = json.dumps({**self.me, "since": time.strftime("%Y-%m-%d %H:%M:%S")})
+        warning = None
+        try:
+            if not self._create(text):
+                holder = self._holder()
+                if holder is None or holder.get("host") != self.me["host"] or _running(
+                        holder.get("pid"), holder.get("start")):
+                    raise RunError(self._in_use(holder))
+                warning = (f"warning: {self.path}: took over the lock of pid {holder['pid']} "
+                           f"(started {holder.get('since', '?')}), which is no longer running")
+                self.path.unlink(missing_ok=True)
+                if not self._create(text):  # another run took it over first
+                    raise RunError(self._in_use(self._holder()))
+        except OSError as err:
+            raise RunError(f"--output-dir {self.path.parent}: cannot write {self.path.name} "
+                           f"({err.strerror})") from None
+        self.held = True
+        return warning
+
+    def release(self) -> None:
+        if self.held and (self._holder() or {}).get("pid") == self.me["pid"]:
+            self.path.unlink(missing_ok=True)
+        self.held = False
+
+    def _create(self, text: str) -> bool:
+        """Creates the lock file whole (a hard link of a finished temporary file), or not at all if
+        it exists: a reader never sees it half written."""
+        tmp = self.path.with_name(f"{self.path.name}.{self.me['pid']}.tmp")
+        tmp.write_text(text)
+        try:
+            os.link(tmp, self.path)
+            return True
+        except FileExistsError:
+            return False
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _holder(self) -> dict | None:
+        try:
+            holder = json.loads(self.path.read_text())
+        except (OSError, ValueError):
+            return None
+        return holder if isinstance(holder, dict) else None
+
+    def _in_use(self, holder: dict | None) -> str:
+        if holder is None:
+            return (f"--output-dir {self.path.parent} is in use ({self.path} is unreadable); "
+                    f"delete it if no run writes there")
+        return (f"--output-dir {self.path.parent} is in use by pid {holder.get('pid')} on "
+                f"{holder.get('host')} (since {holder.get('since', '?')}); stop that run, or delete "
+                f"{self.path} if it is gone")
+
+
+def cut_log(path: Path, last_step: int) -> int:
+    """Drops the rows of a .jsonl log past `last_step`, and a line torn by a kill, so that a resumed
+    run appends every step once. Rewrites the file atomically; returns how many rows were dropped."""
+    if not path.is_file():
+        return 0
+    text = path.read_text()
+    lines = text.splitlines()
+    kept = []
+    for line in lines:
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict) and row.get("step", 0) <= last_step:
+            kept.append(line)
+    if len(kept) != len(lines) or not text.endswith("\n") and text:
+        write_atomic(path, "".join(line + "\n" for line in kept))
+    return len(lines) - len(kept)
