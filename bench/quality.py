@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sst_dist.config import METHODS, ConfigError, load_recipe  # noqa: E402
+from sst_dist.config import METHODS, ConfigError, flatten, load_recipe  # noqa: E402
 
 # recipe keys that do not change what a run trains: a finished or half-done folder whose recipe
 # differs from this invocation's only in these is still the same run
@@ -236,16 +236,6 @@ def last_row(folder: Path) -> dict | None:
         except ValueError:
             continue
     return None
-
-
-def flatten(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def recipe_mismatch(spec: RunSpec, folder: Path) -> str | None:
@@ -686,6 +676,19 @@ def run_all(specs: list[RunSpec], out: Path, slots: list[str | None], status_eve
     return failed, mine
 
 
+def run_and_report(specs: list[RunSpec], out: Path, slots: list[str | None], status_every: float,
+                   t0: float) -> list[str] | None:
+    """run_all, then this invocation's table; the names that failed, or None if interrupted."""
+    try:
+        failed, mine = run_all(specs, out, slots, status_every)
+    except (KeyboardInterrupt, Interrupted):
+        return None
+    print(f"\nruns done in {time.time() - t0:.0f} s\n", flush=True)
+    if mine:
+        print(report(out, mine), end="", flush=True)
+    return failed
+
+
 def gpu_slots(count: int, per_gpu: int = 1) -> list[str]:
     """The GPU ids to pin runs to, within an inherited CUDA_VISIBLE_DEVICES if one is set; each id
     `per_gpu` times (a small model leaves a GPU idle between kernels: two runs fill it, at the
@@ -824,27 +827,17 @@ def main(argv=None) -> int:
                else "one after another on CPU")
         print(f"{len(specs)} run(s) of {args.steps} steps, {way}, under {out / 'runs'}", flush=True)
         t0 = time.time()
-        try:
-            failed, mine = run_all(specs, out, slots, args.status_every)
-        except (KeyboardInterrupt, Interrupted):
-            return 130
-        print(f"\nruns done in {time.time() - t0:.0f} s\n", flush=True)
-        if mine:
-            print(report(out, mine), end="", flush=True)
-        if args.best_to and not failed:
+        failed = run_and_report(specs, out, slots, args.status_every, t0)
+        if failed is not None and args.best_to and not failed:
             # the sweep's table stays as sweep.csv / sweep.md; quality.* then hold the winners
             for suffix in (".csv", ".md"):
                 shutil.copyfile(out / f"quality{suffix}", out / f"sweep{suffix}")
             winners = best_of_each(specs, out, args.best_to)
             print(f"\ncontinuing each method's best run to {args.best_to} steps: "
                   + ", ".join(f"{w.method} {w.variant}".strip() for w in winners), flush=True)
-            try:
-                failed, mine = run_all(winners, out, slots, args.status_every)
-            except (KeyboardInterrupt, Interrupted):
-                return 130
-            print(f"\nruns done in {time.time() - t0:.0f} s\n", flush=True)
-            if mine:
-                print(report(out, mine), end="", flush=True)
+            failed = run_and_report(winners, out, slots, args.status_every, t0)
+        if failed is None:
+            return 130
         if failed:
             print(f"\n{len(failed)} run(s) failed: {', '.join(failed)}", file=sys.stderr)
             return 1

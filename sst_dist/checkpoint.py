@@ -17,6 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
+from sst_dist.config import flatten
 from sst_dist.rundir import RunError, write_atomic
 
 LATEST = "latest"
@@ -177,7 +178,7 @@ def check_resume(path: Path, saved: dict, current: dict) -> list[str]:
     old = saved.get("settings")
     if old is None:  # written before checkpoints recorded their settings
         return []
-    before, after = _flat(old["recipe"]), _flat(current["recipe"])
+    before, after = flatten(old["recipe"]), flatten(current["recipe"])
     blocking, kept = [], []
     for key in sorted(before.keys() | after.keys()):
         if before.get(key) != after.get(key):
@@ -195,16 +196,6 @@ def check_resume(path: Path, saved: dict, current: dict) -> list[str]:
         raise RunError(f"cannot resume {path}, it was written with other settings: {', '.join(blocking)}. "
                        f"Re-run with its settings, or use another --output-dir to start fresh")
     return kept
-
-
-def _flat(tree: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in tree.items():
-        if isinstance(value, dict):
-            flat.update(_flat(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
 
 
 def _show(value) -> str:

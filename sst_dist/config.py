@@ -148,6 +148,17 @@ class Recipe:
         return dataclasses.asdict(self)
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A recipe tree (Recipe.to_dict(), recipe.json) as {"section.key": value}."""
+    flat = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
 def _allowed_keys(cls) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
