@@ -12,7 +12,7 @@ import psutil
 import pytest
 
 from conftest import ROOT, free_port, quiet_env, read_metrics, remove_shm_buffers, run_deepspeed
-from sst_dist.checkpoint import latest_checkpoint, step_name
+from sst_dist.checkpoint import resolve, step_name
 
 pytestmark = pytest.mark.slow
 
@@ -77,8 +77,9 @@ def test_stopping_a_deepspeed_job_checkpoints_every_rank(tmp_path, how):
     assert not alive  # no rank trains on unattended
     stopped = len(read_metrics(tmp_path))
     assert "checkpoint saved" in out, err[-3000:]
-    latest = latest_checkpoint(tmp_path)
-    assert latest is not None and latest.name == step_name(stopped)
+    candidates, warning = resolve(tmp_path)
+    latest = candidates[0]
+    assert warning is None and latest.name == step_name(stopped)
     shards = sorted(p.name for p in (latest / "engine").glob("*optim_states.pt"))
     assert len(shards) == 2, shards  # both ranks' ZeRO partitions: every rank saved
     if how == "kill the wrapper":
