@@ -87,6 +87,8 @@ class ParamCounts:
     trainable: int  # have a gradient and an fp32 master
     frozen: int
     moments: int  # elements of ONE Adam moment: trainable, GaLore targets in their projected shape
+    ages: int  # elements of the per-element step counts of the groups whose slots are reset
+    #            (SST's s, u_active, vh_active; ReLoRA*'s factors): sst_dist.optim
     projectors: int  # GaLoreAdamW's projectors, kept in its optimizer state (optimizer form only)
     largest_module: int  # parameters of the largest single module (what ZeRO-3 gathers at once)
     buffer_bytes: int  # module buffers (SST's active indices), replicated under every stage
@@ -134,15 +136,18 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     def bias(linear):
         return linear.bias is not None
 
-    extra_width = refresh_grad = kept_weight = 0
+    extra_width = refresh_grad = kept_weight = ages = 0
     galore_params: list[nn.Parameter] = []
     if method in ("lora", "relora"):  # ReLoRA* holds the same tensors; its merges are transient
         made = _swap_linears(net, targets, lambda lin: LoRALinear(
             lin.in_features, lin.out_features, rank, bias(lin), device="meta"))
         extra_width += sum(layer.rank for layer in made)
+        if method == "relora":
+            ages = sum(p.numel() for layer in made for p in layer.lowrank_parameters())
     if method in ("sst", "sst+galore"):
         made = _swap_linears(net, targets, lambda lin: SSTLinear(
             lin.in_features, lin.out_features, rank, bias(lin), path=sst_path, device="meta"))
+        ages = sum(layer.spectral.numel() for layer in made)
         if sst_path == "factored":
             extra_width += sum(layer.k for layer in made)
         if sst_path == "materialized":
@@ -185,7 +190,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
     return ParamCounts(
         total=sum(p.numel() for p in params), trainable=trainable,
-        frozen=sum(p.numel() for p in params if not p.requires_grad), moments=moments,
+        frozen=sum(p.numel() for p in params if not p.requires_grad), moments=moments, ages=ages,
         projectors=projectors, largest_module=largest,
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
         extra_saved_width=extra_width, refresh_grad=refresh_grad, kept_weight=kept_weight)
@@ -297,7 +302,7 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
     # casts that to fp32 for the optimizer; the gradients, both copies and the optimizer live together.
     step_copies = shard(counts.trainable * wb, 1) + (shard(counts.trainable * 4, 1) if bf16 else 0.0)
     masters = shard(counts.trainable * 4, 1) if bf16 else 0.0
-    optimizer = shard((2 * counts.moments + counts.projectors) * 4, 1)
+    optimizer = shard((2 * counts.moments + counts.ages + counts.projectors) * 4, 1)
     bucket = reduce_bucket_size * wb if zero >= 1 else 0
     # ZeRO-3 gathers a module's weights (and reduces its gradients) at a time; DeepSpeed's own
     # estimator reserves 2 x the largest module for it

@@ -35,6 +35,8 @@ def test_lora_counts(method):
     assert c.frozen == DENSE  # W
     assert c.trainable == c.moments == FULL_RANK_REST + factors == 50_921_472
     assert c.total == c.trainable + c.frozen
+    # ReLoRA* resets its factors' state: they count their steps per element (sst_dist.optim)
+    assert c.ages == (factors if method == "relora" else 0)
 
 
 @pytest.mark.parametrize("path", ["dense", "factored"])
@@ -46,6 +48,8 @@ def test_sst_counts(path):
     frozen = L * sum(out * kk + kk * inp for (out, inp), kk in zip(SHAPES, k))
     c = count_parameters("125m", "sst", R, sst_path=path)
     assert c.trainable == c.moments == EMBEDDINGS + LAYER_NORMS + trainable
+    # s, u_active and vh_active (not the bias) count their steps per element for exact resets
+    assert c.ages == L * sum(kk + out * R + R * inp for (out, inp), kk in zip(SHAPES, k))
     assert c.frozen == frozen == 12 * (4 * 2 * H * H + 2 * (F * H + H * H))
     # the factored path keeps h = x Vhᵀ (width k) per targeted layer for backward
     assert c.extra_saved_width == (L * sum(k) if path == "factored" else 0)
@@ -115,7 +119,7 @@ def test_zero_stage_divides_the_right_categories(method, zero):
 
     assert e["weights"] == round(c.total * 2 / by(3) + c.buffer_bytes)  # frozen U, Vh sharded too
     assert e["masters"] == round(c.trainable * 4 / by(1))
-    assert e["optimizer"] == round(c.moments * 8 / by(1))
+    assert e["optimizer"] == round((c.moments * 8 + c.ages * 4) / by(1))  # two moments, and the ages
     # bf16 gradients from stage 2; the step's flattened bf16 and fp32 copies (per partition) from stage 1
     assert e["gradients"] == round(c.trainable * 2 / by(2) + c.trainable * (2 + 4) / by(1))
     assert e["activations"] == _split(method, zero, 1)["activations"]  # data parallel: per GPU
