@@ -29,6 +29,9 @@ def run_cli(args) -> int:
             from sst_dist.engines.deepspeed import read_ds_config
 
             read_ds_config(args.ds_config, recipe)  # checked now, not after the data is prepared
+        from sst_dist.engines import check_precision
+
+        check_precision(engine, recipe)
         from sst_dist.train import Run, main, set_threads
 
         set_threads()

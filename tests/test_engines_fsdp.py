@@ -9,6 +9,7 @@ code must agree far inside the bar, so the bar tests the engine, not the arithme
 """
 
 import json
+import math
 import shutil
 import subprocess
 import sys
@@ -102,6 +103,17 @@ def test_fsdp_follows_the_single_process_curve(tmp_path, single_process_curves, 
     fsdp_run(tmp_path, recipe, *extra)
     assert_curves_match(reference(single_process_curves, recipe, *extra), losses(tmp_path), rel=1e-4, steps=40)
     assert_events_crossed(recipe, read_metrics(tmp_path))
+
+
+def test_fsdp_trains_under_bf16_on_cpu(tmp_path, single_process_curves):
+    """train.dtype: bfloat16 gathers and computes in bf16 (MixedPrecisionPolicy) on CPU ranks too."""
+    recipe = "recipes/tiny-sst.yaml"
+    fsdp_run(tmp_path, recipe, "--max-steps", "3", "--set", "train.dtype=bfloat16")
+    mixed, full = losses(tmp_path), single_process_curves(recipe)
+    assert sorted(mixed) == [1, 2, 3]
+    for step in (1, 2, 3):
+        assert math.isfinite(mixed[step]) and mixed[step] != full[step]
+        assert abs(mixed[step] - full[step]) < 0.01 * full[step]
 
 
 # ----------------------------------------------------------------------------- resume

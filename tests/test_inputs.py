@@ -48,6 +48,8 @@ CASES = {
     "zero-3": (lambda tmp: (TINY, ["--ds-config", ds_config(tmp, zero_optimization=3)]),
                "error: --ds-config {tmp}/ds.json: zero_optimization is 3; write it as an object"),
     # were silent
+    "bf16-deepspeed-cpu": (lambda tmp: (TINY, ["--ds-config", "ds_configs/zero2.json", "--set", "train.dtype=bfloat16"]),
+                           "error: train.dtype: bfloat16 under DeepSpeed needs a GPU"),
     "lr-nan": (lambda tmp: (TINY, ["--set", "optim.lr=nan"]), "error: optim.lr: 'nan' is not a finite number"),
     "empty": (lambda tmp: (write(tmp / "r.yaml", "# to do\n"), []), "error: --recipe {tmp}/r.yaml: the recipe is empty;"),
     "twice": (lambda tmp: (write(tmp / "r.yaml", "model: {size: tiny}\nrank: 8\nmodel: {seq_len: 64}\n"), []),

@@ -131,6 +131,15 @@ def collective_failure(err: BaseException, timeout_s: float) -> str | None:
             " or died: see that rank's output")
 
 
+def check_precision(engine: str, recipe) -> None:
+    """Refuses, before anything starts, a precision an engine cannot give on this machine: bf16
+    under DeepSpeed needs a GPU (the torch and fsdp engines autocast on a CPU too)."""
+    on_cpu = recipe.train.device == "cpu" or not _torch.cuda.is_available()
+    if engine == "deepspeed" and recipe.train.dtype == "bfloat16" and on_cpu:
+        raise ConfigError("train.dtype: bfloat16 under DeepSpeed needs a GPU (its CPU ranks run "
+                          "float32); use --set train.dtype=float32, or the torch or fsdp engine")
+
+
 def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro_batch, accumulation,
                  ds_config=None, ctx=None):
     if name == "torch":
@@ -141,9 +150,6 @@ def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro
     if name == "deepspeed":
         from sst_dist.engines.deepspeed import DeepSpeedEngine
 
-        if dtype == _torch.bfloat16 and device.type != "cuda":
-            raise ConfigError("train.dtype: bfloat16 under DeepSpeed needs a GPU (its CPU ranks run "
-                              "float32); use --set train.dtype=float32, or the torch or fsdp engine")
 
         return DeepSpeedEngine(model, param_groups, recipe, device=device, dtype=dtype,
                                micro_batch=micro_batch, accumulation=accumulation,
