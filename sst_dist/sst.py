@@ -522,8 +522,9 @@ def strided_runs(pieces):
                 stride = by_tag[best[1]].storage_offset() - start
                 whole = view.as_strided((len(best), *view.shape), (stride, *view.stride()), start)
                 yield whole, first, step, len(best), group
-            taken = set(best)
-            left = [tag for tag in left if tag not in taken]
+            for tag in best:  # gone from by_tag too, or a later run's progression could pass over it
+                del by_tag[tag]
+            left = [tag for tag in left if tag in by_tag]
 
 
 class _RenormPlan:

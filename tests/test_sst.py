@@ -315,6 +315,34 @@ def test_post_step_coalesces_layers_laid_out_in_one_flat_buffer():
             model[i] = SSTLinear.from_linear(model[i], 3, torch.Generator().manual_seed(i))
         return model
 
+    apart, flat, controllers = _apart_and_flat(blocks)
+    assert flat[2].spectral.data_ptr() == flat[0].spectral.data_ptr() + 2 * flat[0].spectral.numel() * 8
+    views, _ = controllers[1]._plan.div_lists[torch.float64]
+    assert [tuple(v.shape) for v in views] == [(4, 8, 3), (4, 3, 8)]  # u of all layers, vh of all
+    assert len(controllers[0]._plan.div_lists[torch.float64][0]) == 8  # separate storages: per layer
+
+
+def test_post_step_scales_each_layer_once_in_the_flat_buffer_of_two_opt_blocks():
+    """q, k, v, out, fc1, fc2 twice in one buffer: u of fc2 (block 0), q (block 1) and fc2 (block 1)
+    lie at one stride, and so do u of q, k, v, out of block 1. q of block 1 belongs to one run only;
+    scaled by both, a ZeRO run's model copy of it differed from its master every step."""
+    def blocks():
+        torch.manual_seed(0)
+        shapes = [(8, 8)] * 4 + [(8, 32), (32, 8)]  # (in, out) of q, k, v, out, fc1, fc2
+        model = nn.Sequential(*[nn.Linear(i, o) for _ in range(2) for i, o in shapes]).double()
+        for i in range(len(model)):
+            model[i] = SSTLinear.from_linear(model[i], 3, torch.Generator().manual_seed(i))
+        return model
+
+    _, _, controllers = _apart_and_flat(blocks)
+    views, _ = controllers[1]._plan.div_lists[torch.float64]
+    assert sum(v.shape[0] for v in views) == 2 * 12  # u and vh of each layer, once
+    assert max(v.shape[0] for v in views) > 1  # and still coalesced
+
+
+def _apart_and_flat(blocks, steps=4):
+    """Two copies of blocks(): one as built, one with every spectral in one flat buffer; trains
+    both with post_step and checks they stay equal. Returns (apart, flat, controllers)."""
     apart, flat = blocks(), blocks()
     buffer = torch.cat([layer.spectral.data for layer in flat])
     offset = 0
@@ -323,18 +351,15 @@ def test_post_step_coalesces_layers_laid_out_in_one_flat_buffer():
         layer.spectral.data = buffer[offset:offset + n]
         offset += n
     opts = [torch.optim.AdamW(m.parameters(), lr=0.5) for m in (apart, flat)]
-    controllers = [SSTController({str(i): m[i] for i in range(4)}, TorchBackend(o), seed=0)
+    controllers = [SSTController({str(i): m[i] for i in range(len(m))}, TorchBackend(o), seed=0)
                    for m, o in zip((apart, flat), opts)]
-    for i in range(4):
+    for i in range(steps):
         for model, opt, controller in zip((apart, flat), opts, controllers):
             _step(model, opt, i)
             controller.post_step()
         for p, q in zip(apart.parameters(), flat.parameters()):
             torch.testing.assert_close(q, p, rtol=0, atol=1e-12)
-    assert flat[2].spectral.data_ptr() == buffer[2 * flat[0].spectral.numel()].data_ptr()
-    views, _ = controllers[1]._plan.div_lists[torch.float64]
-    assert [tuple(v.shape) for v in views] == [(4, 8, 3), (4, 3, 8)]  # u of all layers, vh of all
-    assert len(controllers[0]._plan.div_lists[torch.float64][0]) == 8  # separate storages: per layer
+    return apart, flat, controllers
 
 
 def test_post_step_follows_a_parameter_whose_storage_changed():
