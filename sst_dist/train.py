@@ -359,7 +359,9 @@ class MetricsLogger:
 
 
 def set_threads() -> None:
-    """One thread per local rank on CPU, so two gloo ranks do not fight over two cores."""
+    """On CPU, the cores shared out over the local ranks, so two gloo ranks do not fight over two
+    cores; an OMP_NUM_THREADS in the environment wins (torch applied it at import): a CPU run's
+    sums, hence its last bits, depend on the thread count, and the tests pin it on every side."""
     local_world = int(os.environ.get("LOCAL_WORLD_SIZE", os.environ.get("WORLD_SIZE", "1")))
-    if local_world > 1 and not torch.cuda.is_available():
+    if local_world > 1 and not torch.cuda.is_available() and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))

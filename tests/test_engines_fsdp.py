@@ -5,7 +5,8 @@ In float32, tiny-full on 2 ranks differs from the single process only in the ord
 norm is summed (per shard, then across ranks): with optim.grad_clip=0 the two curves are
 bit-identical, with clipping Adam amplifies that last-bit difference to 1e-4..1e-3 within 40
 steps, as far as the float32 reference itself lies from the float64 one. In float64 the same
-code must agree far inside the bar, so the bar tests the engine, not the arithmetic.
+code must agree far inside the bar, so the bar tests the engine, not the arithmetic. SST + GaLore
+is the exception (float32, see test_fsdp_follows_the_single_process_curve).
 """
 
 import json
@@ -24,12 +25,12 @@ pytestmark = pytest.mark.slow
 F64 = ("--set", "train.dtype=float64")
 
 
-def fsdp_run(output_dir, recipe, *extra, nproc=2):
-    return pretrain(output_dir, recipe, "--engine", "fsdp", *F64, *extra, launcher="torchrun", nproc=nproc)
+def fsdp_run(output_dir, recipe, *extra, nproc=2, dtype=F64):
+    return pretrain(output_dir, recipe, "--engine", "fsdp", *dtype, *extra, launcher="torchrun", nproc=nproc)
 
 
-def reference(single_process_curves, recipe, *extra):
-    return single_process_curves(recipe, *F64, *extra)
+def reference(single_process_curves, recipe, *extra, dtype=F64):
+    return single_process_curves(recipe, *dtype, *extra)
 
 
 # ----------------------------------------------------------------------------- the seam, read back
@@ -100,8 +101,15 @@ def test_fsdp_materialized_path_with_accumulation_follows_the_dense_curve(tmp_pa
                                     "recipes/tiny-sst+galore.yaml"])
 def test_fsdp_follows_the_single_process_curve(tmp_path, single_process_curves, recipe):
     extra = engine_parity_overrides(recipe)
-    fsdp_run(tmp_path, recipe, *extra)
-    assert_curves_match(reference(single_process_curves, recipe, *extra), losses(tmp_path), rel=1e-4, steps=40)
+    # SST + GaLore trains in float32, where without clipping 2 ranks run bit-identical to 1. In
+    # float64 SST's renormalisation sums per shard (split-independent at float32 precision only;
+    # with sst.renormalize=false the float64 curves are bit-identical), the curves part from step
+    # 23, and the refresh at step 31, a float32 SVD whatever the dtype, took them to 8.6e-4 with
+    # ATEN_CPU_CAPABILITY=avx2 (3.7e-6 with avx512).
+    dtype = () if recipe == "recipes/tiny-sst+galore.yaml" else F64
+    fsdp_run(tmp_path, recipe, *extra, dtype=dtype)
+    assert_curves_match(reference(single_process_curves, recipe, *extra, dtype=dtype), losses(tmp_path),
+                        rel=1e-4, steps=40)
     assert_events_crossed(recipe, read_metrics(tmp_path))
 
 

@@ -2,14 +2,17 @@
 
 import json
 import math
+import os
 import signal
 import subprocess
 import sys
 import time
 
 import pytest
+import torch
 
 from conftest import ROOT, losses, pretrain, quiet_env, read_metrics
+from sst_dist.train import set_threads
 
 
 @pytest.mark.parametrize("method", ["sst", "full", "lora", "relora", "galore", "sst+galore"])
@@ -93,3 +96,21 @@ def test_eval_only_reproduces_the_evaluation_of_the_checkpoint(tmp_path):
     empty = pretrain(tmp_path / "none", "recipes/tiny-sst.yaml", "--eval-only", check=False)
     assert empty.returncode == 2 and "error: --eval-only: no checkpoint" in empty.stderr
     assert "Traceback" not in empty.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="set_threads leaves GPU runs alone")
+def test_set_threads_shares_the_cores_unless_omp_num_threads_is_set(monkeypatch):
+    """The curve tests pin OMP_NUM_THREADS on the reference and on every rank (conftest.quiet_env):
+    a rank must keep it, not take its share of os.cpu_count()."""
+    before = torch.get_num_threads()
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    try:
+        torch.set_num_threads(3)
+        monkeypatch.setenv("OMP_NUM_THREADS", "3")
+        set_threads()
+        assert torch.get_num_threads() == 3
+        monkeypatch.delenv("OMP_NUM_THREADS")
+        set_threads()
+        assert torch.get_num_threads() == max(1, (os.cpu_count() or 1) // 2)
+    finally:
+        torch.set_num_threads(before)
