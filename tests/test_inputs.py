@@ -124,7 +124,7 @@ def test_wandb_gets_every_log_every_th_step_and_the_environment_mode(tmp_path, m
     monkeypatch.setitem(sys.modules, "wandb", fake)
     monkeypatch.setenv("WANDB_MODE", "online")  # as a cluster script exports it
     recipe = load_recipe("recipes/tiny-sst.yaml", ["train.log_every=3", "train.max_steps=8"])
-    logger = MetricsLogger(tmp_path, recipe, enabled=True, resumed=False)
+    logger = MetricsLogger(tmp_path, recipe, enabled=True, resume_step=0)
     for step in range(1, 9):
         logger.log({"step": step, "loss": 1.0, **({"eval_loss": 2.0} if step == 4 else {})})
     logger.close()
