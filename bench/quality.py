@@ -446,12 +446,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
             ax.plot([x["tokens"] for x in evals], [x["eval_loss"] for x in evals], marker="o", markersize=3,
                     label=label(r), **style)
     ax.set(xlabel="tokens", ylabel="eval loss (nats)", title="Held-out loss")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "eval_loss.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "eval_loss.png", legend=True))
 
     fig, ax = plt.subplots(figsize=(8, 5))
     tops, lows, windows = [], [], set()
@@ -476,12 +471,7 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     mean = f", trailing mean of {max(windows)} steps" if windows and max(windows) > 1 else ""
     ax.set(xlabel="tokens", ylabel=f"training loss (nats{mean})",
            title="Training loss (faint lines: ReLoRA* resets, SST resamples)")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written.append(out / "train_loss.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "train_loss.png", legend=True))
 
     # on CPU no memory is measured: the trainable-parameter count stands in as the cost axis
     measured = [r for r in results if r.get("peak_mem_gib") and r.get("eval_ppl")]
@@ -497,12 +487,20 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.set(xlabel="trainable parameters (no GPU memory measured)",
                title="Final eval perplexity against trainable parameters")
     ax.set_ylabel("eval perplexity")
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    written.append(out / "ppl_vs_memory.png")
-    fig.savefig(written[-1], dpi=120)
-    plt.close(fig)
+    written.append(_save(fig, ax, out / "ppl_vs_memory.png", legend=False))
     return written
+
+
+def _save(fig, ax, path: Path, legend: bool) -> Path:
+    import matplotlib.pyplot as plt
+
+    ax.grid(alpha=0.3)
+    if legend:
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def read_meta(folder: Path) -> dict | None:
