@@ -5,7 +5,8 @@
 #
 # Run it on a machine with network access and torch installed (DeepSpeed's build imports torch).
 # DeepSpeed publishes only a source archive, so it is built here with no compiled ops
-# (DS_BUILD_OPS=0: FusedAdam and friends JIT-compile on the GPU node, which needs ninja and nvcc).
+# (DS_BUILD_OPS=0: the trainer steps torch's AdamW and uses none of them; other ops would JIT-compile on
+# the GPU node, which needs ninja and nvcc).
 # The pure-python and binary dependencies are downloaded for the node's Python, not this one's.
 # On the node:
 #   pip install --no-index --no-deps --target /tmp/site OUT_DIR/*.whl && export PYTHONPATH=/tmp/site
