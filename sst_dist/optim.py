@@ -42,7 +42,6 @@ class BiasCorrection:
         bc1 = 1.0 - torch.tensor(beta1, dtype=torch.float64) ** ages
         bc2 = 1.0 - torch.tensor(beta2, dtype=torch.float64) ** ages
         bc1[0], bc2[0] = 1.0, 1.0  # age 0 only occurs for elements never stepped; never divides
-        self.key = (beta1, beta2, dtype, torch.device(device))
         self.bc1 = bc1.to(dtype=dtype, device=device)
         self.bc2_sqrt = bc2.sqrt().to(dtype=dtype, device=device)
         self.last = length - 1

@@ -237,13 +237,8 @@ def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accu
         config[key] = value
     config.setdefault("bf16", {})["enabled"] = bf16
     config.setdefault("steps_per_print", 10**9)
-    optimizer = config.get("optimizer")
-    if optimizer is not None:
-        params = optimizer.setdefault("params", {})
-        for key, value in {"lr": o.lr, "betas": [o.beta1, o.beta2], "eps": o.eps,
-                           "weight_decay": o.weight_decay}.items():
-            if params.get(key, "auto") == "auto":
-                params[key] = value
+    # an optimizer section is checked (read_ds_config) but not filled: the engine steps
+    # sst_dist.optim.AdamW with the recipe's settings, never DeepSpeed's optimizer
     return config
 
 
