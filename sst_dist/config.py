@@ -34,6 +34,9 @@ class ModelConfig:
     seq_len: int = 128
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False
+    # continued pretraining: start from a transformers OPT folder (a local path, or a hub name when
+    # the hub is reachable) instead of a fresh initialisation; every method's surgery follows
+    init_from: str | None = None
 
 
 @dataclass
@@ -286,6 +289,10 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))
     _choice("data.source", recipe.data.source, ("sample", "local", "openwebtext"))
     _choice("wandb.mode", recipe.wandb.mode, WANDB_MODES)
+    if recipe.model.init_from is not None:
+        from sst_dist.models import check_init_from
+
+        check_init_from(recipe.model.init_from, recipe.model.size)
     if recipe.data.source == "local" and not recipe.data.path:
         raise ConfigError("data.path: required when data.source is 'local' (a folder of text files)")
     for key, value in [

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
+import torch
 from transformers import OPTConfig, OPTForCausalLM
 
 # hidden, layers, heads, ffn (Zhang et al. 2022, Table 1; HF facebook/opt-* configs)
@@ -77,5 +82,85 @@ def check_attn_implementation(name: str, device) -> None:
 
 
 def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
-                attn_implementation: str = "sdpa") -> OPTForCausalLM:
-    return OPTForCausalLM(opt_config(size, vocab_size, seq_len, attn_implementation))
+                attn_implementation: str = "sdpa", init_from: str | None = None) -> OPTForCausalLM:
+    model = OPTForCausalLM(opt_config(size, vocab_size, seq_len, attn_implementation))
+    if init_from is not None:
+        load_init_weights(model, init_from, size)
+    return model
+
+
+# ----------------------------------------------------------------------------- model.init_from
+
+_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "word_embed_proj_dim",
+                 "do_layer_norm_before")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+
+
+def _architecture(config: dict) -> dict:
+    """The keys of an OPT config that fix its weights' shapes (the size), with OPTConfig's defaults."""
+    defaults = {"word_embed_proj_dim": config.get("hidden_size"), "do_layer_norm_before": True}
+    return {key: config.get(key, defaults.get(key)) for key in _ARCHITECTURE}
+
+
+def _size_mismatch(path, theirs: dict, size: str) -> str | None:
+    ours = _architecture({**OPT_SIZES[size]})
+    theirs = _architecture(theirs)
+    if theirs == ours:
+        return None
+    same = [name for name in OPT_SIZES if _architecture(dict(OPT_SIZES[name])) == theirs]
+    hint = f"set model.size: {same[0]}" if same else "it is none of the OPT sizes built here"
+    differ = ", ".join(f"{k} {theirs[k]} (model.size {size}: {ours[k]})" for k in _ARCHITECTURE if theirs[k] != ours[k])
+    return f"model.init_from: {path} does not have the shape of model.size {size!r}: {differ}; {hint}"
+
+
+def check_init_from(path: str, size: str) -> None:
+    """ConfigError (one line) for a model.init_from that cannot start a `size` model: a folder
+    without an OPT config.json, or an OPT of another size. A hub name is checked when it loads."""
+    from sst_dist.config import ConfigError
+
+    folder = Path(path).expanduser()
+    if not folder.exists():
+        if _HUB_NAME.fullmatch(path) and not path.startswith("."):
+            return
+        raise ConfigError(f"model.init_from: {path}: no such folder")
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise ConfigError(f"model.init_from: {path} is not a transformers model folder (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, ValueError):
+        raise ConfigError(f"model.init_from: {config_file} is not readable JSON") from None
+    if config.get("model_type") != "opt":
+        raise ConfigError(f"model.init_from: {path} holds a {config.get('model_type')!r} model, not OPT")
+    problem = _size_mismatch(path, config, size)
+    if problem:
+        raise ConfigError(problem)
+
+
+def load_init_weights(model: OPTForCausalLM, path: str, size: str) -> None:
+    """Copies a transformers OPT's weights (a local folder, or the hub when reachable) into `model`,
+    which has the recipe's shapes; ConfigError (one line) if they differ (size, vocabulary, seq_len)."""
+    from sst_dist.config import ConfigError
+    from sst_dist.data.tokenizer import hub_reachable
+
+    local = Path(path).expanduser().exists()
+    try:
+        source = OPTForCausalLM.from_pretrained(str(Path(path).expanduser()) if local else path,
+                                                dtype=torch.float32,
+                                                local_files_only=local or not hub_reachable())
+    except Exception as err:  # OSError, ValueError, hub errors: all mean "cannot load it here"
+        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
+        raise ConfigError(f"model.init_from: cannot load {path} ({reason})") from None
+    problem = _size_mismatch(path, source.config.to_dict(), size)
+    if problem:
+        raise ConfigError(problem)
+    theirs, ours = source.state_dict(), model.state_dict()
+    for name, tensor in ours.items():
+        if name not in theirs:
+            raise ConfigError(f"model.init_from: {path} has no {name}")
+        if theirs[name].shape != tensor.shape:
+            raise ConfigError(f"model.init_from: {path}: {name} is {tuple(theirs[name].shape)} there, "
+                              f"{tuple(tensor.shape)} here (the run's vocabulary and model.seq_len must match)")
+    with torch.no_grad():
+        for name, tensor in ours.items():
+            tensor.copy_(theirs[name])

@@ -115,7 +115,7 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     torch.manual_seed(recipe.seed)
     vocab = data.vocab_size if recipe.model.size == "tiny" else max(OPT_VOCAB, data.vocab_size)
     model = build_model(recipe.model.size, vocab_size=vocab, seq_len=recipe.model.seq_len,
-                        attn_implementation=recipe.model.attn_implementation)
+                        attn_implementation=recipe.model.attn_implementation, init_from=recipe.model.init_from)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
     model.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)

@@ -1,0 +1,341 @@
+"""A run's checkpoint -> a plain transformers OPTForCausalLM folder, with the tokenizer that made its data.
+
+    python -m sst_dist.export --output-dir runs/tiny-sst --out exported/tiny-sst
+    python -m sst_dist.export --output-dir RUN --out DIR --step 1000 --dtype bf16 --keep-singular 0.5
+
+The folder loads with `AutoModelForCausalLM.from_pretrained(DIR)` and `AutoTokenizer.from_pretrained(DIR)`
+and no project code. Every engine's checkpoint is read on a CPU: the single process's `state.pt`,
+DeepSpeed ZeRO partitions (consolidated by DeepSpeed's own zero_to_fp32, fp32 masters), FSDP2 DCP
+folders (read by torch.distributed.checkpoint without a process group). Each method layer becomes
+the nn.Linear (or embedding) it computes, by the method's own formulas: SST's U diag(s) Vh with
+the trained active vectors merged in (sst.spectral_weight), LoRA / ReLoRA*'s W + scale·B·A
+(lowrank.merged), GaLore's decay·W + scale·P·B (galore.merged_weight).
+
+`--keep-singular F` prunes at inference (docs/design.md §1, the paper's App. G): each SST layer keeps
+its ceil(F·k) largest singular values (by |s|, per layer) before it is made dense.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from sst_dist import checkpoint
+from sst_dist.config import ConfigError, Recipe, _build, validate
+from sst_dist.rundir import RunError
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+EXTRA_STATE = "_extra_state"
+
+
+# ----------------------------------------------------------------------------- the run's checkpoint
+
+def find_checkpoint(output_dir: str | Path, step: int | None = None) -> Path:
+    """The latest complete checkpoint of a run (or that of `step`); RunError (one line) if none."""
+    out = Path(output_dir)
+    if not out.is_dir():
+        raise RunError(f"--output-dir {out}: no such run folder")
+    if step is None:
+        found, warning = checkpoint.resolve(out)
+        if not found:
+            raise RunError(f"--output-dir {out}: no checkpoint under {checkpoint.checkpoint_root(out)}; "
+                           "train first (checkpoints are written at the end of a run)")
+        if warning:
+            print(warning, file=sys.stderr)
+        return found[0]
+    path = checkpoint.checkpoint_root(out) / checkpoint.step_name(step)
+    why = checkpoint.problem(path)
+    if why is not None:
+        have = [str(checkpoint.step_of(p)) for p in checkpoint.step_folders(out) if checkpoint.problem(p) is None]
+        raise RunError(f"--step {step}: {path} is {'not there' if why == 'missing' else 'incomplete (' + why + ')'};"
+                       f" complete checkpoints are at steps {', '.join(have) or 'none'}")
+    return path
+
+
+@dataclass
+class RunCheckpoint:
+    path: Path
+    step: int
+    recipe: Recipe
+    engine: str
+    vocab_size: int
+    data_folder: str | None = None  # the prepared data's folder name, from the data position
+    trainer_state: dict = field(default_factory=dict)
+
+
+def read_checkpoint(output_dir: str | Path, step: int | None = None) -> RunCheckpoint:
+    path = find_checkpoint(output_dir, step)
+    state = checkpoint.read_trainer_state(path)
+    settings = state.get("settings")
+    if not settings:
+        raise RunError(f"{path}: written before checkpoints recorded their settings; cannot tell its "
+                       "model and engine")
+    try:
+        recipe = validate(_build(Recipe, settings["recipe"]))
+    except ConfigError as err:
+        raise RunError(f"{path}: its recipe no longer loads ({err})") from None
+    return RunCheckpoint(path, state["step"], recipe, settings["engine"], settings["vocab_size"],
+                         (state.get("data") or {}).get("data"), state)
+
+
+def engine_state_dict(ckpt: RunCheckpoint) -> dict:
+    """The training model's full state dict on the CPU (fp32 masters where the engine keeps them),
+    with its modules' extra state (GaLore's decay)."""
+    if ckpt.engine == "torch":
+        return torch.load(ckpt.path / "state.pt", map_location="cpu", weights_only=True)["model"]
+    if ckpt.engine == "deepspeed":
+        return _deepspeed_state_dict(ckpt.path)
+    if ckpt.engine == "fsdp":
+        from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+        # no process group: DCP reads every shard into full tensors on this one process
+        return _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(ckpt.path))["model"]
+    raise RunError(f"{ckpt.path}: written by engine {ckpt.engine!r}, which this export does not read")
+
+
+def _deepspeed_state_dict(path: Path) -> dict:
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    engine_dir = path / "engine"
+    files = sorted(engine_dir.glob("*model_states.pt"))
+    if not files:
+        raise RunError(f"{engine_dir}: no DeepSpeed model states file")
+    # rank 0's module state: buffers, extra state and (ZeRO-1/2) every weight; ZeRO-3 placeholders
+    # and all trainable weights are then replaced by the consolidated fp32 masters
+    module = torch.load(files[0], map_location="cpu", weights_only=False)["module"]
+    merged = {key: value for key, value in module.items()}
+    masters = get_fp32_state_dict_from_zero_checkpoint(str(path), tag="engine")
+    for key, value in masters.items():
+        ref = module.get(key)  # buffers come back as float: integer ones get their dtype again
+        merged[key] = value.to(ref.dtype) if torch.is_tensor(ref) and not ref.is_floating_point() else value
+    return merged
+
+
+# ----------------------------------------------------------------------------- method layers -> dense
+
+@dataclass
+class Pruning:
+    """What --keep-singular did to each SST layer: k singular values, `kept` of them, shape (out, in)."""
+
+    layers: dict[str, tuple[int, int, tuple[int, int]]] = field(default_factory=dict)
+
+    def factored_params(self, dense_total: int) -> int:
+        """Parameters of a factored export (U[:, :n], s[:n], Vh[:n] per SST layer, the rest dense)
+        of a model with `dense_total` dense parameters."""
+        return dense_total + sum(n * (out + inp + 1) - out * inp for _, n, (out, inp) in self.layers.values())
+
+
+def kept_count(fraction: float, k: int) -> int:
+    """Singular values kept of k at fraction F: ceil(F·k), at least 1 (F·k rounded to 6 decimals
+    first, so that 0.1 · 30 keeps 3, not 4)."""
+    return max(1, math.ceil(round(fraction * k, 6)))
+
+
+def sst_dense(prefix: str, state: dict, keep_singular: float | None, pruning: Pruning) -> torch.Tensor:
+    from sst_dist.sst import SSTLinear, dense_from_factors, merged_factors
+
+    U, Vh = state.pop(f"{prefix}.U"), state.pop(f"{prefix}.Vh")
+    idx = state.pop(f"{prefix}.active_indices").long()
+    (out, k), inp = U.shape, Vh.shape[1]
+    shell = SSTLinear(inp, out, idx.numel(), bias=False, device="meta")  # its packing of `spectral`
+    s, u_active, vh_active = shell.split(state.pop(f"{prefix}.spectral").double())
+    U, Vh = merged_factors(U.double(), Vh.double(), u_active, vh_active, idx)
+    n = k if keep_singular is None else kept_count(keep_singular, k)
+    if n < k:
+        keep = torch.topk(s.abs(), n).indices.sort().values
+        U, s, Vh = U[:, keep], s[keep], Vh[keep]
+    pruning.layers[prefix] = (k, n, (out, inp))
+    return dense_from_factors(U, s, Vh)
+
+
+def lora_dense(prefix: str, state: dict, recipe: Recipe) -> torch.Tensor:
+    from sst_dist.lowrank import LoRALinear, merged
+
+    A, B = state.pop(f"{prefix}.lora_A").double(), state.pop(f"{prefix}.lora_B").double()
+    weight = state.pop(f"{prefix}.weight").double()
+    scaling = LoRALinear(A.shape[1], B.shape[0], A.shape[0], alpha=recipe.lora.alpha, device="meta").scaling
+    return merged(weight, A, B, scaling)
+
+
+def galore_dense(prefix: str, state: dict, recipe: Recipe) -> torch.Tensor:
+    from sst_dist.galore import merged_weight, projection_side
+
+    weight = state.pop(f"{prefix}.weight").double()
+    proj, B = state.pop(f"{prefix}.proj").double(), state.pop(f"{prefix}.B").double()
+    extra = state.pop(f"{prefix}.{EXTRA_STATE}", None)
+    decay = float(extra["decay"]) if isinstance(extra, dict) else 1.0
+    side = projection_side(tuple(weight.shape), recipe.galore.proj_type)
+    return merged_weight(weight, proj, B, decay, recipe.galore.scale, side)
+
+
+def dense_state_dict(state: dict, recipe: Recipe, keep_singular: float | None = None) -> tuple[dict, Pruning]:
+    """An OPTForCausalLM state dict (float64) from a training model's: every method layer merged."""
+    state = {k: v for k, v in state.items()}
+    pruning = Pruning()
+    # a tied LM head (OPT) is the embedding: its entries (a GaLoreTiedHead's W, P, B too) go, and
+    # the head is re-tied to the merged embedding below
+    for key in [k for k in state if k.startswith("lm_head.")]:
+        del state[key]
+    prefixes = sorted({key.rsplit(".", 1)[0] for key in state if "." in key})
+    dense = {}
+    for prefix in prefixes:
+        if f"{prefix}.spectral" in state:
+            dense[f"{prefix}.weight"] = sst_dense(prefix, state, keep_singular, pruning)
+        elif f"{prefix}.lora_A" in state:
+            dense[f"{prefix}.weight"] = lora_dense(prefix, state, recipe)
+        elif f"{prefix}.proj" in state and f"{prefix}.B" in state:
+            dense[f"{prefix}.weight"] = galore_dense(prefix, state, recipe)
+    for key, value in state.items():
+        if key.endswith(EXTRA_STATE):
+            continue
+        if not torch.is_tensor(value):
+            raise RunError(f"checkpoint entry {key}: a {type(value).__name__}, not a tensor; not an OPT weight")
+        dense[key] = value.double() if value.is_floating_point() else value
+    dense["lm_head.weight"] = dense["model.decoder.embed_tokens.weight"]
+    return dense, pruning
+
+
+def build_hf_model(ckpt: RunCheckpoint, dense: dict, dtype: torch.dtype):
+    from transformers import OPTForCausalLM
+
+    from sst_dist.models import opt_config
+
+    config = opt_config(ckpt.recipe.model.size, vocab_size=ckpt.vocab_size, seq_len=ckpt.recipe.model.seq_len)
+    model = OPTForCausalLM(config).to(dtype)
+    missing, unexpected = model.load_state_dict(dense, strict=False)
+    if missing or unexpected:
+        raise RunError(f"{ckpt.path}: does not map onto OPT-{ckpt.recipe.model.size} (missing "
+                       f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(unexpected[:4]) or 'none'})")
+    model.tie_weights()
+    return model.eval()
+
+
+# ----------------------------------------------------------------------------- tokenizer
+
+def data_folder(ckpt: RunCheckpoint) -> Path | None:
+    """The prepared data folder of the run (relative paths as the trainer saw them: from here)."""
+    from sst_dist.data import prepared_dir
+
+    candidates = [prepared_dir(ckpt.recipe.data)]
+    if ckpt.data_folder:
+        candidates.insert(0, Path(ckpt.recipe.data.cache_dir) / ckpt.data_folder)
+    return next((c for c in candidates if (c / "tokenizer.json").is_file()), None)
+
+
+def hf_tokenizer(ckpt: RunCheckpoint):
+    """The tokenizer that made the run's data, as a transformers tokenizer: OPT's own when the data
+    was tokenized with it and it loads here, else the data folder's tokenizer.json wrapped."""
+    from transformers import PreTrainedTokenizerFast
+
+    from sst_dist.data.tokenizer import OPT_NAME, load_tokenizer
+
+    folder = data_folder(ckpt)
+    if folder is not None:
+        settings = json.loads((folder / "manifest.json").read_text())["settings"]
+        name, tok_json, eos_id = settings["tokenizer"], (folder / "tokenizer.json").read_text(), settings["eos_id"]
+    else:
+        print(f"warning: the run's prepared data is not under {ckpt.recipe.data.cache_dir}/; taking its "
+              f"tokenizer from data.tokenizer={ckpt.recipe.data.tokenizer}", file=sys.stderr)
+        tok = load_tokenizer(ckpt.recipe.data.tokenizer, ckpt.recipe.data.source)
+        name, tok_json, eos_id = tok.name, tok.json, tok.eos_id
+    if name == "opt":
+        try:
+            from transformers import AutoTokenizer
+
+            from sst_dist.data.tokenizer import hub_reachable
+
+            return AutoTokenizer.from_pretrained(OPT_NAME, local_files_only=not hub_reachable())
+        except Exception:  # not cached and no hub: its tokenizer.json carries the same vocabulary
+            pass
+    from tokenizers import Tokenizer
+
+    backend = Tokenizer.from_str(tok_json)
+    eos = backend.id_to_token(eos_id)
+    specials = {"eos_token": eos, "bos_token": eos}  # OPT's convention: </s> opens and ends a text
+    for key, token in (("pad_token", "<pad>"), ("unk_token", "<unk>")):
+        if backend.token_to_id(token) is not None:
+            specials[key] = token
+    return PreTrainedTokenizerFast(tokenizer_object=backend, **specials)
+
+
+# ----------------------------------------------------------------------------- the command
+
+@dataclass
+class Exported:
+    folder: Path
+    checkpoint: Path
+    step: int
+    dense_params: int
+    pruning: Pruning
+
+    @property
+    def factored_params(self) -> int:
+        return self.pruning.factored_params(self.dense_params)
+
+
+def check_fraction(value: float | None) -> None:
+    if value is not None and not (math.isfinite(value) and 0.0 < value <= 1.0):
+        raise ConfigError(f"--keep-singular: {value!r} must be a fraction in (0, 1]")
+
+
+def hf_model(output_dir: str | Path, step: int | None = None, keep_singular: float | None = None,
+             dtype: torch.dtype = torch.float32, ckpt: RunCheckpoint | None = None):
+    """(OPTForCausalLM, RunCheckpoint, Pruning) of a run's checkpoint, in memory."""
+    check_fraction(keep_singular)
+    ckpt = ckpt or read_checkpoint(output_dir, step)
+    if keep_singular is not None and ckpt.recipe.method not in ("sst", "sst+galore"):
+        raise ConfigError(f"--keep-singular: the run trained with method {ckpt.recipe.method}; "
+                          "only SST layers have singular values to prune")
+    dense, pruning = dense_state_dict(engine_state_dict(ckpt), ckpt.recipe, keep_singular)
+    return build_hf_model(ckpt, dense, dtype), ckpt, pruning
+
+
+def export(output_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32",
+           keep_singular: float | None = None) -> Exported:
+    if dtype not in DTYPES:
+        raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"--out {out}: is a file, not a folder")
+    model, ckpt, pruning = hf_model(output_dir, step, keep_singular, DTYPES[dtype])
+    tokenizer = hf_tokenizer(ckpt)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)  # safetensors; the tied head is stored once
+    tokenizer.save_pretrained(out)
+    dense_params = sum(p.numel() for p in model.parameters())
+    return Exported(out, ckpt.path, ckpt.step, dense_params, pruning)
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(prog="python -m sst_dist.export", description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-dir", required=True, help="the run folder (the trainer's --output-dir)")
+    p.add_argument("--out", required=True, help="the folder to write the transformers model into")
+    p.add_argument("--step", type=int, help="export this step's checkpoint (default: the latest)")
+    p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype on disk")
+    p.add_argument("--keep-singular", type=float, metavar="F",
+                   help="SST only: keep the largest fraction F of each layer's singular values")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        done = export(args.output_dir, args.out, args.step, args.dtype, args.keep_singular)
+    except (ConfigError, RunError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    line = f"exported {done.checkpoint} (step {done.step}) to {done.folder}: {done.dense_params:,} parameters"
+    if done.pruning.layers and args.keep_singular is not None:
+        line += f"; factored with --keep-singular {args.keep_singular:g}: {done.factored_params:,}"
+    print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
