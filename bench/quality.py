@@ -37,12 +37,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sst_dist.config import METHODS, ConfigError, flatten, load_recipe  # noqa: E402
+from sst_dist.plot import (RESET_EVENTS, eval_loss_panel, pyplot, read_rows, save,  # noqa: E402
+                           train_loss_panel)
 
 # recipe keys that do not change what a run trains: a finished or half-done folder whose recipe
 # differs from this invocation's only in these is still the same run
 NEUTRAL_KEYS = ("train.max_steps", "train.log_every", "eval.every_steps", "eval.tokens",
                 "checkpoint.every_steps", "checkpoint.keep", "wandb", "data.num_proc")
-RESET_EVENTS = ("reset", "resample", "resvd")  # ReLoRA* merges, SST resamples and re-SVDs
 RISE_BEFORE, RISE_AFTER, RISE_WINDOW = 10, 50, 10
 CSV_FIELDS = ("method", "variant", "eval_loss", "eval_ppl", "final_train_loss", "peak_mem_gib",
               "tokens_per_s", "tokens", "steps", "trainable_params", "status", "run_dir")
@@ -203,23 +204,6 @@ def best_of_each(specs: list[RunSpec], out: Path, steps: int) -> list[RunSpec]:
     return winners
 
 
-
-
-def read_rows(folder: Path, max_step: int | None = None) -> list[dict]:
-    """metrics.jsonl, one row per step: a resumed run re-logs the steps after its checkpoint, and
-    the later row is the one the final model descends from."""
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    by_step = {}
-    for line in path.read_text().splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue  # a line cut short by a kill
-        if isinstance(row, dict) and "step" in row and (max_step is None or row["step"] <= max_step):
-            by_step[row["step"]] = row
-    return [by_step[s] for s in sorted(by_step)]
 
 
 def last_row(folder: Path) -> dict | None:
@@ -408,26 +392,10 @@ def write_csv(results: list[dict], path: Path) -> None:
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
 
 
-def smooth(values: list[float], window: int) -> list[float]:
-    """Trailing mean over `window` values (fewer at the start)."""
-    out, total = [], 0.0
-    for i, v in enumerate(values):
-        total += v
-        if i >= window:
-            total -= values[i - window]
-        out.append(total / min(i + 1, window))
-    return out
-
-
 def plot(results: list[dict], out: Path) -> list[Path]:
     """eval_loss.png, train_loss.png, ppl_vs_memory.png from the run folders; returns the paths."""
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("plots skipped: matplotlib is not installed (pip install matplotlib)", flush=True)
+    plt = pyplot()
+    if plt is None:
         return []
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     styles = ["-", "--", ":", "-."]
@@ -436,42 +404,16 @@ def plot(results: list[dict], out: Path) -> list[Path]:
     for r in results:
         rows = read_rows(r["_folder"], r["_steps"])
         n = variant_index[r["method"]] = variant_index.get(r["method"], -1) + 1
-        series.append((r, rows, dict(color=colors.get(r["method"]), linestyle=styles[n % len(styles)])))
+        series.append((label(r), rows, dict(color=colors.get(r["method"]), linestyle=styles[n % len(styles)])))
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    for r, rows, style in series:
-        evals = [x for x in rows if "eval_loss" in x]
-        if evals:
-            ax.plot([x["tokens"] for x in evals], [x["eval_loss"] for x in evals], marker="o", markersize=3,
-                    label=label(r), **style)
-    ax.set(xlabel="tokens", ylabel="eval loss (nats)", title="Held-out loss")
-    written.append(_save(fig, ax, out / "eval_loss.png", legend=True))
+    eval_loss_panel(ax, series)
+    written.append(save(fig, ax, out / "eval_loss.png"))
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    tops, lows, windows = [], [], set()
-    for r, rows, style in series:
-        if not rows:
-            continue
-        window = max(1, len(rows) // 50)
-        windows.add(window)
-        smoothed = smooth([x["loss"] for x in rows], window)
-        tokens = [x["tokens"] for x in rows]
-        ax.plot(tokens, smoothed, label=label(r), linewidth=1, **style)
-        for x in rows:
-            if any(e in RESET_EVENTS for e in str(x.get("event", "")).split("+")):
-                # the reset ran before this row's step: mark the tokens trained until then
-                ax.axvline(x["tokens"] * (x["step"] - 1) / x["step"], color=style["color"], alpha=0.12,
-                           linewidth=0.6)
-        tops.append(max(smoothed[len(smoothed) // 10:]))  # past the first drop, which would flatten the rest
-        lows.append(min(smoothed))
-    if tops:
-        span = max(tops) - min(lows)
-        ax.set_ylim(min(lows) - 0.05 * span, max(tops) + 0.05 * span + 1e-6)
-    mean = f", trailing mean of {max(windows)} steps" if windows and max(windows) > 1 else ""
-    ax.set(xlabel="tokens", ylabel=f"training loss (nats{mean})",
-           title="Training loss (faint lines: ReLoRA* resets, SST resamples)")
-    written.append(_save(fig, ax, out / "train_loss.png", legend=True))
+    train_loss_panel(ax, series)
+    written.append(save(fig, ax, out / "train_loss.png"))
 
     # on CPU no memory is measured: the trainable-parameter count stands in as the cost axis
     measured = [r for r in results if r.get("peak_mem_gib") and r.get("eval_ppl")]
@@ -487,20 +429,8 @@ def plot(results: list[dict], out: Path) -> list[Path]:
         ax.set(xlabel="trainable parameters (no GPU memory measured)",
                title="Final eval perplexity against trainable parameters")
     ax.set_ylabel("eval perplexity")
-    written.append(_save(fig, ax, out / "ppl_vs_memory.png", legend=False))
+    written.append(save(fig, ax, out / "ppl_vs_memory.png", legend=False))
     return written
-
-
-def _save(fig, ax, path: Path, legend: bool) -> Path:
-    import matplotlib.pyplot as plt
-
-    ax.grid(alpha=0.3)
-    if legend:
-        ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
 
 
 def read_meta(folder: Path) -> dict | None:
