@@ -92,10 +92,15 @@ def engine_state_dict(ckpt: RunCheckpoint) -> dict:
     if ckpt.engine == "deepspeed":
         return _deepspeed_state_dict(ckpt.path)
     if ckpt.engine == "fsdp":
+        import warnings
+
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
-        # no process group: DCP reads every shard into full tensors on this one process
-        return _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(ckpt.path))["model"]
+        # no process group: DCP reads every shard into full tensors on this one process (its
+        # warning says so; that is the intent here)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+            return _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(ckpt.path))["model"]
     raise RunError(f"{ckpt.path}: written by engine {ckpt.engine!r}, which this export does not read")
 
 
