@@ -76,8 +76,11 @@ def read_checkpoint(output_dir: str | Path, step: int | None = None) -> RunCheck
     if not settings:
         raise RunError(f"{path}: written before checkpoints recorded their settings; cannot tell its "
                        "model and engine")
+    tree = json.loads(json.dumps(settings["recipe"]))
+    if isinstance(tree.get("model"), dict):
+        tree["model"]["init_from"] = None  # the weights it started from are in the checkpoint now
     try:
-        recipe = validate(_build(Recipe, settings["recipe"]))
+        recipe = validate(_build(Recipe, tree))
     except ConfigError as err:
         raise RunError(f"{path}: its recipe no longer loads ({err})") from None
     return RunCheckpoint(path, state["step"], recipe, settings["engine"], settings["vocab_size"],
@@ -105,7 +108,11 @@ def engine_state_dict(ckpt: RunCheckpoint) -> dict:
 
 
 def _deepspeed_state_dict(path: Path) -> dict:
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    except ImportError:
+        raise RunError(f"{path}: a DeepSpeed checkpoint; reading its ZeRO partitions needs deepspeed "
+                       "(pip install deepspeed)") from None
 
     engine_dir = path / "engine"
     files = sorted(engine_dir.glob("*model_states.pt"))

@@ -173,6 +173,25 @@ def test_export_of_a_chosen_step_and_bf16(tmp_path):
         assert not torch.equal(a.get_tensor(key).float(), b.get_tensor(key))  # really another step
 
 
+def test_single_process_export_and_prune_import_no_deepspeed_datasets_or_wandb(runs, tmp_path):
+    """A GPU image may lack deepspeed, datasets and wandb: a single-process run's export and the
+    pruning bench must not need them."""
+    run, _, _ = runs("sst")
+    script = (
+        "import sys, importlib.util\n"
+        "from sst_dist import export\n"
+        f"assert export.main(['--output-dir', {str(run)!r}, '--out', {str(tmp_path / 'hf')!r}]) == 0\n"
+        "spec = importlib.util.spec_from_file_location('prune', 'bench/prune.py')\n"
+        "prune = importlib.util.module_from_spec(spec); spec.loader.exec_module(prune)\n"
+        f"assert prune.main(['--output-dir', {str(run)!r}, '--out', {str(tmp_path / 'p')!r}, '--fractions', "
+        "'0.5', '--eval-tokens', '512']) == 0\n"
+        "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'datasets', 'wandb'}))\n")
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=quiet_env(), capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "LOADED []" in proc.stdout, proc.stdout[-500:]
+
+
 def test_one_line_errors(runs, tmp_path):
     run, _, _ = runs("full")
     sst_run, _, _ = runs("sst")
