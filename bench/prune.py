@@ -79,7 +79,7 @@ def measure(output_dir: Path, fractions: list[float], device: torch.device, step
     return rows
 
 
-def markdown(rows: list[dict], run: str, step: int | None = None) -> str:
+def markdown(rows: list[dict]) -> str:
     lines = ["| kept fraction F | singular values kept | eval loss | eval ppl | dense params | factored params |",
              "|---|---|---|---|---|---|"]
     for r in rows:
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
         writer = csv.DictWriter(f, fieldnames=FIELDS)
         writer.writeheader()
         writer.writerows(rows)
-    text = markdown(rows, args.output_dir)
+    text = markdown(rows)
     (out / "prune.md").write_text(text)
     plot(rows, out / "prune.png", f"Singular-value pruning of {Path(args.output_dir).name}")
     print(text, end="")
