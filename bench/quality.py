@@ -344,27 +344,52 @@ def checks(results: list[dict]) -> list[str]:
                      f"{RISE_BEFORE} steps before it (negative: the loss kept falling):")
         lines += [f"  - {r}" for r in rises]
 
-    def best(method):  # the lowest eval loss of a method over its sweep variants
-        rows = [r for r in results if r["method"] == method and r.get("eval_loss") is not None]
-        return min(rows, key=lambda r: r["eval_loss"]) if rows else None
+    # Compared at one step: the last evaluation all the runs compared reached (an interrupted run
+    # would otherwise be set against finished ones); each method's best variant at that step.
+    def curves(method):
+        return [{r["step"]: r["eval_loss"] for r in read_rows(row["_folder"], row["_steps"]) if "eval_loss" in r}
+                for row in results if row["method"] == method]
 
-    full, lora = best("full"), best("lora")
-    swept = any(r["variant"] for r in results)
+    def best_at(method_curves, step):
+        values = [c[step] for c in method_curves if step in c]
+        return min(values) if values else None
+
+    def common_steps(*method_curves):
+        steps = [{s for c in mc for s in c} for mc in method_curves]
+        return sorted(set.intersection(*steps)) if steps else []
+
+    full, lora = curves("full"), curves("lora")
+    which = " (best variant of each)" if any(r["variant"] for r in results) else ""
     for method in ("sst", "sst+galore"):
-        row = best(method)
-        if row is None or full is None or lora is None:
-            continue
-        gap = lora["eval_loss"] - full["eval_loss"]
+        mine = curves(method)
+        steps = common_steps(full, lora, mine)
         name = "SST" if method == "sst" else "SST + GaLore"
-        which = " (best variant of each)" if swept else ""
-        if gap <= 0:
+        if not mine or not steps:
+            continue
+        closed = {}
+        for step in steps:
+            gap = best_at(lora, step) - best_at(full, step)
+            if gap > 0:
+                closed[step] = (best_at(lora, step) - best_at(mine, step)) / gap
+        step = steps[-1]
+        f, l, m = best_at(full, step), best_at(lora, step), best_at(mine, step)
+        if step not in closed:
             lines.append(f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes: n/a, LoRA is not "
-                         f"behind full-rank here ({lora['eval_loss']:.4f} vs {full['eval_loss']:.4f})")
-        else:
-            frac = (lora["eval_loss"] - row["eval_loss"]) / gap
-            lines.append(f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes{which}: "
-                         f"(lora - {method}) / (lora - full) = ({lora['eval_loss']:.4f} - {row['eval_loss']:.4f})"
-                         f" / ({lora['eval_loss']:.4f} - {full['eval_loss']:.4f}) = **{frac:.3f}**")
+                         f"behind full-rank at step {step} ({l:.4f} vs {f:.4f})")
+            continue
+        lines.append(f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes at step {step}{which}: "
+                     f"(lora - {method}) / (lora - full) = ({l:.4f} - {m:.4f}) / ({l:.4f} - {f:.4f}) = "
+                     f"**{closed[step]:.3f}**")
+        if len(closed) > 2:  # the trajectory, at up to 8 evaluations
+            shown = list(closed)[::max(1, math.ceil(len(closed) / 8))]
+            lines.append("  - over the run: " + ", ".join(f"step {s}: {closed[s]:.2f}" for s in shown))
+    sst, combined = curves("sst"), curves("sst+galore")
+    steps = common_steps(sst, combined)
+    if sst and combined and steps:
+        step = steps[-1]
+        a, b = best_at(sst, step), best_at(combined, step)
+        lines.append(f"- SST + GaLore's eval loss against SST's at step {step}{which}: {b:.4f} vs {a:.4f}, "
+                     f"**{(b - a) / a * 100:+.2f} %**")
     return lines
 
 
@@ -562,7 +587,7 @@ def run_all(specs: list[RunSpec], out: Path, slots: list[str | None], status_eve
             meta = read_meta(spec.folder(out)) or {}
             write_meta(spec.folder(out), {**meta, "status": "failed"})
     threads = max(1, (os.cpu_count() or 1) // len(slots)) if len(slots) > 1 else None
-    running: dict = {}  # slot -> (spec, Popen, start time, log file)
+    running: dict = {}  # slot index -> (spec, Popen, start time, log file)
     total, started, last_status = len(todo), 0, time.time()
 
     def stop(signum, frame):
@@ -571,12 +596,12 @@ def run_all(specs: list[RunSpec], out: Path, slots: list[str | None], status_eve
     previous = signal.signal(signal.SIGTERM, stop)
     try:
         while todo or running:
-            for slot in slots:
-                if slot in running or not todo:
+            for index, gpu in enumerate(slots):  # keyed by index: with --runs-per-gpu a GPU id repeats
+                if index in running or not todo:
                     continue
                 spec = todo.pop(0)
                 started += 1
-                running[slot] = launch(spec, out, slot, threads, f"{started}/{total}")
+                running[index] = launch(spec, out, gpu, threads, f"{started}/{total}")
             time.sleep(0.5)
             for slot, (spec, proc, t0, log) in list(running.items()):
                 if proc.poll() is None:

@@ -119,15 +119,19 @@ def test_plot_only_redraws_from_the_run_folders(six, tmp_path):
 
 
 @pytest.mark.slow
-def test_side_by_side_runs_pin_one_gpu_each_and_share_prepared_data(tmp_path, monkeypatch, capsys):
-    """The --device cuda scheduler on CPU: two GPU ids stand in, the runs train on CPU."""
+@pytest.mark.parametrize("gpus, per_gpu, pinned", [(2, 1, ("0", "1")), (1, 2, ("0", "0"))])
+def test_side_by_side_runs_pin_one_gpu_each_and_share_prepared_data(tmp_path, monkeypatch, capsys, gpus, per_gpu,
+                                                                    pinned):
+    """The --device cuda scheduler on CPU: GPU ids stand in, the runs train on CPU. Two runs sharing one
+    GPU (--runs-per-gpu 2) run at once too."""
     quality = load_bench()
     monkeypatch.setattr("torch.cuda.is_available", lambda: True)
     monkeypatch.setattr("torch.cuda.device_count", lambda: 2)
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    rc = quality.main(["--size", "tiny", "--steps", "6", "--device", "cuda", "--gpus", "2", "--out", str(tmp_path),
+    rc = quality.main(["--size", "tiny", "--steps", "6", "--device", "cuda", "--gpus", str(gpus),
+                       "--runs-per-gpu", str(per_gpu), "--out", str(tmp_path),
                        "--methods", "full,sst", "--set", "train.device=cpu", "--eval-tokens", "1024",
                        "--status-every", "0"])
     printed = capsys.readouterr().out
@@ -136,9 +140,9 @@ def test_side_by_side_runs_pin_one_gpu_each_and_share_prepared_data(tmp_path, mo
     starts = [i for i, line in enumerate(lines) if " started " in line]
     dones = [i for i, line in enumerate(lines) if line.startswith("done ")]
     assert len(starts) == len(dones) == 2 and max(starts) < min(dones), printed  # both ran at once
-    assert "on GPU 0" in lines[starts[0]] and "on GPU 1" in lines[starts[1]]
-    assert "CUDA_VISIBLE_DEVICES=0" in (tmp_path / "runs" / "full" / "run.log").read_text()
-    assert "CUDA_VISIBLE_DEVICES=1" in (tmp_path / "runs" / "sst" / "run.log").read_text()
+    assert f"on GPU {pinned[0]}" in lines[starts[0]] and f"on GPU {pinned[1]}" in lines[starts[1]]
+    assert f"CUDA_VISIBLE_DEVICES={pinned[0]}" in (tmp_path / "runs" / "full" / "run.log").read_text()
+    assert f"CUDA_VISIBLE_DEVICES={pinned[1]}" in (tmp_path / "runs" / "sst" / "run.log").read_text()
     assert "preparing data" in printed and (tmp_path / "prepare.log").is_file()
     assert [r["status"] for r in read_csv(tmp_path / "quality.csv")] == ["ok", "ok"]
 
@@ -242,3 +246,24 @@ def test_gpu_slots_follow_visible_devices_and_runs_per_gpu(monkeypatch):
     assert quality.gpu_slots(1) == ["3"]
     with pytest.raises(quality.BenchError, match="only 2 GPU"):
         quality.gpu_slots(3)
+
+
+def test_gap_closure_compares_every_run_at_their_last_common_evaluation(tmp_path):
+    """An interrupted LoRA run (evaluated to step 200) is set against full-rank and SST at step 200,
+    not against their later evaluations; SST + GaLore against SST at their own last common step."""
+    quality = load_bench()
+    curves = {"full": {100: 5.0, 200: 4.0, 300: 3.0}, "lora": {100: 6.0, 200: 5.0},
+              "sst": {100: 5.5, 200: 4.5, 300: 3.5}, "sst+galore": {100: 5.6, 200: 4.59, 300: 3.57}}
+    results = []
+    for method, evals in curves.items():
+        folder = tmp_path / method.replace("+", "-")
+        folder.mkdir()
+        rows = [{"step": s, "loss": 1.0, **({"eval_loss": evals[s]} if s in evals else {})}
+                for s in range(1, max(evals) + 1)]
+        (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+        results.append({"method": method, "variant": "", "_folder": folder, "_steps": 300})
+    text = "\n".join(quality.checks(results))
+    assert "gap SST closes at step 200: (lora - sst) / (lora - full) = (5.0000 - 4.5000) / (5.0000 - 4.0000) = " \
+           "**0.500**" in text, text
+    assert "gap SST + GaLore closes at step 200" in text and "**0.410**" in text, text
+    assert "SST + GaLore's eval loss against SST's at step 300: 3.5700 vs 3.5000, **+2.00 %**" in text, text
