@@ -33,7 +33,10 @@ class ModelConfig:
     size: str = "tiny"  # a key of sst_dist.models.OPT_SIZES
     seq_len: int = 128
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward (any method)
+    # dense: the HF model built whole, then the method's surgery | meta: built on the meta device,
+    # each module materialised on its device, SST layers directly as their factors (sst_dist.build)
+    build: str = "dense"
 
 
 @dataclass
@@ -46,6 +49,12 @@ class SSTConfig:
     # dense: form W per forward and backward | materialized: W once per step, kept, and G summed
     # over micro-batches (+1 W, +1 fp32 G per layer; docs/design.md §4) | factored: x -> Vh -> s -> U
     path: str = "dense"
+    # the initial factors: svd (of the layer's W0) | haar (drawn directly, W0 := U diag(s) Vh) |
+    # auto (haar from k = 4096 on); sst_dist.spectral_init
+    init: str = "auto"
+    # storage of the frozen U and Vh; bfloat16 halves the largest tensors SST holds (they have no
+    # gradient, master or optimizer state); the trained s and active vectors stay float32
+    frozen_dtype: str = "float32"
 
 
 @dataclass
@@ -281,6 +290,12 @@ def validate(recipe: Recipe) -> Recipe:
         if recipe.galore.rank is not None and not 0 < recipe.galore.rank <= limit:
             raise ConfigError(f"galore.rank: {recipe.galore.rank} must be in 1..{limit}")
     _choice("sst.path", recipe.sst.path, SST_PATHS)
+    _choice("sst.init", recipe.sst.init, ("auto", "svd", "haar"))
+    _choice("sst.frozen_dtype", recipe.sst.frozen_dtype, ("float32", "bfloat16"))
+    _choice("model.build", recipe.model.build, ("dense", "meta"))
+    if recipe.model.build == "meta" and recipe.method in ("lora", "relora"):
+        raise ConfigError(f"model.build: meta is not available for method {recipe.method}; "
+                          "use model.build=dense (methods with meta: full, galore, sst, sst+galore)")
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))

@@ -19,7 +19,8 @@ from sst_dist import checkpoint, rundir
 from sst_dist.config import ConfigError, Recipe
 from sst_dist.data import evaluate, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
-from sst_dist.methods import build_method
+from sst_dist.build import Materializer, build_on_meta
+from sst_dist.methods import build_method, frozen_dtype
 from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation
 from sst_dist.rundir import RunError
 
@@ -113,18 +114,36 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
                      seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
 
     torch.manual_seed(recipe.seed)
+    built = time.perf_counter()
     vocab = data.vocab_size if recipe.model.size == "tiny" else max(OPT_VOCAB, data.vocab_size)
-    model = build_model(recipe.model.size, vocab_size=vocab, seq_len=recipe.model.seq_len,
+    model_kwargs = dict(vocab_size=vocab, seq_len=recipe.model.seq_len,
                         attn_implementation=recipe.model.attn_implementation)
+    master = torch.float64 if dtype == torch.float64 else torch.float32
+    materialize = None
+    if recipe.model.build == "meta":
+        model = build_on_meta(recipe.model.size, **model_kwargs)
+    else:
+        model = build_model(recipe.model.size, **model_kwargs)
     if recipe.model.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    model.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    method = build_method(recipe, model)
+    if recipe.model.build == "dense":
+        model.to(device=device, dtype=master)
+    method = build_method(recipe, model)  # on the meta device too: the method's layers take shapes
+    if recipe.model.build == "meta":
+        sharded = run.engine == "fsdp"  # the engine materialises block by block as it shards
+        materialize = Materializer(model, seed=recipe.seed, device=device, dtype=master, init=recipe.sst.init,
+                                   frozen_dtype=frozen_dtype(recipe), uniform_mix=recipe.sst.uniform_mix,
+                                   rank=ctx.rank if sharded else 0, world_size=ctx.world_size if sharded else 1)
+        if not sharded:
+            materialize(model)
+            materialize = None
 
     engine = build_engine(run.engine, model, method.param_groups(model), recipe, device=device, dtype=dtype,
                           micro_batch=micro,
-                          accumulation=accumulation, ds_config=run.ds_config, ctx=ctx)
+                          accumulation=accumulation, ds_config=run.ds_config, ctx=ctx,
+                          materialize=materialize)
     method.attach(engine.backend, recipe)
+    init_s = ctx.maximum(time.perf_counter() - built)  # the model built and, under an engine, placed
 
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     settings = checkpoint.run_settings(recipe.to_dict(), engine=run.engine, world_size=ctx.world_size,
@@ -211,8 +230,10 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
                   "tokens_per_s": round(tokens_per_step / elapsed, 1)}
         if event:
             record["event"] = event
-        if device.type == "cuda":
-            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        if init_s is not None:  # this process's first step: how long the build took
+            record["init_s"], init_s = round(init_s, 2), None
+        if device.type == "cuda":  # the largest over the ranks
+            record["peak_mem_gib"] = round(ctx.maximum(torch.cuda.max_memory_allocated(device)) / 2**30, 3)
         if finite and recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
             record.update(run_eval(engine.model, data, recipe, device))
         logger.log(record)

@@ -126,7 +126,7 @@ class FSDPEngine:
 
     name = "fsdp"
 
-    def __init__(self, model, param_groups, recipe, *, device, dtype, accumulation, ctx):
+    def __init__(self, model, param_groups, recipe, *, device, dtype, accumulation, ctx, materialize=None):
         self.device = device
         self.accumulation = accumulation
         self.rank, self.world_size = ctx.rank, ctx.world_size
@@ -142,8 +142,14 @@ class FSDPEngine:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()
+        # a model on the meta device (model.build meta) is materialised one block at a time, each
+        # sharded before the next exists: a rank holds its shards and one whole block at most
         for block in decoder_blocks(model):
+            if materialize is not None:
+                materialize(block)
             fully_shard(block, mesh=mesh, mp_policy=mp)
+        if materialize is not None:
+            materialize(model)
         # the root unit holds the embeddings, the tied LM head and the final LayerNorm
         fully_shard(model, mesh=mesh, mp_policy=mp)
         self.model = model
