@@ -21,7 +21,7 @@ from sst_dist.data import evaluate, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
 from sst_dist.build import Materializer, build_on_meta
 from sst_dist.methods import build_method, frozen_dtype
-from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation
+from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation, enable_activation_checkpointing
 from sst_dist.rundir import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -125,7 +125,7 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     else:
         model = build_model(recipe.model.size, **model_kwargs)
     if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     if recipe.model.build == "dense":
         model.to(device=device, dtype=master)
     method = build_method(recipe, model)  # on the meta device too: the method's layers take shapes
