@@ -88,7 +88,8 @@ def haar_factors(out_features: int, in_features: int, std: float, generator: tor
 def svd_factors(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The exact thin SVD of a given W0, in float32 (float64 if W0 is)."""
     dtype = torch.float64 if weight.dtype == torch.float64 else torch.float32
-    return torch.linalg.svd(weight.to(dtype), full_matrices=False)
+    U, s, Vh = torch.linalg.svd(weight.to(dtype), full_matrices=False)
+    return U.contiguous(), s, Vh.contiguous()  # LAPACK's are column-major; FSDP2 needs row-major
 
 
 def init_factors(out_features: int, in_features: int, std: float, generator: torch.Generator, init: str,

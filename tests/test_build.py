@@ -131,11 +131,12 @@ def test_meta_build_trains_under_the_torch_engine(tmp_path, method):
 
 
 @pytest.mark.slow
-def test_meta_build_under_fsdp_matches_the_torch_engine(tmp_path):
+@pytest.mark.parametrize("init", ["haar", "svd"])
+def test_meta_build_under_fsdp_matches_the_torch_engine(tmp_path, init):
     """FSDP2 on 2 gloo ranks materialises block by block, the factors of each SST layer on its
     owner rank and broadcast: the same model as the single-process meta build, so in float64 the
     same curve through a resample."""
-    args = ("--max-steps", "4", "--set", "model.build=meta", "--set", "sst.init=haar",
+    args = ("--max-steps", "4", "--set", "model.build=meta", "--set", f"sst.init={init}",
             "--set", "sst.steps_per_iteration=2", "--set", "train.dtype=float64")
     pretrain(tmp_path / "torch", "recipes/tiny-sst.yaml", *args)
     pretrain(tmp_path / "fsdp", "recipes/tiny-sst.yaml", *args, "--engine", "fsdp",
