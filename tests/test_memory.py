@@ -312,5 +312,5 @@ def test_engine_estimate_counts_what_the_meta_build_allocates():
     assert two["weights"] == pytest.approx((b16["weights"] - c.buffer_bytes) / 2 + c.buffer_bytes, abs=1)
     ckpt = estimate_engine("1.3b", "sst", engine="torch", gpus=1, checkpointing=True, **kw)
     assert ckpt["activations"] < f32["activations"] / 2 and ckpt["total"] < f32["total"]
-    with pytest.raises(ConfigError, match="--gpus"):
+    with pytest.raises(ValueError, match="--gpus"):
         estimate_engine("1.3b", "sst", engine="torch", gpus=2, **kw)
