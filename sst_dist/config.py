@@ -125,6 +125,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end and on SIGTERM/SIGINT
+    save: bool = True  # false: never written (measurements, where a 30B model's would take minutes)
     keep: int = 2
 
 

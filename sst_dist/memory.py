@@ -427,6 +427,8 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
         activations + gathered + transient,  # the forward, and the backward (gradients not yet whole)
         activations + gathered + transient + grads,  # the backward's end: every gradient made
         grads,  # the optimizer step (torch's fused / foreach AdamW adds a little)
+        # GaLoreLinear's refresh: its probe pass holds every targeted layer's full fp32 G, unsharded
+        c.refresh_grad * 4 + activations + gathered,
     )
     result = {"weights": weights + kept, "gradients": grads, "masters": 0, "optimizer": optimizer,
               "buffers": gathered + transient, "activations": activations,
@@ -499,7 +501,8 @@ def format_table(model: str, methods, args) -> str:
             + "; SST's dense path: one layer's W and G while it computes.",
             "activ: estimated, Hugging Face OPT with SDPA, fp32 logits and loss"
             + (", activation checkpointing." if args.checkpointing else "."),
-            "galore: the layer form the trainer uses (frozen fp32 W and projector, trainable B)."])
+            "galore: the layer form the trainer uses (frozen fp32 W and projector, trainable B); at its "
+            "refresh steps the probe holds every targeted layer's full fp32 G (in total, not in grads)."])
     lines += [
         "grads: the gradients plus the copies ZeRO makes of its partition for the step (flattened, "
         "and under bf16 cast to fp32).",

@@ -254,15 +254,16 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
 
         stopping = ctx.any(stop.raised)
         every = recipe.checkpoint.every_steps
-        if stopping or step == max_steps or (every and step % every == 0):
+        if recipe.checkpoint.save and (stopping or step == max_steps or (every and step % every == 0)):
             last_good = save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
             last_saved = step
         if stopping:
             if is_main:
-                print(f"stopped by signal at step {step}; checkpoint saved, re-run to resume", flush=True)
+                saved = "checkpoint saved, re-run to resume" if recipe.checkpoint.save else "checkpoint.save is off"
+                print(f"stopped by signal at step {step}; {saved}", flush=True)
             break
     bar.close()
-    if last_saved != step:
+    if last_saved != step and recipe.checkpoint.save:
         save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
     logger.close()
     ctx.barrier()
