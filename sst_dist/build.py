@@ -66,12 +66,17 @@ class Materializer:
 
     @torch.no_grad()
     def __call__(self, module: nn.Module) -> None:
+        pending = [sub for sub in module.modules() if isinstance(sub, SSTLinear) and is_meta(sub)]
+        # every rank draws the factors it owns first, then all are exchanged: drawn one layer at a
+        # time, each rank would wait for the other's QR before starting its own
+        drawn = {id(layer): self._draw(layer) for layer in pending
+                 if self.sst_index[id(layer)] % self.world_size == self.rank}
         for sub in module.modules():
             if not any(t.is_meta for t in (*sub.parameters(recurse=False), *sub.buffers(recurse=False))):
                 continue
             name = self.names.get(id(sub), type(sub).__name__)
             if isinstance(sub, SSTLinear):
-                self._sst(sub, name)
+                self._sst(sub, drawn.pop(id(sub), None))
             elif isinstance(sub, (nn.Linear, nn.Embedding, GaLoreLinear)):
                 self._dense(sub, name)
             elif isinstance(sub, nn.LayerNorm):
@@ -100,20 +105,25 @@ class Materializer:
         for other in ("bias", "proj", "B"):
             self._fill(module, other, 0.0)
 
-    def _sst(self, layer: SSTLinear, name: str):
+    def _draw(self, layer: SSTLinear):
+        """U, s, Vh of SST layer `layer`, in their storage dtypes."""
+        # float32 at least for the QR / SVD, whatever the storage
+        work = torch.float64 if self.dtype == torch.float64 else torch.float32
+        index = self.sst_index[id(layer)]
+        U, s, Vh = init_factors(layer.out_features, layer.in_features, self.std,
+                                init_generator(self.seed, index, self.device), self.init,
+                                device=self.device, dtype=work)
+        return U.to(self.frozen_dtype), s.to(self.dtype), Vh.to(self.frozen_dtype)
+
+    def _sst(self, layer: SSTLinear, factors):
+        """factors: this layer's (U, s, Vh) where this rank drew them, else None (its owner did)."""
         index = self.sst_index[id(layer)]
         owner = index % self.world_size
-        shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
-        dtypes = [self.frozen_dtype, self.dtype, self.frozen_dtype]
-        if owner == self.rank:
-            # float32 at least for the QR / SVD, whatever the storage
-            work = torch.float64 if self.dtype == torch.float64 else torch.float32
-            U, s, Vh = init_factors(layer.out_features, layer.in_features, self.std,
-                                    init_generator(self.seed, index, self.device), self.init,
-                                    device=self.device, dtype=work)
-            U, s, Vh = U.to(dtypes[0]), s.to(dtypes[1]), Vh.to(dtypes[2])
-        else:
-            U, s, Vh = (torch.empty(shape, device=self.device, dtype=dt) for shape, dt in zip(shapes, dtypes))
+        if factors is None:
+            shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
+            dtypes = [self.frozen_dtype, self.dtype, self.frozen_dtype]
+            factors = [torch.empty(shape, device=self.device, dtype=dt) for shape, dt in zip(shapes, dtypes)]
+        U, s, Vh = factors
         if self.world_size > 1:
             for t in (U, s, Vh):
                 dist.broadcast(t, owner)

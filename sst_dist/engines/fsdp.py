@@ -161,6 +161,13 @@ class FSDPEngine:
         sharded = dict(model.named_parameters())
         groups = [{**group, "params": [sharded[n] for n in names]}
                   for group, names in zip(param_groups, group_names)]
+        # fully_shard made new, sharded Parameters; the caller's lists (the method's) still hold
+        # the unsharded originals, a whole copy of every trainable tensor on each rank: free them
+        live = {id(p) for p in sharded.values()}
+        for group in param_groups:
+            for param in group["params"]:
+                if id(param) not in live:
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         self.optimizer = build_optimizer(groups, recipe, device)
         self.params = [p for group in groups for p in group["params"]]
         self.grad_clip = recipe.optim.grad_clip
