@@ -419,7 +419,7 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
         gathered += 6 * c.block_trainable
     # SST's dense path forms one layer's W (bf16) from an fp32 U·diag(s), and in the backward its G
     transient = 0
-    if method in ("sst", "sst+galore"):
+    if method in ("sst", "sst+galore") and sst_path == "dense":
         transient = (4 + 2 + 2) * c.largest_target
     kept = c.kept_weight * 2
     persistent = weights + optimizer + kept
