@@ -239,7 +239,8 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
         if device.type == "cuda":  # the largest over the ranks
             record["peak_mem_gib"] = round(ctx.maximum(torch.cuda.max_memory_allocated(device)) / 2**30, 3)
         if finite and recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
-            record.update(run_eval(engine.model, data, recipe, device))
+            with engine.forward_context():  # the training precision (bf16 frozen factors need it)
+                record.update(run_eval(engine.model, data, recipe, device))
         logger.log(record)
         if logger.due(record):
             bar.update(step - bar.n)
@@ -283,7 +284,8 @@ def evaluate_checkpoint(engine, data, recipe: Recipe, device, out: Path, checkpo
     if checkpoint_dir is None:
         raise ConfigError(f"--eval-only: no checkpoint under {checkpoint.checkpoint_root(out)}; "
                           "train first, or pass the --output-dir of a run")
-    result = {"step": step, "checkpoint": checkpoint_dir.name, **run_eval(engine.model, data, recipe, device)}
+    with engine.forward_context():
+        result = {"step": step, "checkpoint": checkpoint_dir.name, **run_eval(engine.model, data, recipe, device)}
     if ctx.rank == 0:
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")
