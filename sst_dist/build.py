@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from sst_dist.galore import GaLoreEmbedding, GaLoreLinear
+from sst_dist.galore import GaLoreLinear  # GaLoreEmbedding is one
 from sst_dist.sst import SSTLinear, layer_generator, sample_active
 from sst_dist.spectral_init import init_factors, init_generator
 
