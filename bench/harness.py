@@ -96,7 +96,7 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
     from sst_dist.engines import distributed_context
     from sst_dist.engines.deepspeed import DeepSpeedEngine
     from sst_dist.methods import build_method
-    from sst_dist.models import OPT_VOCAB, build_model
+    from sst_dist.models import OPT_VOCAB, build_model, enable_activation_checkpointing
 
     cuda = device_kind == "cuda"
     sets = [f"method={method}", f"rank={rank}", f"model.size={size}", f"model.seq_len={seq}",
@@ -115,7 +115,7 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
         model = build_model(size, vocab_size=OPT_VOCAB, seq_len=seq,
                             attn_implementation=recipe.model.attn_implementation)
     if recipe.model.gradient_checkpointing:  # as the trainer (the estimate assumes it off)
-        model.gradient_checkpointing_enable()
+        enable_activation_checkpointing(model)
     model.to(dtype=torch.float32)  # as the trainer: DeepSpeed makes the bf16 copy
     built = build_method(recipe, model)
     engine = DeepSpeedEngine(model, built.param_groups(model), recipe, device=device,

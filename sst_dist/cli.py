@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
 from pathlib import Path
@@ -32,6 +33,10 @@ def run_cli(args) -> int:
         from sst_dist.engines import check_precision
 
         check_precision(engine, recipe)
+        if recipe.wandb.mode != "disabled" and importlib.util.find_spec("wandb") is None:
+            # found now, not after the model is built (minutes at 30B)
+            raise ConfigError(f"wandb.mode: {recipe.wandb.mode} needs the wandb package, which is not "
+                              "installed; pip install wandb, or --set wandb.mode=disabled")
         from sst_dist.train import Run, main, set_threads
 
         set_threads()

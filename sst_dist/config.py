@@ -33,7 +33,10 @@ class ModelConfig:
     size: str = "tiny"  # a key of sst_dist.models.OPT_SIZES
     seq_len: int = 128
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool = False  # recompute each decoder block in the backward (any method)
+    # dense: the HF model built whole, then the method's surgery | meta: built on the meta device,
+    # each module materialised on its device, SST layers directly as their factors (sst_dist.build)
+    build: str = "dense"
     # continued pretraining: start from a transformers OPT folder (a local path, or a hub name when
     # the hub is reachable) instead of a fresh initialisation; every method's surgery follows
     init_from: str | None = None
@@ -49,6 +52,12 @@ class SSTConfig:
     # dense: form W per forward and backward | materialized: W once per step, kept, and G summed
     # over micro-batches (+1 W, +1 fp32 G per layer; docs/design.md §4) | factored: x -> Vh -> s -> U
     path: str = "dense"
+    # the initial factors: svd (of the layer's W0) | haar (drawn directly, W0 := U diag(s) Vh) |
+    # auto (haar from k = 4096 on); sst_dist.spectral_init
+    init: str = "auto"
+    # storage of the frozen U and Vh; bfloat16 halves the largest tensors SST holds (they have no
+    # gradient, master or optimizer state); the trained s and active vectors stay float32
+    frozen_dtype: str = "float32"
 
 
 @dataclass
@@ -119,6 +128,7 @@ class EvalConfig:
 @dataclass
 class CheckpointConfig:
     every_steps: int = 0  # 0: only at the end and on SIGTERM/SIGINT
+    save: bool = True  # false: never written (measurements, where a 30B model's would take minutes)
     keep: int = 2
 
 
@@ -284,12 +294,21 @@ def validate(recipe: Recipe) -> Recipe:
         if recipe.galore.rank is not None and not 0 < recipe.galore.rank <= limit:
             raise ConfigError(f"galore.rank: {recipe.galore.rank} must be in 1..{limit}")
     _choice("sst.path", recipe.sst.path, SST_PATHS)
+    _choice("sst.init", recipe.sst.init, ("auto", "svd", "haar"))
+    _choice("sst.frozen_dtype", recipe.sst.frozen_dtype, ("float32", "bfloat16"))
+    _choice("model.build", recipe.model.build, ("dense", "meta"))
+    if recipe.model.build == "meta" and recipe.method in ("lora", "relora"):
+        raise ConfigError(f"model.build: meta is not available for method {recipe.method}; "
+                          "use model.build=dense (methods with meta: full, galore, sst, sst+galore)")
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))
     _choice("data.source", recipe.data.source, ("sample", "local", "openwebtext"))
     _choice("wandb.mode", recipe.wandb.mode, WANDB_MODES)
     if recipe.model.init_from is not None:
+        if recipe.model.build == "meta":
+            raise ConfigError("model.init_from: loads a whole model, which model.build: meta never holds; "
+                              "use model.build=dense")
         from sst_dist.models import check_init_from
 
         check_init_from(recipe.model.init_from, recipe.model.size)

@@ -245,7 +245,9 @@ class _GaLoreMatmul(torch.autograd.Function):
     @staticmethod
     @autocast_backward
     def backward(ctx, gy):
-        x, weight, proj, B = ctx.saved_tensors[:4]
+        # read once: a checkpointed (recomputed) forward lets each saved tensor be unpacked once
+        saved = ctx.saved_tensors
+        x, weight, proj, B = saved[:4]
         decay, scale = ctx.decay, ctx.scale
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
@@ -257,7 +259,7 @@ class _GaLoreMatmul(torch.autograd.Function):
             if ctx.needs_input_grad[3]:
                 grad_B = gp.reshape(-1, gp.shape[-1]).T @ x2  # Pᵀ gyᵀ x = Pᵀ G
         else:
-            (h,) = ctx.saved_tensors[4:]
+            (h,) = saved[4:]
             if ctx.needs_input_grad[0]:
                 grad_x = gy @ weight * decay + ((gy @ B) @ proj) * scale
             if ctx.needs_input_grad[3]:

@@ -16,7 +16,8 @@ Only trainable parameters have gradients, masters and Adam moments; frozen ones 
 LoRA's W, GaLoreLinear's W and projector) are weights only. ZeRO-1 shards masters and Adam
 moments (and the step's gradient copies, made per partition) over the GPUs, ZeRO-2 also the
 gradients, ZeRO-3 also every weight, frozen ones included. Activations are an estimate for
-Hugging Face OPT with SDPA and no activation checkpointing (`activation_bytes`).
+Hugging Face OPT with SDPA, with or without activation checkpointing (`activation_bytes`).
+`--engine torch` / `--engine fsdp` estimate the trainer's own engines instead (`estimate_engine`).
 
 `total` is the peak, not the sum of the columns: activations live in the forward and backward,
 the reduce bucket through the backward, the gradient copies only in the optimizer step.
@@ -97,6 +98,10 @@ class ParamCounts:
     extra_saved_width: int
     refresh_grad: int  # GaLoreLinear: elements of the full gradients its refresh probe holds
     kept_weight: int = 0  # SST materialized: elements of every layer's W (kept) and G (summed)
+    sst_frozen: int = 0  # SST's U and Vh (their storage is sst.frozen_dtype)
+    block: int = 0  # parameters of one decoder block (an FSDP unit), and of them trainable
+    block_trainable: int = 0
+    largest_target: int = 0  # out x in of the largest targeted linear
 
 
 def _swap_linears(model: nn.Module, targets, make) -> list[nn.Module]:
@@ -136,7 +141,9 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     def bias(linear):
         return linear.bias is not None
 
-    extra_width = refresh_grad = kept_weight = ages = 0
+    extra_width = refresh_grad = kept_weight = ages = sst_frozen = 0
+    largest_target = max((m.in_features * m.out_features for n, m in net.named_modules()
+                          if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets), default=0)
     galore_params: list[nn.Parameter] = []
     if method in ("lora", "relora"):  # ReLoRA* holds the same tensors; its merges are transient
         made = _swap_linears(net, targets, lambda lin: LoRALinear(
@@ -148,6 +155,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
         made = _swap_linears(net, targets, lambda lin: SSTLinear(
             lin.in_features, lin.out_features, rank, bias(lin), path=sst_path, device="meta"))
         ages = sum(layer.spectral.numel() for layer in made)
+        sst_frozen = sum(layer.U.numel() + layer.Vh.numel() for layer in made)
         if sst_path == "factored":
             extra_width += sum(layer.k for layer in made)
         if sst_path == "materialized":
@@ -188,12 +196,16 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     trainable = sum(p.numel() for p in params if p.requires_grad)
     moments += sum(p.numel() for p in params if p.requires_grad and id(p) not in galore_ids)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
+    block = net.get_decoder().layers[0]
     return ParamCounts(
         total=sum(p.numel() for p in params), trainable=trainable,
         frozen=sum(p.numel() for p in params if not p.requires_grad), moments=moments, ages=ages,
         projectors=projectors, largest_module=largest,
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
-        extra_saved_width=extra_width, refresh_grad=refresh_grad, kept_weight=kept_weight)
+        extra_saved_width=extra_width, refresh_grad=refresh_grad, kept_weight=kept_weight,
+        sst_frozen=sst_frozen, block=sum(p.numel() for p in block.parameters()),
+        block_trainable=sum(p.numel() for p in block.parameters() if p.requires_grad),
+        largest_target=largest_target)
 
 
 def _target_names(net: nn.Module, targets) -> list[str]:
@@ -219,7 +231,8 @@ def _validate_method(size, method, rank, galore_rank, sst_path, galore_form, tar
 # ----------------------------------------------------------------------------- activations
 
 def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str = "bf16",
-                     extra_saved_width: int = 0, vocab_size: int | None = None) -> int:
+                     extra_saved_width: int = 0, vocab_size: int | None = None,
+                     checkpointing: bool = False) -> int:
     """Bytes autograd holds at the peak of one micro-batch: Hugging Face OPT, SDPA (flash or
     memory-efficient kernels, which keep no s x s matrix), no activation checkpointing, no dropout
     (the recipes train without it), then train.lm_loss's fp32 cross-entropy.
@@ -254,6 +267,8 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
     # holds those, the gradient coming in and the gradient going out, all fp32: 12 bytes per logit.
     # (The forward's bf16 logits and fp32 copy, 6 bytes, are gone by then.)
     logits = 12 * (vocab_size or OPT_VOCAB)
+    if checkpointing:  # every block's input, and one block's activations while it recomputes
+        return tokens * (layers * h * e + per_layer + extra_saved_width * e // layers + edges + logits)
     return tokens * (layers * per_layer + extra_saved_width * e + edges + logits)
 
 
@@ -262,7 +277,8 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
 def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_batch: int, seq: int,
              precision: str = "bf16", offload: bool = False, galore_rank: int | None = None,
              sst_path: str = "dense", *, galore_form: str = "optimizer", grad_accum: int = 1,
-             reduce_bucket_size: int = REDUCE_BUCKET_SIZE, vocab_size: int | None = None) -> dict:
+             reduce_bucket_size: int = REDUCE_BUCKET_SIZE, vocab_size: int | None = None,
+             checkpointing: bool = False) -> dict:
     """Bytes per GPU by category (CATEGORIES), plus 'cpu': bytes per GPU's process kept in host
     memory when the optimizer is offloaded (masters, Adam moments, fp32 gradient copy).
 
@@ -308,7 +324,8 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
     # estimator reserves 2 x the largest module for it
     gathered = 2 * wb * counts.largest_module if zero == 3 else 0
     activations = activation_bytes(size, micro_batch, seq, precision=precision,
-                                   extra_saved_width=counts.extra_saved_width, vocab_size=vocab_size)
+                                   extra_saved_width=counts.extra_saved_width, vocab_size=vocab_size,
+                                   checkpointing=checkpointing)
     cpu = 0.0
     if offload:  # the step runs on the CPU, from copies made there
         cpu = masters + optimizer + step_copies
@@ -329,6 +346,102 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
     return {k: int(round(v)) for k, v in result.items()}
 
 
+# ----------------------------------------------------------------------------- torch and FSDP2
+
+ENGINES = ("deepspeed", "torch", "fsdp")
+
+
+def autocast_activation_bytes(model: str, micro_batch: int, seq: int, *, extra_saved_width: int = 0,
+                              vocab_size: int | None = None, checkpointing: bool = False) -> int:
+    """Bytes autograd holds at the peak of one micro-batch under the torch engine: fp32 weights,
+    bf16 autocast. The residual stream, LayerNorm inputs and outputs stay fp32 there, so a layer
+    keeps more than under DeepSpeed's bf16 weights (activation_bytes). Per layer and token: the two
+    LayerNorm inputs (2 x 4h); q/k/v's input, as a bf16 cast per linear (3 x 2h) for nn.Linear or
+    one fp32 tensor kept by the three SST functions (4h) plus fc1's (4h vs 2h) - either way 24h with
+    q, k, v (3 x 2h) and the attention output (2h); ReLU's output (2f); the statistics. Outside:
+    the final LayerNorm's input (4h), the head's bf16 input (2h), the ids; the loss as in
+    activation_bytes. Checked against saved_tensors_hooks on CPU (tests/test_memory.py).
+
+    checkpointing: each block keeps only its fp32 input (4h) until its backward, which recomputes
+    one block's activations at a time.
+    """
+    from sst_dist.models import OPT_SIZES, OPT_VOCAB
+
+    dims = OPT_SIZES[resolve_model(model)]
+    h, f = dims["hidden_size"], dims["ffn_dim"]
+    heads, layers = dims["num_attention_heads"], dims["num_hidden_layers"]
+    per_layer = 24 * h + 2 * f + 2 * 2 * 4 + heads * 4 + extra_saved_width * 2 // layers
+    edges = 2 * 8 + 6 * h + 2 * 4
+    logits = 12 * (vocab_size or OPT_VOCAB)
+    held = layers * 4 * h + per_layer if checkpointing else layers * per_layer
+    return micro_batch * seq * (held + edges + logits)
+
+
+def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, micro_batch: int, seq: int, *,
+                    frozen_dtype: str = "float32", checkpointing: bool = False, sst_path: str = "dense",
+                    galore_rank: int | None = None, vocab_size: int | None = None) -> dict:
+    """Bytes per GPU by category (CATEGORIES) under the torch engine (one GPU: fp32 weights,
+    gradients and AdamW, bf16 autocast) or FSDP2 (every tensor sharded over `gpus`, bf16 gathers
+    of a block and its prefetched successor, fp32 sharded gradients and AdamW) - what
+    launch/pretrain.py builds with model.build meta, where no dense weight of an SST layer exists.
+    GaLore is the layer form the trainer uses (frozen W, trainable B).
+
+    frozen_dtype: sst.frozen_dtype, the storage of SST's U and Vh. checkpointing:
+    model.gradient_checkpointing.
+    """
+    size = resolve_model(model)
+    _choice("--engine", engine, ENGINES[1:])
+    _choice("--frozen-dtype", frozen_dtype, ("float32", "bfloat16"))
+    for key, value, low in (("--gpus", gpus, 1), ("--micro-batch", micro_batch, 1), ("--seq", seq, 1)):
+        _at_least(key, value, low)
+    if engine == "torch" and gpus != 1:
+        raise ConfigError(f"--gpus: the torch engine runs on one GPU, got {gpus}; use --engine fsdp")
+    c = count_parameters(size, method, rank, galore_rank=galore_rank, sst_path=sst_path, galore_form="layer",
+                         seq=seq, vocab_size=vocab_size)
+    fb = 2 if frozen_dtype == "bfloat16" else 4
+    weights = (c.trainable * 4 + c.sst_frozen * fb + (c.frozen - c.sst_frozen) * 4) / gpus + c.buffer_bytes
+    grads = c.trainable * 4 / gpus
+    optimizer = (2 * c.moments + c.ages) * 4 / gpus
+    if engine == "torch":
+        activations = autocast_activation_bytes(size, micro_batch, seq, extra_saved_width=c.extra_saved_width,
+                                                vocab_size=vocab_size, checkpointing=checkpointing)
+        # autocast keeps a bf16 copy of every trainable dense weight its matmuls used, through the
+        # backward (SST's own function casts nothing: its frozen factors are read as stored)
+        gathered = 2 * (c.trainable - (c.ages if method in ("sst", "sst+galore") else 0))
+    else:
+        activations = activation_bytes(size, micro_batch, seq, extra_saved_width=c.extra_saved_width,
+                                       vocab_size=vocab_size, checkpointing=checkpointing)
+        # bf16 copies of the block in use and the one prefetched, and of the root unit (embedding,
+        # tied head), which FSDP2 keeps gathered from the forward to the backward
+        root = c.total - c.block * _layers(size)
+        gathered = 2 * (2 * c.block + root)
+        # a block's unsharded bf16 gradients and their fp32 cast for the reduce-scatter
+        gathered += 6 * c.block_trainable
+    # SST's dense path forms one layer's W (bf16) from an fp32 U·diag(s), and in the backward its G
+    transient = 0
+    if method in ("sst", "sst+galore") and sst_path == "dense":
+        transient = (4 + 2 + 2) * c.largest_target
+    kept = c.kept_weight * 2
+    persistent = weights + optimizer + kept
+    phases = (
+        activations + gathered + transient,  # the forward, and the backward (gradients not yet whole)
+        activations + gathered + transient + grads,  # the backward's end: every gradient made
+        grads,  # the optimizer step (torch's fused / foreach AdamW adds a little)
+        # GaLoreLinear's refresh: its probe pass holds every targeted layer's full fp32 G, unsharded
+        c.refresh_grad * 4 + activations + gathered,
+    )
+    result = {"weights": weights + kept, "gradients": grads, "masters": 0, "optimizer": optimizer,
+              "buffers": gathered + transient, "activations": activations,
+              "total": persistent + max(phases), "cpu": 0, "kept_weight": kept}
+    return {k: int(round(v)) for k, v in result.items()}
+
+
+def _layers(size: str) -> int:
+    from sst_dist.models import OPT_SIZES
+
+    return OPT_SIZES[size]["num_hidden_layers"]
+
+
 # ----------------------------------------------------------------------------- the command line
 
 def _gib(nbytes: int) -> str:
@@ -345,19 +458,33 @@ def format_table(model: str, methods, args) -> str:
         heads += ("cpu",)
     rows = []
     for method in methods:
+        form = args.galore_form if args.engine == "deepspeed" else "layer"
         counts = count_parameters(size, method, args.rank, galore_rank=args.galore_rank,
-                                  sst_path=args.sst_path, galore_form=args.galore_form, seq=args.seq)
-        est = estimate(size, method, args.rank, args.zero, args.gpus, args.micro_batch, args.seq,
-                       args.precision, args.offload, args.galore_rank, args.sst_path,
-                       galore_form=args.galore_form, grad_accum=args.grad_accum)
+                                  sst_path=args.sst_path, galore_form=form, seq=args.seq)
+        if args.engine == "deepspeed":
+            est = estimate(size, method, args.rank, args.zero, args.gpus, args.micro_batch, args.seq,
+                           args.precision, args.offload, args.galore_rank, args.sst_path,
+                           galore_form=args.galore_form, grad_accum=args.grad_accum,
+                           checkpointing=args.checkpointing)
+        else:
+            est = estimate_engine(size, method, args.rank, args.engine, args.gpus, args.micro_batch, args.seq,
+                                  frozen_dtype=args.frozen_dtype, checkpointing=args.checkpointing,
+                                  sst_path=args.sst_path, galore_rank=args.galore_rank)
         rows.append((method, f"{counts.total / 1e6:.1f}M", f"{counts.trainable / 1e6:.1f}M",
                      *(_gib(est[c]) for c in columns)))
     mixed = "bf16 weights/grads, fp32 masters and Adam" if args.precision == "bf16" else "fp32, no masters"
+    how = f"ZeRO-{args.zero}"
+    if args.engine != "deepspeed":
+        how = f"the {args.engine} engine"
+        mixed = f"fp32 weights, grads and AdamW, bf16 compute, SST's U and Vh in {args.frozen_dtype}"
+    if args.checkpointing:
+        mixed += ", activation checkpointing"
     lines = [
-        f"opt-{size}: ZeRO-{args.zero} on {args.gpus} GPU{'s' if args.gpus > 1 else ''}, {mixed}"
+        f"opt-{size}: {how} on {args.gpus} GPU{'s' if args.gpus > 1 else ''}, {mixed}"
         f"{', optimizer offloaded to CPU' if args.offload else ''}; micro-batch {args.micro_batch} x "
         f"{args.seq} tokens{f', grad-accum {args.grad_accum}' if args.grad_accum > 1 else ''}; "
-        f"rank {args.rank}, GaLore rank {galore_rank} ({args.galore_form} form), SST path {args.sst_path}",
+        f"rank {args.rank}, GaLore rank {galore_rank} "
+        f"({args.galore_form if args.engine == 'deepspeed' else 'layer'} form), SST path {args.sst_path}",
         "GiB per GPU",
     ]
     header = ("method", "params", "trainable", *heads)
@@ -365,12 +492,24 @@ def format_table(model: str, methods, args) -> str:
     for row in [header, *rows]:
         lines.append("  ".join(str(v).ljust(w) if i == 0 else str(v).rjust(w)
                                for i, (v, w) in enumerate(zip(row, widths))))
+    if args.engine != "deepspeed":
+        return "\n".join(lines + [
+            "weights: trainable fp32, SST's U and Vh in --frozen-dtype, the rest fp32 (model.build meta: "
+            "no dense weight of an SST layer); under fsdp each rank's shard.",
+            "buffers: " + ("autocast's bf16 copies of the trainable dense weights" if args.engine == "torch" else
+                           "bf16 gathers of two blocks and the root unit, a block's unsharded gradients")
+            + "; SST's dense path: one layer's W and G while it computes.",
+            "activ: estimated, Hugging Face OPT with SDPA, fp32 logits and loss"
+            + (", activation checkpointing." if args.checkpointing else "."),
+            "galore: the layer form the trainer uses (frozen fp32 W and projector, trainable B); at its "
+            "refresh steps the probe holds every targeted layer's full fp32 G (in total, not in grads)."])
     lines += [
         "grads: the gradients plus the copies ZeRO makes of its partition for the step (flattened, "
         "and under bf16 cast to fp32).",
         f"buffers: ZeRO's gradient reduce bucket ({REDUCE_BUCKET_SIZE:.0e} elements, held through the "
         "backward)" + ("; ZeRO-3: the gathered largest module" if args.zero == 3 else "") + ".",
-        "activ: estimated, Hugging Face OPT with SDPA, no activation checkpointing, fp32 logits and loss.",
+        "activ: estimated, Hugging Face OPT with SDPA, fp32 logits and loss"
+        + (", activation checkpointing." if args.checkpointing else ", no activation checkpointing."),
         "total: the peak, not the sum: weights + masters + optim + the largest of activations, "
         "grads and bucket at the end of the backward, grads in the step.",
     ]
@@ -404,6 +543,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--grad-accum", type=int, default=1)
     p.add_argument("--precision", default="bf16", help="bf16 | fp32")
     p.add_argument("--offload", action="store_true", help="optimizer states and masters on the CPU")
+    p.add_argument("--engine", default="deepspeed", help=f"{' | '.join(ENGINES)} (the trainer's --engine)")
+    p.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing")
+    p.add_argument("--frozen-dtype", default="float32", help="sst.frozen_dtype (torch, fsdp): float32 | bfloat16")
     return p
 
 
@@ -413,6 +555,7 @@ def main(argv=None) -> int:
         methods = [m.strip() for m in args.methods.split(",") if m.strip()]
         if not methods:
             raise ConfigError(f"--methods: empty; choose from {', '.join(METHODS)}")
+        _choice("--engine", args.engine, ENGINES)
         for m in methods:
             if m not in METHODS:
                 raise ConfigError(f"--methods: {m!r} is not one of {', '.join(METHODS)}")

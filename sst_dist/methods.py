@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import torch
 from torch import nn
 
 from sst_dist.config import Recipe
@@ -132,7 +133,9 @@ def build_method(recipe: Recipe, model: nn.Module) -> Method:
                       weight_decay=o.weight_decay)
     if recipe.method in ("sst", "sst+galore"):
         layers = apply_sst(model, recipe.rank, recipe.targets, seed=recipe.seed, path=recipe.sst.path,
-                           uniform_mix=recipe.sst.uniform_mix)
+                           uniform_mix=recipe.sst.uniform_mix, init=recipe.sst.init,
+                           init_std=getattr(getattr(model, "config", None), "init_std", 0.02),
+                           frozen_dtype=frozen_dtype(recipe))
         k = max(layer.k for layer in layers.values())
         per_round = recipe.sst.iterations_per_round or max(1, k // recipe.rank)
         schedule = Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps,
@@ -146,6 +149,11 @@ def build_method(recipe: Recipe, model: nn.Module) -> Method:
             method.galore_lr, method.weight_decay = galore_lr, o.weight_decay
         return method
     raise NotImplementedError(f"method: {recipe.method!r} is not available in this build")
+
+
+def frozen_dtype(recipe: Recipe) -> torch.dtype | None:
+    """sst.frozen_dtype as a dtype, None where the frozen factors keep the model's own dtype."""
+    return torch.bfloat16 if recipe.sst.frozen_dtype == "bfloat16" else None
 
 
 def _lowrank(layers) -> list[nn.Parameter]:

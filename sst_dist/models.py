@@ -81,6 +81,17 @@ def check_attn_implementation(name: str, device) -> None:
         raise ConfigError(f"{key}: {name!r} cannot be used here ({reason}); use sdpa or eager") from None
 
 
+def enable_activation_checkpointing(model: OPTForCausalLM) -> None:
+    """Recomputes each decoder block's forward in the backward (model.gradient_checkpointing).
+    Non-reentrant: its recompute runs with autograd on, which the methods' own autograd functions
+    and GaLore's gradient probe need (the reentrant form runs the first forward under no_grad)."""
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.2x; the old name warns
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+
+
 def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
                 attn_implementation: str = "sdpa", init_from: str | None = None) -> OPTForCausalLM:
     model = OPTForCausalLM(opt_config(size, vocab_size, seq_len, attn_implementation))

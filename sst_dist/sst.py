@@ -301,12 +301,19 @@ class SSTLinear(nn.Module):
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, rank: int, generator: torch.Generator | None = None,
-                    path: str = "dense", uniform_mix: bool = False) -> "SSTLinear":
-        """The same function as `linear`, as a full SVD with r active vectors drawn from p ~ σ."""
+                    path: str = "dense", uniform_mix: bool = False, factors=None) -> "SSTLinear":
+        """The same function as `linear`, as a full SVD with r active vectors drawn from p ~ σ.
+        `factors` (U, s, Vh): a fresh layer's own (sst_dist.spectral_init), in place of the SVD of
+        `linear`'s weight, which they then replace. A linear on the meta device gives a layer on
+        the meta device, to be materialised as its factors (sst_dist.build)."""
         weight = linear.weight
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
                     path=path, device=weight.device, dtype=weight.dtype)
-        U, s, Vh = torch.linalg.svd(weight.to(compute_dtype(weight)), full_matrices=False)
+        if weight.is_meta:
+            return layer
+        if factors is None:
+            factors = torch.linalg.svd(weight.to(compute_dtype(weight)), full_matrices=False)
+        U, s, Vh = factors
         layer.load_factors(U, s, Vh, sample_active(s.cpu(), rank, generator, uniform_mix))
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
@@ -412,11 +419,18 @@ def resvd_factors(U, Vh, s, u_active, vh_active, idx):
 # ----------------------------------------------------------------------------- model level
 
 def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int = 0,
-              path: str = "dense", uniform_mix: bool = False) -> dict[str, SSTLinear]:
+              path: str = "dense", uniform_mix: bool = False, init: str = "svd",
+              init_std: float = 0.02, frozen_dtype: torch.dtype | None = None) -> dict[str, SSTLinear]:
     """Replaces every nn.Linear whose attribute name is in `targets` by an SSTLinear.
 
+    init (sst.init): svd, the SVD of each linear's weight; haar / auto, fresh factors of an
+    N(0, init_std²) W0 drawn directly where sst_dist.spectral_init says so (the weight is dropped).
+    frozen_dtype: the storage of U and Vh (sst.frozen_dtype). A model on the meta device gets
+    layers on the meta device (sst_dist.build materialises them).
     Returns the new layers by qualified name, in model order (their index is their owner key).
     """
+    from sst_dist.spectral_init import init_generator, uses_haar, haar_factors
+
     targets = set(targets)
     found = [(name, module) for name, module in model.named_modules()
              if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
@@ -424,7 +438,16 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
     for index, (name, linear) in enumerate(found):
         parent_name, _, attr = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix)
+        factors = None
+        weight = linear.weight
+        if not weight.is_meta and uses_haar(init, min(weight.shape)):
+            factors = haar_factors(*weight.shape, init_std, init_generator(seed, index, weight.device),
+                                   device=weight.device, dtype=compute_dtype(weight))
+        layer = SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix,
+                                      factors)
+        if frozen_dtype is not None and not weight.is_meta:
+            for frozen in (layer.U, layer.Vh):
+                frozen.data = frozen.data.to(frozen_dtype)
         setattr(parent, attr, layer)
         layers[name] = layer
     return layers

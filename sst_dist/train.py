@@ -19,8 +19,9 @@ from sst_dist import checkpoint, rundir
 from sst_dist.config import ConfigError, Recipe
 from sst_dist.data import evaluate, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
-from sst_dist.methods import build_method
-from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation
+from sst_dist.build import Materializer, build_on_meta
+from sst_dist.methods import build_method, frozen_dtype
+from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation, enable_activation_checkpointing
 from sst_dist.rundir import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -96,6 +97,10 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     device = resolve_device(recipe, ctx.local_rank)
     dtype = resolve_dtype(recipe, device)
     check_attn_implementation(recipe.model.attn_implementation, device)
+    if recipe.sst.frozen_dtype == "bfloat16" and dtype != torch.bfloat16:
+        raise ConfigError(f"sst.frozen_dtype: bfloat16 needs bfloat16 compute, but train.dtype is "
+                          f"{recipe.train.dtype} ({str(dtype).removeprefix('torch.')} here); "
+                          "set train.dtype=bfloat16 or sst.frozen_dtype=float32")
     micro, accumulation = batch_geometry(recipe, ctx.world_size)
     is_main = ctx.rank == 0
     out = run.output_dir
@@ -113,18 +118,36 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
                      seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
 
     torch.manual_seed(recipe.seed)
+    built = time.perf_counter()
     vocab = data.vocab_size if recipe.model.size == "tiny" else max(OPT_VOCAB, data.vocab_size)
-    model = build_model(recipe.model.size, vocab_size=vocab, seq_len=recipe.model.seq_len,
-                        attn_implementation=recipe.model.attn_implementation, init_from=recipe.model.init_from)
+    model_kwargs = dict(vocab_size=vocab, seq_len=recipe.model.seq_len,
+                        attn_implementation=recipe.model.attn_implementation)
+    master = torch.float64 if dtype == torch.float64 else torch.float32
+    materialize = None
+    if recipe.model.build == "meta":
+        model = build_on_meta(recipe.model.size, **model_kwargs)
+    else:
+        model = build_model(recipe.model.size, **model_kwargs, init_from=recipe.model.init_from)
     if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    method = build_method(recipe, model)
+        enable_activation_checkpointing(model)
+    if recipe.model.build == "dense":
+        model.to(device=device, dtype=master)
+    method = build_method(recipe, model)  # on the meta device too: the method's layers take shapes
+    if recipe.model.build == "meta":
+        sharded = run.engine == "fsdp"  # the engine materialises block by block as it shards
+        materialize = Materializer(model, seed=recipe.seed, device=device, dtype=master, init=recipe.sst.init,
+                                   frozen_dtype=frozen_dtype(recipe), uniform_mix=recipe.sst.uniform_mix,
+                                   rank=ctx.rank if sharded else 0, world_size=ctx.world_size if sharded else 1)
+        if not sharded:
+            materialize(model)
+            materialize = None
 
     engine = build_engine(run.engine, model, method.param_groups(model), recipe, device=device, dtype=dtype,
                           micro_batch=micro,
-                          accumulation=accumulation, ds_config=run.ds_config, ctx=ctx)
+                          accumulation=accumulation, ds_config=run.ds_config, ctx=ctx,
+                          materialize=materialize)
     method.attach(engine.backend, recipe)
+    init_s = ctx.maximum(time.perf_counter() - built)  # the model built and, under an engine, placed
 
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     settings = checkpoint.run_settings(recipe.to_dict(), engine=run.engine, world_size=ctx.world_size,
@@ -211,10 +234,13 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
                   "tokens_per_s": round(tokens_per_step / elapsed, 1)}
         if event:
             record["event"] = event
-        if device.type == "cuda":
-            record["peak_mem_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 3)
+        if init_s is not None:  # this process's first step: how long the build took
+            record["init_s"], init_s = round(init_s, 2), None
+        if device.type == "cuda":  # the largest over the ranks
+            record["peak_mem_gib"] = round(ctx.maximum(torch.cuda.max_memory_allocated(device)) / 2**30, 3)
         if finite and recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
-            record.update(run_eval(engine.model, data, recipe, device))
+            with engine.forward_context():  # the training precision (bf16 frozen factors need it)
+                record.update(run_eval(engine.model, data, recipe, device))
         logger.log(record)
         if logger.due(record):
             bar.update(step - bar.n)
@@ -229,15 +255,16 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
 
         stopping = ctx.any(stop.raised)
         every = recipe.checkpoint.every_steps
-        if stopping or step == max_steps or (every and step % every == 0):
+        if recipe.checkpoint.save and (stopping or step == max_steps or (every and step % every == 0)):
             last_good = save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
             last_saved = step
         if stopping:
             if is_main:
-                print(f"stopped by signal at step {step}; checkpoint saved, re-run to resume", flush=True)
+                saved = "checkpoint saved, re-run to resume" if recipe.checkpoint.save else "checkpoint.save is off"
+                print(f"stopped by signal at step {step}; {saved}", flush=True)
             break
     bar.close()
-    if last_saved != step:
+    if last_saved != step and recipe.checkpoint.save:
         save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
     logger.close()
     ctx.barrier()
@@ -257,7 +284,8 @@ def evaluate_checkpoint(engine, data, recipe: Recipe, device, out: Path, checkpo
     if checkpoint_dir is None:
         raise ConfigError(f"--eval-only: no checkpoint under {checkpoint.checkpoint_root(out)}; "
                           "train first, or pass the --output-dir of a run")
-    result = {"step": step, "checkpoint": checkpoint_dir.name, **run_eval(engine.model, data, recipe, device)}
+    with engine.forward_context():
+        result = {"step": step, "checkpoint": checkpoint_dir.name, **run_eval(engine.model, data, recipe, device)}
     if ctx.rank == 0:
         with open(out / "eval.jsonl", "a") as f:
             f.write(json.dumps(result) + "\n")

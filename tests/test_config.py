@@ -15,6 +15,10 @@ from sst_dist.config import ConfigError, load_recipe
     ("method=dora", ["method", "sst", "relora"]),
     ("model.size=7b", ["model.size", "1.3b"]),
     ("sst.path=fast", ["sst.path", "factored"]),
+    ("sst.init=qr", ["sst.init", "auto", "haar"]),
+    ("sst.frozen_dtype=float16", ["sst.frozen_dtype", "bfloat16"]),
+    ("model.build=lazy", ["model.build", "meta"]),
+    ("checkpoint.save=maybe", ["checkpoint.save", "true or false"]),
     ("train.max_steps=abc", ["train.max_steps", "integer"]),
     ("optim.beta1=1.5", ["optim.beta1", "1.5", "[0, 1)"]),
     ("optim.beta2=1", ["optim.beta2", "[0, 1)"]),
@@ -90,3 +94,20 @@ def test_environment_fills_only_what_the_recipe_leaves_unset(monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "dryrun")
     with pytest.raises(ConfigError, match="WANDB_MODE: 'dryrun' is not one of offline, online, disabled"):
         load_recipe("recipes/tiny-sst.yaml")
+
+
+def test_meta_build_is_refused_for_lora_and_relora():
+    for method in ("lora", "relora"):
+        with pytest.raises(ConfigError, match="model.build: meta is not available for method"):
+            load_recipe(f"recipes/tiny-{method}.yaml", ["model.build=meta"])
+
+
+def test_every_scale_recipe_loads():
+    from pathlib import Path
+
+    recipes = sorted(Path("recipes").glob("opt-*b-*.yaml"))
+    assert len(recipes) >= 20
+    for path in recipes:
+        recipe = load_recipe(path)
+        if path.stem.split("-")[1] in ("2.7b", "6.7b", "13b", "30b", "66b"):
+            assert recipe.model.build == "meta" and recipe.model.gradient_checkpointing

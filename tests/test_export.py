@@ -310,6 +310,8 @@ def test_init_from_errors_are_one_line(runs, tmp_path):
     with pytest.raises(ConfigError, match=r"does not have the shape of model.size '125m'.*set model.size: tiny"):
         load_recipe(recipe_of("sst"), [f"model.init_from={folder}", "model.size=125m"])
     load_recipe(recipe_of("sst"), ["model.init_from=facebook/opt-125m"])  # a hub name: checked when loaded
+    with pytest.raises(ConfigError, match="model.build=dense"):
+        load_recipe(recipe_of("sst"), [f"model.init_from={folder}", "model.build=meta"])
     proc = pretrain(tmp_path / "run", recipe_of("sst"), "--set", f"model.init_from={folder}", "--set",
                     "model.seq_len=64", check=False)
     lines = proc.stderr.strip().splitlines()

@@ -249,3 +249,68 @@ def test_the_step_profile_reports_every_phase_on_cpu():
     assert all(float(v) > 0 for v in table["tokens/s"])
     assert "sst: operators of one step by phase" in proc.stdout and "  after_step:" in proc.stdout
     assert "micro-batch 2 x seq 64 x 2 per step" in proc.stdout
+
+
+@pytest.mark.parametrize("method, path", [("full", "dense"), ("sst", "dense"), ("sst", "factored")])
+def test_autocast_activation_formula_matches_what_autograd_keeps(method, path):
+    """The torch engine's estimate (fp32 weights, bf16 autocast) against the tensors autograd
+    saves on a tiny OPT on CPU, SST's U and Vh stored in bf16 as sst.frozen_dtype makes them."""
+    import torch
+    import torch.nn.functional as F
+
+    from sst_dist.config import load_recipe
+    from sst_dist.memory import autocast_activation_bytes
+    from sst_dist.methods import build_method
+    from sst_dist.models import build_model
+
+    b, s, vocab = 2, 64, 512
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=vocab, seq_len=s)
+    recipe = load_recipe(None, [f"method={method}", "rank=8", "model.size=tiny", f"sst.path={path}",
+                                "sst.frozen_dtype=bfloat16"])
+    build_method(recipe, model)
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    def kept(batch):
+        saved.clear()
+        ids = torch.randint(0, vocab, (batch, s + 1))
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
+            logits = model(input_ids=ids[:, :-1]).logits
+            F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+        return sum(saved.values()) + 8 * batch * s * vocab
+
+    width = count_parameters("tiny", method, 8, sst_path=path, seq=s, vocab_size=vocab).extra_saved_width
+
+    def formula(batch):
+        return autocast_activation_bytes("tiny", batch, s, extra_saved_width=width, vocab_size=vocab)
+
+    # per token: autocast's bf16 copies of the weights, whatever the batch, drop out of the
+    # difference (estimate_engine counts them apart)
+    assert formula(2 * b) - formula(b) == pytest.approx(kept(2 * b) - kept(b), rel=0.01)
+    formula = formula(b)
+    # checkpointing keeps each block's fp32 input and one block's activations, far less
+    assert autocast_activation_bytes("tiny", b, s, vocab_size=vocab, checkpointing=True) < formula
+
+
+def test_engine_estimate_counts_what_the_meta_build_allocates():
+    from sst_dist.memory import estimate_engine
+
+    kw = dict(rank=64, micro_batch=1, seq=2048)
+    c = count_parameters("1.3b", "sst", 64, galore_form="layer", seq=2048)
+    f32 = estimate_engine("1.3b", "sst", engine="torch", gpus=1, **kw)
+    b16 = estimate_engine("1.3b", "sst", engine="torch", gpus=1, frozen_dtype="bfloat16", **kw)
+    assert f32["weights"] - b16["weights"] == 2 * c.sst_frozen  # U and Vh alone change storage
+    assert f32["weights"] == pytest.approx(4 * c.total + c.buffer_bytes, abs=1)  # no dense W beside them
+    assert f32["optimizer"] == (2 * c.moments + c.ages) * 4
+    two = estimate_engine("1.3b", "sst", engine="fsdp", gpus=2, frozen_dtype="bfloat16", **kw)
+    assert two["weights"] == pytest.approx((b16["weights"] - c.buffer_bytes) / 2 + c.buffer_bytes, abs=1)
+    ckpt = estimate_engine("1.3b", "sst", engine="torch", gpus=1, checkpointing=True, **kw)
+    assert ckpt["activations"] < f32["activations"] / 2 and ckpt["total"] < f32["total"]
+    with pytest.raises(ValueError, match="--gpus"):
+        estimate_engine("1.3b", "sst", engine="torch", gpus=2, **kw)

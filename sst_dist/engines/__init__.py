@@ -52,6 +52,9 @@ class DistributedContext:
     def mean(self, value) -> float:
         return self._reduce(float(value), dist.ReduceOp.SUM) / self.world_size
 
+    def maximum(self, value) -> float:
+        return self._reduce(float(value), dist.ReduceOp.MAX)
+
     def any(self, flag: bool) -> bool:
         return self._reduce(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
 
@@ -140,12 +143,32 @@ def check_precision(engine: str, recipe) -> None:
                           "float32); use --set train.dtype=float32, or the torch or fsdp engine")
 
 
+def cast_masters(model, dtype) -> None:
+    """Every floating parameter and buffer to `dtype` (the fp32 or fp64 master), in place, but
+    frozen parameters kept in bfloat16 on purpose (sst.frozen_dtype) stay so: model.to(dtype)
+    would make an fp32 copy of the largest tensors SST holds."""
+    for module in model.modules():
+        for name, param in module._parameters.items():
+            if param is None or not param.is_floating_point() or param.dtype == dtype:
+                continue
+            if not param.requires_grad and param.dtype == _torch.bfloat16:
+                continue
+            param.data = param.data.to(dtype)
+        for name, buffer in module._buffers.items():
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != dtype:
+                module._buffers[name] = buffer.to(dtype)
+
+
 def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro_batch, accumulation,
-                 ds_config=None, ctx=None):
+                 ds_config=None, ctx=None, materialize=None):
+    """`materialize` (sst_dist.build.Materializer): a model still on the meta device, which the
+    fsdp engine materialises block by block as it shards it."""
+    if materialize is not None and name != "fsdp":
+        raise ConfigError(f"--engine {name}: materialise the model before building the engine")
     if name == "torch":
         from sst_dist.engines.torch import TorchEngine
 
-        model.to(dtype=_torch.float64 if dtype == _torch.float64 else _torch.float32)
+        cast_masters(model, _torch.float64 if dtype == _torch.float64 else _torch.float32)
         return TorchEngine(model, param_groups, recipe, device, accumulation, dtype)
     if name == "deepspeed":
         from sst_dist.engines.deepspeed import DeepSpeedEngine
@@ -158,5 +181,5 @@ def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro
         from sst_dist.engines.fsdp import FSDPEngine
 
         return FSDPEngine(model, param_groups, recipe, device=device, dtype=dtype,
-                          accumulation=accumulation, ctx=ctx)
+                          accumulation=accumulation, ctx=ctx, materialize=materialize)
     raise ConfigError(f"--engine: {name!r} is not one of {', '.join(ENGINES)}")

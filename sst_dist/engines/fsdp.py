@@ -126,7 +126,7 @@ class FSDPEngine:
 
     name = "fsdp"
 
-    def __init__(self, model, param_groups, recipe, *, device, dtype, accumulation, ctx):
+    def __init__(self, model, param_groups, recipe, *, device, dtype, accumulation, ctx, materialize=None):
         self.device = device
         self.accumulation = accumulation
         self.rank, self.world_size = ctx.rank, ctx.world_size
@@ -142,8 +142,14 @@ class FSDPEngine:
             mp = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
         else:
             mp = MixedPrecisionPolicy()
+        # a model on the meta device (model.build meta) is materialised one block at a time, each
+        # sharded before the next exists: a rank holds its shards and one whole block at most
         for block in decoder_blocks(model):
+            if materialize is not None:
+                materialize(block)
             fully_shard(block, mesh=mesh, mp_policy=mp)
+        if materialize is not None:
+            materialize(model)
         # the root unit holds the embeddings, the tied LM head and the final LayerNorm
         fully_shard(model, mesh=mesh, mp_policy=mp)
         self.model = model
@@ -155,6 +161,13 @@ class FSDPEngine:
         sharded = dict(model.named_parameters())
         groups = [{**group, "params": [sharded[n] for n in names]}
                   for group, names in zip(param_groups, group_names)]
+        # fully_shard made new, sharded Parameters; the caller's lists (the method's) still hold
+        # the unsharded originals, a whole copy of every trainable tensor on each rank: free them
+        live = {id(p) for p in sharded.values()}
+        for group in param_groups:
+            for param in group["params"]:
+                if id(param) not in live:
+                    param.data = torch.empty(0, dtype=param.dtype, device=param.device)
         self.optimizer = build_optimizer(groups, recipe, device)
         self.params = [p for group in groups for p in group["params"]]
         self.grad_clip = recipe.optim.grad_clip
