@@ -12,7 +12,8 @@ from sst_dist.galore import (GradientProbe, apply_galore, apply_galore_embedding
                              refresh_galore_layers)
 from sst_dist.lowrank import ReLoRAController, apply_lora
 from sst_dist.schedule import Schedule
-from sst_dist.sst import SSTController, SSTLinear, apply_sst
+from sst_dist.sst import SSTLinear, apply_sst
+from sst_dist.sst_controller import SSTController
 
 # ProbePass(probe) runs the step's forward passes, calling probe.backward(loss) on each micro-batch
 ProbePass = Callable[[GradientProbe], None]
