@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,16 +11,16 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sst_dist import checkpoint, rundir
 from sst_dist.config import ConfigError, Recipe
-from sst_dist.data import evaluate, open_data, prepare
+from sst_dist.data import evaluate, lm_loss, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
-from sst_dist.methods import build_method
+from sst_dist.methods import Method, build_method
 from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation
 from sst_dist.rundir import RunError
 
@@ -64,10 +65,68 @@ def batch_geometry(recipe: Recipe, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (b, seq_len + 1) block, computed in fp32."""
-    logits = model(input_ids=block[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
+def build_run(recipe: Recipe, engine_name: str, ctx, *, device, dtype, vocab_size: int, micro_batch: int,
+              accumulation: int, ds_config: str | None = None, init_device=None) -> tuple[Method, object]:
+    """The model, the method applied to it and the engine that wraps it: (method, engine).
+    `init_device`: where the weights are initialised (the benchmarks build large models on the GPU);
+    None, the CPU, so a run's initial weights do not depend on the machine."""
+    torch.manual_seed(recipe.seed)
+    with init_device if init_device is not None else contextlib.nullcontext():
+        model = build_model(recipe.model.size, vocab_size=vocab_size, seq_len=recipe.model.seq_len,
+                            attn_implementation=recipe.model.attn_implementation)
+    if recipe.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    model.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
+    method = build_method(recipe, model)
+    engine = build_engine(engine_name, model, method.param_groups(model), recipe, device=device, dtype=dtype,
+                          micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config, ctx=ctx)
+    method.attach(engine.backend, recipe)
+    return method, engine
+
+
+@dataclass
+class StepResult:
+    event: str | None  # the periodic work run before the step ('+'-joined names), if any
+    lrs: dict[str, float]  # the step's learning rate of each group
+    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches (float64)
+    grad_norm: object  # the engine's global gradient norm, or None
+
+
+def train_step(engine, method: Method, step: int, chunks, mark: Callable[[str], None] | None = None) -> StepResult:
+    """One optimizer step on this rank's micro-batches `chunks`: the method's periodic work, a
+    forward and backward per micro-batch, the engine's step and the method's per-step work. The
+    benchmarks call it too; `mark(phase)` is called as each phase ends (before_step, probe,
+    forward, backward, step, after_step)."""
+    mark = mark or (lambda phase: None)
+    engine.model.train()
+
+    def probe_pass(probe):
+        mark("before_step")  # what ran before the probe (an SST resample) counts there
+        with engine.probing() as model:
+            for chunk in chunks:
+                with engine.forward_context():
+                    probe.backward(lm_loss(model, chunk))
+        mark("probe")
+
+    event = method.before_step(step, probe_pass)
+    lrs = method.learning_rates(step)
+    engine.set_learning_rates(lrs)
+    mark("before_step")
+    loss_sum = torch.zeros((), device=chunks[0].device, dtype=torch.float64)
+    for i, chunk in enumerate(chunks):
+        method.before_micro_batch(last=i == len(chunks) - 1)
+        with engine.forward_context():
+            loss = lm_loss(engine.model, chunk)
+        mark("forward")
+        engine.backward(loss)
+        loss_sum += loss.detach().double()
+        del loss
+        mark("backward")
+    grad_norm = engine.step()
+    mark("step")
+    method.after_step(lrs)
+    mark("after_step")
+    return StepResult(event, lrs, loss_sum / len(chunks), grad_norm)
 
 
 class StopFlag:
@@ -112,19 +171,9 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     data = open_data(recipe.data, seq_len=recipe.model.seq_len, global_batch=recipe.train.global_batch,
                      seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
 
-    torch.manual_seed(recipe.seed)
     vocab = data.vocab_size if recipe.model.size == "tiny" else max(OPT_VOCAB, data.vocab_size)
-    model = build_model(recipe.model.size, vocab_size=vocab, seq_len=recipe.model.seq_len,
-                        attn_implementation=recipe.model.attn_implementation)
-    if recipe.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    model.to(device=device, dtype=torch.float64 if dtype == torch.float64 else torch.float32)
-    method = build_method(recipe, model)
-
-    engine = build_engine(run.engine, model, method.param_groups(model), recipe, device=device, dtype=dtype,
-                          micro_batch=micro,
-                          accumulation=accumulation, ds_config=run.ds_config, ctx=ctx)
-    method.attach(engine.backend, recipe)
+    method, engine = build_run(recipe, run.engine, ctx, device=device, dtype=dtype, vocab_size=vocab,
+                               micro_batch=micro, accumulation=accumulation, ds_config=run.ds_config)
 
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     settings = checkpoint.run_settings(recipe.to_dict(), engine=run.engine, world_size=ctx.world_size,
@@ -176,28 +225,9 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     step = state["step"]
     while step < max_steps:
         t0 = time.perf_counter()
-        engine.model.train()
-        chunks = data.next_batch().to(device).split(micro)
-
-        def probe_pass(probe):
-            with engine.probing() as model:
-                for chunk in chunks:
-                    with engine.forward_context():
-                        probe.backward(lm_loss(model, chunk))
-
-        event = method.before_step(step, probe_pass)
-        lrs = method.learning_rates(step)
-        engine.set_learning_rates(lrs)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for i, chunk in enumerate(chunks):
-            method.before_micro_batch(last=i == len(chunks) - 1)
-            with engine.forward_context():
-                loss = lm_loss(engine.model, chunk)
-            engine.backward(loss)
-            loss_sum += loss.detach().double()
-        grad_norm = engine.step()
-        method.after_step(lrs)
-        loss_value = ctx.mean(loss_sum / accumulation)
+        result = train_step(engine, method, step, data.next_batch().to(device).split(micro))
+        event, lrs, grad_norm = result.event, result.lrs, result.grad_norm
+        loss_value = ctx.mean(result.loss)
         # every rank sees the same all-reduced loss and global norm, so all stop at the same step
         finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(float(grad_norm)))
 
