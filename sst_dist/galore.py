@@ -35,6 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sst_dist.precision import autocast_backward, autocast_forward, full_precision
+from sst_dist.surgery import swap_modules
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -440,14 +441,6 @@ class GradientProbe:
             self.gradients[index] = grad if total is None else total + grad
 
 
-def _reduce_to(tensor: torch.Tensor, dst: int, backend) -> torch.Tensor:
-    """Sum over data-parallel ranks onto rank `dst`; the caller's tensor is left as it was."""
-    if backend.world_size > 1:
-        tensor = tensor.clone()
-        torch.distributed.reduce(tensor, dst)
-    return tensor
-
-
 @torch.no_grad()
 def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
                           gradients: Sequence[torch.Tensor | None]) -> None:
@@ -466,7 +459,7 @@ def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
         if grad is None:
             continue
         owner = backend.owner(index)
-        grad = _reduce_to(grad.detach().to(backend_device), owner, backend)
+        grad = backend.reduce_sum_to(grad.detach().to(backend_device), owner)
         if backend.rank == owner:
             projectors[index] = orthogonal_projector(grad, layer.rank, layer.side)
         else:  # a receive buffer for the broadcast below
@@ -531,14 +524,8 @@ def apply_galore(model: nn.Module, rank: int, targets: Iterable[str] = OPT_TARGE
     missing = targets - matched
     if missing:
         raise ValueError(f"no module named {sorted(missing)} in the model")
-    layers = {}
-    for name, linear in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = GaLoreLinear.from_linear(linear, rank, scale, proj_type, update_proj_gap)
-        setattr(parent, attr, layer)
-        layers[name] = layer
-    return layers
+    return swap_modules(model, found, lambda index, linear: GaLoreLinear.from_linear(
+        linear, rank, scale, proj_type, update_proj_gap))
 
 
 def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,

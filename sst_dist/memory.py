@@ -101,14 +101,9 @@ class ParamCounts:
 
 def _swap_linears(model: nn.Module, targets, make) -> list[nn.Module]:
     """Replaces every nn.Linear whose attribute name is in `targets` by make(linear)."""
-    made = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            parent_name, _, attr = name.rpartition(".")
-            layer = make(module)
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
-            made.append(layer)
-    return made
+    from sst_dist.surgery import swap_modules, target_linears
+
+    return list(swap_modules(model, target_linears(model, targets), lambda _, linear: make(linear)).values())
 
 
 @lru_cache(maxsize=64)

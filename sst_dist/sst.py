@@ -21,6 +21,7 @@ from torch import nn
 
 from sst_dist.config import SST_PATHS as PATHS
 from sst_dist.precision import autocast_backward, autocast_forward
+from sst_dist.surgery import swap_modules, target_linears
 
 
 # ----------------------------------------------------------------------------- tensor math
@@ -382,17 +383,8 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
 
     Returns the new layers by qualified name, in model order (their index is their owner key).
     """
-    targets = set(targets)
-    found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    layers = {}
-    for index, (name, linear) in enumerate(found):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix)
-        setattr(parent, attr, layer)
-        layers[name] = layer
-    return layers
+    return swap_modules(model, target_linears(model, targets), lambda index, linear: SSTLinear.from_linear(
+        linear, rank, layer_generator(seed, index, 0), path, uniform_mix))
 
 
 __all__ = ["SSTLinear", "apply_sst", "sample_active", "assign_slots", "layer_generator", "resampled",

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from sst_dist.data.errors import DataError
 from sst_dist.data.shards import MANIFEST, read_manifest
+from sst_dist.rundir import write_atomic
 
 _VERIFIED = ".verified.json"
 _U64 = np.uint64
@@ -117,10 +117,8 @@ def _check_files(folder: Path, entries: list[dict], itemsize: int) -> None:
         stamps[entry["file"]] = stamp
         changed = True
     if changed:
-        tmp = stamp_path.with_name(f"{_VERIFIED}.{os.getpid()}.tmp")
         try:  # ranks race here harmlessly: each writes a complete file and renames it
-            tmp.write_text(json.dumps(stamps))
-            os.replace(tmp, stamp_path)
+            write_atomic(stamp_path, json.dumps(stamps))
         except OSError:
             pass  # a read-only cache still trains; it just verifies again next time
 
