@@ -178,26 +178,13 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     settings = checkpoint.run_settings(recipe.to_dict(), engine=run.engine, world_size=ctx.world_size,
                                        zero_stage=getattr(engine, "zero_stage", None), vocab_size=vocab)
-    resume_from = None
-    failures = []
-    # newest first; each is checked against this run's settings before loading, and one the engine
-    # cannot read gives way to the next older one
-    for path in map(Path, claim["checkpoints"]):
-        saved = checkpoint.read_trainer_state(path)
-        changed = checkpoint.check_resume(path, saved, settings)
-        failure = load_engine_state(engine, path, ctx)
-        if failure is not None:
-            failures.append(f"{path.name}: {failure}")
-            if is_main:
-                print(f"warning: cannot load {path} ({failure}); trying the next older checkpoint",
-                      file=sys.stderr, flush=True)
-            continue
+    resume_from, saved, changed = load_newest(engine, claim["checkpoints"], settings, ctx, out)
+    if saved is not None:
         if not run.eval_only and saved["step"] >= recipe.train.max_steps:  # of the checkpoint that loads
             if is_main:
-                print(f"nothing to do: {path} is at step {saved['step']} and train.max_steps is "
+                print(f"nothing to do: {resume_from} is at step {saved['step']} and train.max_steps is "
                       f"{recipe.train.max_steps}; raise --max-steps to train further", flush=True)
             return {"step": saved["step"], "output_dir": str(out)}
-        resume_from = path
         state = {key: saved[key] for key in state}
         data.load_state_dict(saved["data"])
         if "torch_rng" in saved:
@@ -206,10 +193,6 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
             print(f"resuming from {resume_from} at step {state['step']}", flush=True)
             if changed:
                 print(f"resuming with changed settings: {', '.join(changed)}", flush=True)
-        break
-    if failures and resume_from is None:
-        raise RunError(f"no checkpoint in {checkpoint.checkpoint_root(out)} could be loaded "
-                       f"({'; '.join(failures)}); to start fresh, move or delete that folder")
 
     if run.eval_only:
         return evaluate_checkpoint(engine, data, recipe, device, out, resume_from, state["step"], ctx)
@@ -309,6 +292,28 @@ def claim_output_dir(out: Path, lock: rundir.RunLock) -> dict:
         if line:
             print(line, file=sys.stderr, flush=True)
     return {"checkpoints": [str(p) for p in checkpoints]}
+
+
+def load_newest(engine, checkpoints, settings: dict, ctx, out: Path) -> tuple[Path | None, dict | None, list]:
+    """The newest of `checkpoints` whose engine state loads: (its folder, its trainer state, the
+    settings that changed since it), or (None, None, []) to start fresh. Each is checked against
+    this run's settings before loading, and one the engine cannot read gives way to the next older
+    one; if none loads, the run stops with one line."""
+    failures = []
+    for path in map(Path, checkpoints):
+        saved = checkpoint.read_trainer_state(path)
+        changed = checkpoint.check_resume(path, saved, settings)
+        failure = load_engine_state(engine, path, ctx)
+        if failure is None:
+            return path, saved, changed
+        failures.append(f"{path.name}: {failure}")
+        if ctx.rank == 0:
+            print(f"warning: cannot load {path} ({failure}); trying the next older checkpoint",
+                  file=sys.stderr, flush=True)
+    if failures:
+        raise RunError(f"no checkpoint in {checkpoint.checkpoint_root(out)} could be loaded "
+                       f"({'; '.join(failures)}); to start fresh, move or delete that folder")
+    return None, None, []
 
 
 def load_engine_state(engine, path: Path, ctx) -> str | None:
