@@ -61,7 +61,7 @@ def worker(job: dict) -> dict:
     report["device_name"] = torch.cuda.get_device_name(device) if cuda else "cpu"
     report["sst_path"] = run.recipe.sst.path
     # the trainer trains GaLore in its layer form (GaLoreLinear / GaLoreEmbedding) under every engine
-    report["galore_form"] = "layer" if run.method.galore_layers else "optimizer"
+    report["galore_form"] = "layer"
     report["zero_stage"] = int(engine.config.get("zero_optimization", {}).get("stage", 0))
     report["bf16"] = bool(engine.config.get("bf16", {}).get("enabled"))
     report["setup_s"] = run.setup_s

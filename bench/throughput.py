@@ -12,9 +12,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-import os
 import shutil
-import socket
 import statistics
 import subprocess
 import sys
@@ -22,12 +20,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from sst_dist.engines import free_port  # noqa: E402
 
 
 def launch(engine: str, gpus: int, recipe: str, out: Path, steps: int, extra: list[str]) -> float:

@@ -1,16 +1,13 @@
 """GaLore (Zhao et al., "GaLore: Memory-Efficient LLM Training by Gradient Low-Rank Projection",
-ICML 2024): the optimizer, and an exact layer form that an engine can shard.
+ICML 2024) in an exact layer form that an engine can shard.
 
-Two ways to train with the same mathematics:
+galore-torch's GaLoreAdamW projects each 2-D weight's gradient G to rank r by a projector P from
+the SVD of G, refreshed every `update_proj_gap` of its steps; the Adam moments live in the
+projected space; the update is projected back and multiplied by `scale`. It needs the full 2-D
+gradient of each weight, so it cannot run under ZeRO, which hands the optimizer flat 1-D
+partitions. (tests/galore_reference.py keeps that optimizer form as the float64 reference.)
 
-* `GaLoreAdamW`: a drop-in for `galore_torch.GaLoreAdamW` (same parameter-group keys `rank`,
-  `update_proj_gap`, `scale`, `proj_type`). Each 2-D weight in a group with a `rank` key has its
-  gradient G projected to rank r by a projector P from the SVD of G, refreshed every
-  `update_proj_gap` of its steps; the Adam moments live in the projected space; the update is
-  projected back and multiplied by `scale`. It needs the full 2-D gradient of each weight, so it
-  cannot run under ZeRO, which hands the optimizer flat 1-D partitions.
-
-* `GaLoreLinear` (via `apply_galore`): the same trajectory as fixed-shape parameters. With a left
+`GaLoreLinear` (via `apply_galore`) gives the same trajectory as fixed-shape parameters. With a left
   projector P (out, r), W_eff = c·W + scale·P·B: W is frozen, B (r, in) trains and receives the
   gradient Pᵀ G, exactly what GaLore's Adam sees; a right projector Q (r, in) gives
   W_eff = c·W + scale·B·Q with B (out, r) and gradient G Qᵀ. Any elementwise AdamW on B then
@@ -18,7 +15,7 @@ Two ways to train with the same mathematics:
   loads the new P; shapes never change, so ZeRO's flat buffers never need rebuilding. The scalar
   c carries W's share of decoupled weight decay between refreshes (W itself is frozen).
 
-Semantics of galore-torch 1.0 that both forms keep:
+Semantics of galore-torch 1.0 that the layer form keeps:
 - the projector of a weight is taken on its first step and then whenever its step count (steps
   taken before this one) is a multiple of `update_proj_gap`, from the gradient of that very step;
 - the SVD runs in float32 whatever the gradient's dtype (float64 included), and the projector is
@@ -31,18 +28,16 @@ Semantics of galore-torch 1.0 that both forms keep:
 
 from __future__ import annotations
 
-import math
-from typing import Callable, Iterable, Sequence
+from typing import Iterable, Sequence
 
 import torch
 from torch import nn
 from torch.nn import functional as F
-from torch.optim import Optimizer
 
 from sst_dist.precision import autocast_backward, autocast_forward, full_precision
+from sst_dist.surgery import swap_modules
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-CONVENTIONS = ("hf", "torch")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 # galore-torch's GaLoreProjector defaults, used when a `rank` group leaves a key out
@@ -109,107 +104,6 @@ def merged_weight(W: torch.Tensor, P: torch.Tensor, B: torch.Tensor, decay: floa
                   side: str) -> torch.Tensor:
     """W_eff = decay·W + scale·P·B (left) or decay·W + scale·B·Q (right): (out, in)."""
     return W * decay + project_back(B, P, side, scale)
-
-
-def adam_direction(exp_avg: torch.Tensor, exp_avg_sq: torch.Tensor, step: int, lr: float,
-                   betas: tuple[float, float], eps: float, correct_bias: bool,
-                   convention: str) -> tuple[torch.Tensor, float]:
-    """Adam's normalised update m / denom and its step size; the update is -step_size · m / denom.
-
-    The two conventions differ only in where eps enters once the bias is corrected:
-      hf    (transformers' old AdamW, hence galore-torch): m / (sqrt(v) + eps) · lr·sqrt(bc2)/bc1
-      torch (torch.optim.AdamW, DeepSpeed Adam):         m / (sqrt(v)/sqrt(bc2) + eps) · lr/bc1
-    """
-    beta1, beta2 = betas
-    if not correct_bias:
-        return exp_avg / (exp_avg_sq.sqrt() + eps), lr
-    bc1, bc2 = 1.0 - beta1 ** step, 1.0 - beta2 ** step
-    if convention == "hf":
-        return exp_avg / exp_avg_sq.sqrt().add_(eps), lr * math.sqrt(bc2) / bc1
-    return exp_avg / (exp_avg_sq.sqrt() / math.sqrt(bc2)).add_(eps), lr / bc1
-
-
-# ----------------------------------------------------------------------------- the optimizer
-
-class GaLoreAdamW(Optimizer):
-    """AdamW with GaLore projection for every 2-D parameter in a group that has a `rank` key.
-
-    Group keys (as galore-torch): rank, update_proj_gap (200), scale (1.0), proj_type ('std').
-    Parameters of other shapes in a `rank` group, and all parameters of other groups, get plain
-    AdamW (galore-torch would fail on a 1-D parameter there).
-
-    convention: 'hf' (default) reproduces galore-torch: eps added to sqrt(v) before the bias
-    correction, decoupled weight decay applied after the update, W <- W - lr·wd·W. 'torch' is
-    torch.optim.AdamW's (and DeepSpeed's Adam's) arithmetic: eps added after the bias correction,
-    decay first, W <- (1 - lr·wd)·W. The two differ by O(eps) in the denominator and O(lr·wd) in
-    the update; 'torch' is what `GaLoreLinear` under an engine's AdamW computes.
-    """
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-6, weight_decay: float = 0.0, correct_bias: bool = True,
-                 convention: str = "hf"):
-        if lr < 0.0:
-            raise ValueError(f"lr must be >= 0, got {lr}")
-        if not (0.0 <= betas[0] < 1.0 and 0.0 <= betas[1] < 1.0):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        if eps < 0.0:
-            raise ValueError(f"eps must be >= 0, got {eps}")
-        if convention not in CONVENTIONS:
-            raise ValueError(f"convention must be one of {CONVENTIONS}, got {convention!r}")
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
-                        correct_bias=correct_bias, convention=convention)
-        super().__init__(params, defaults)
-        for group in self.param_groups:
-            if "rank" in group:
-                projection_side((1, 1), group.get("proj_type", DEFAULT_PROJ_TYPE))  # validates
-                if group["rank"] < 1 or group.get("update_proj_gap", DEFAULT_UPDATE_PROJ_GAP) < 1:
-                    raise ValueError(f"rank and update_proj_gap must be >= 1, got {group['rank']}, "
-                                     f"{group.get('update_proj_gap')}")
-
-    @torch.no_grad()
-    def step(self, closure: Callable | None = None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
-            lr, decay = group["lr"], group["lr"] * group["weight_decay"]
-            convention = group["convention"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                state = self.state[p]
-                taken = state.get("step", 0)  # steps taken before this one
-                grad = p.grad
-                galore = "rank" in group and p.ndim == 2
-                if galore:
-                    side = projection_side(p.shape, group.get("proj_type", DEFAULT_PROJ_TYPE))
-                    gap = group.get("update_proj_gap", DEFAULT_UPDATE_PROJ_GAP)
-                    if "projector" not in state or taken % gap == 0:
-                        state["projector"] = orthogonal_projector(grad, group["rank"], side)
-                    grad = project(grad, state["projector"], side)
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(grad)
-                    state["exp_avg_sq"] = torch.zeros_like(grad)
-                exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
-                beta1, beta2 = group["betas"]
-                state["step"] = taken + 1
-                exp_avg.mul_(beta1).add_(grad, alpha=1.0 - beta1)
-                exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-                direction, step_size = adam_direction(
-                    exp_avg, exp_avg_sq, state["step"], lr, group["betas"], group["eps"],
-                    group["correct_bias"], convention)
-                if galore:
-                    direction = project_back(direction, state["projector"], side,
-                                             group.get("scale", DEFAULT_SCALE))
-                if convention == "torch" and decay:
-                    p.mul_(1.0 - decay)
-                p.add_(direction, alpha=-step_size)
-                if convention == "hf" and decay:
-                    p.add_(p, alpha=-decay)
-        return loss
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -549,14 +443,6 @@ class GradientProbe:
             self.gradients[index] = grad if total is None else total + grad
 
 
-def _reduce_to(tensor: torch.Tensor, dst: int, backend) -> torch.Tensor:
-    """Sum over data-parallel ranks onto rank `dst`; the caller's tensor is left as it was."""
-    if backend.world_size > 1:
-        tensor = tensor.clone()
-        torch.distributed.reduce(tensor, dst)
-    return tensor
-
-
 @torch.no_grad()
 def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
                           gradients: Sequence[torch.Tensor | None]) -> None:
@@ -575,7 +461,7 @@ def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
         if grad is None:
             continue
         owner = backend.owner(index)
-        grad = _reduce_to(grad.detach().to(backend_device), owner, backend)
+        grad = backend.reduce_sum_to(grad.detach().to(backend_device), owner)
         if backend.rank == owner:
             projectors[index] = orthogonal_projector(grad, layer.rank, layer.side)
         else:  # a receive buffer for the broadcast below
@@ -628,7 +514,7 @@ def apply_galore(model: nn.Module, rank: int, targets: Iterable[str] = OPT_TARGE
         if isinstance(module, nn.Embedding):
             raise NotImplementedError(
                 f"{name} is an nn.Embedding; apply_galore swaps nn.Linear only (see its docstring "
-                f"for what a GaLore embedding would take), or train it with GaLoreAdamW")
+                f"for what a GaLore embedding would take), or use apply_galore_embedding")
         if not isinstance(module, nn.Linear):
             raise TypeError(f"{name} is a {type(module).__name__}, not an nn.Linear")
         others = [n for n in counts[id(module.weight)] if n != f"{name}.weight"]
@@ -640,14 +526,8 @@ def apply_galore(model: nn.Module, rank: int, targets: Iterable[str] = OPT_TARGE
     missing = targets - matched
     if missing:
         raise ValueError(f"no module named {sorted(missing)} in the model")
-    layers = {}
-    for name, linear in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = GaLoreLinear.from_linear(linear, rank, scale, proj_type, update_proj_gap)
-        setattr(parent, attr, layer)
-        layers[name] = layer
-    return layers
+    return swap_modules(model, found, lambda index, linear: GaLoreLinear.from_linear(
+        linear, rank, scale, proj_type, update_proj_gap))
 
 
 def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,
@@ -676,6 +556,6 @@ def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,
     return layers
 
 
-__all__ = ["GaLoreAdamW", "GaLoreLinear", "GaLoreEmbedding", "GaLoreTiedHead", "apply_galore_embedding", "GradientProbe", "apply_galore", "refresh_galore_layers",
+__all__ = ["GaLoreLinear", "GaLoreEmbedding", "GaLoreTiedHead", "apply_galore_embedding", "GradientProbe", "apply_galore", "refresh_galore_layers",
            "apply_weight_decay", "projection_side", "orthogonal_projector", "project",
-           "project_back", "merged_weight", "adam_direction", "projector_shape", "low_rank_shape"]
+           "project_back", "merged_weight", "projector_shape", "low_rank_shape"]

@@ -9,6 +9,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sst_dist.sst import layer_generator
+from sst_dist.surgery import swap_modules, target_linears
 
 
 class LoRALinear(nn.Module):
@@ -70,17 +71,8 @@ def merged(weight, lora_A, lora_B, scaling):
 
 def apply_lora(model: nn.Module, rank: int, targets: Iterable[str], *, alpha: float | None = None,
                seed: int = 0) -> dict[str, LoRALinear]:
-    targets = set(targets)
-    found = [(name, m) for name, m in model.named_modules()
-             if isinstance(m, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    layers = {}
-    for index, (name, linear) in enumerate(found):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear.from_linear(linear, rank, alpha, layer_generator(seed, index, 0))
-        setattr(parent, attr, layer)
-        layers[name] = layer
-    return layers
+    return swap_modules(model, target_linears(model, targets), lambda index, linear: LoRALinear.from_linear(
+        linear, rank, alpha, layer_generator(seed, index, 0)))
 
 
 class ReLoRAController:

@@ -106,14 +106,9 @@ class ParamCounts:
 
 def _swap_linears(model: nn.Module, targets, make) -> list[nn.Module]:
     """Replaces every nn.Linear whose attribute name is in `targets` by make(linear)."""
-    made = []
-    for name, module in list(model.named_modules()):
-        if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets:
-            parent_name, _, attr = name.rpartition(".")
-            layer = make(module)
-            setattr(model.get_submodule(parent_name) if parent_name else model, attr, layer)
-            made.append(layer)
-    return made
+    from sst_dist.surgery import swap_modules, target_linears
+
+    return list(swap_modules(model, target_linears(model, targets), lambda _, linear: make(linear)).values())
 
 
 @lru_cache(maxsize=64)
@@ -235,7 +230,7 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
                      checkpointing: bool = False) -> int:
     """Bytes autograd holds at the peak of one micro-batch: Hugging Face OPT, SDPA (flash or
     memory-efficient kernels, which keep no s x s matrix), no activation checkpointing, no dropout
-    (the recipes train without it), then train.lm_loss's fp32 cross-entropy.
+    (the recipes train without it), then sst_dist.data.lm_loss's fp32 cross-entropy.
 
     Each term was checked against torch.autograd.graph.saved_tensors_hooks and a profiled peak on
     CPU; on a GPU the caching allocator adds rounding and fragmentation on top.

@@ -1,8 +1,23 @@
-"""`method:` in a recipe -> the model surgery, the lr groups, and the periodic work of each method."""
+"""`method:` in a recipe -> what the method does to the model and the loop, through one protocol.
+
+`Hooks` lists everything a method can hook into; a method is a list of such parts (sst+galore is
+SST's part and GaLore's), built by the function registered under its name. The trainer and the
+bench call `Method`'s verbs only; they never name a method, a layer class or a layer's path.
+
+    surgery             the registered builder: swaps the model's layers, before any engine wraps it
+    param_groups()      the optimizer groups besides `full` (every other trainable parameter)
+    learning_rates(s)   the lr of each of those groups at step s
+    attach(backend)     binds the periodic work to the engine's seam, once the engine exists
+    before_step(s)      the resets due before step s (resample, re-SVD, ReLoRA* reset, GaLore refresh)
+    before_micro_batch  told before each micro-batch whether it is the step's last
+    after_step(lrs)     the per-step work after the optimizer step
+    first_event_step()  the first step (> 0) with periodic work, for the benchmarks
+    state               lives in the model (buffers, extra state) and the optimizer: a checkpoint
+                        of the engine holds all of it, and no hook is needed to save or load it
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -13,142 +28,205 @@ from sst_dist.galore import (GradientProbe, apply_galore, apply_galore_embedding
                              refresh_galore_layers)
 from sst_dist.lowrank import ReLoRAController, apply_lora
 from sst_dist.schedule import Schedule
-from sst_dist.sst import SSTController, SSTLinear, apply_sst
+from sst_dist.sst import apply_sst
+from sst_dist.sst_controller import SSTController
 
 # ProbePass(probe) runs the step's forward passes, calling probe.backward(loss) on each micro-batch
 ProbePass = Callable[[GradientProbe], None]
 
 
-@dataclass
+class Hooks:
+    """One part of a method. Every hook's default does nothing."""
+
+    layers: dict = {}  # the layers its surgery put in, by qualified name
+
+    def param_groups(self) -> list[dict]:
+        return []
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        return {}
+
+    def attach(self, backend, recipe: Recipe) -> None:
+        pass
+
+    def before_step(self, step: int, probe_pass: ProbePass | None) -> list[str]:
+        """Runs the work due before `step`; returns the names of what ran, for the log."""
+        return []
+
+    def before_micro_batch(self, last: bool) -> None:
+        pass
+
+    def after_step(self, lrs: dict[str, float]) -> None:
+        pass
+
+    def first_event_step(self) -> int | None:
+        return None
+
+
 class Method:
-    name: str
-    schedule: Schedule
-    lowrank_params: list[nn.Parameter] = field(default_factory=list)
-    layers: dict = field(default_factory=dict)  # SST or LoRA layers by name
-    galore_layers: list = field(default_factory=list)  # GaLoreLinear / GaLoreEmbedding
-    galore_lr: float | None = None  # the galore group's peak lr
-    weight_decay: float = 0.0
-    controller_resets: bool = False  # whether the periodic work resets optimizer state (SST, ReLoRA*)
-    controller: object = None
-    backend: object = None
+    """What the trainer sees: a method's parts behind one set of verbs (see the module docstring)."""
+
+    def __init__(self, name: str, schedule: Schedule, parts: list[Hooks] = ()):
+        self.name, self.schedule, self.parts = name, schedule, list(parts)
+        self.layers = {name: layer for part in self.parts for name, layer in part.layers.items()}
 
     def param_groups(self, model: nn.Module) -> list[dict]:
-        """The optimizer's groups, named for set_learning_rates: `full` (every other trainable
-        parameter), `lowrank` (SST / LoRA factors), `galore` (the B of each GaLore layer)."""
-        lowrank = {id(p) for p in self.lowrank_params}
-        galore = [layer.B for layer in self.galore_layers]
-        special = lowrank | {id(p) for p in galore}
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad and id(p) not in special],
-                   "lr": self.schedule.lr, "name": "full"}]
-        if self.lowrank_params:
-            # the periodic resets zero slots of this group's state: it counts steps per element
-            # (sst_dist.optim), so a reset slot restarts as a fresh Adam, bias correction included
-            groups.append({"params": self.lowrank_params, "lr": self.schedule.lowrank_lr, "name": "lowrank",
-                           "resettable": self.controller_resets})
-        if galore:
-            groups.append({"params": galore, "lr": self.galore_lr, "name": "galore"})
-        return groups
+        """The optimizer's groups, named for set_learning_rates: `full` first, then the parts'."""
+        groups = [group for part in self.parts for group in part.param_groups()]
+        special = {id(p) for group in groups for p in group["params"]}
+        full = [p for p in model.parameters() if p.requires_grad and id(p) not in special]
+        return [{"params": full, "lr": self.schedule.lr, "name": "full"}, *groups]
 
     def learning_rates(self, step: int) -> dict[str, float]:
         full, lowrank = self.schedule.learning_rates(step)
         lrs = {"full": full, "lowrank": lowrank}
-        if self.galore_layers:  # GaLore has no restarts: warm-up only, like the full-rank group
-            lrs["galore"] = self.galore_lr * self.schedule.warmup_factor(step)
+        for part in self.parts:
+            lrs.update(part.learning_rates(step))
         return lrs
 
     def attach(self, backend, recipe: Recipe) -> None:
-        """Binds the periodic work to the engine's seam; call once the engine exists."""
-        self.backend = backend
-        if self.name in ("sst", "sst+galore"):
-            self.controller = SSTController(
-                self.layers, backend, seed=recipe.seed, renormalize=recipe.sst.renormalize,
-                uniform_mix=recipe.sst.uniform_mix, reset_s_state=recipe.sst.reset_s_state)
-        elif self.name == "relora":
-            self.controller = ReLoRAController(self.layers, backend, seed=recipe.seed)
+        for part in self.parts:
+            part.attach(backend, recipe)
 
     def before_step(self, step: int, probe_pass: ProbePass | None = None) -> str | None:
-        """Runs the resets due before `step`; returns their names for the log ('+'-joined), if any.
-
-        A GaLore refresh takes its projector from the gradient of this very step (as galore-torch
-        does), so it needs `probe_pass` to run the step's batch through a GradientProbe first.
-        """
-        events = []
-        event = self.schedule.event(step)
-        if event is not None and self.controller is not None:
-            if isinstance(self.controller, SSTController):
-                if event.resvd:
-                    self.controller.resvd(event.iteration)
-                    events.append("resvd")
-                else:
-                    self.controller.resample(event.iteration)
-                    events.append("resample")
-            else:
-                self.controller.reset(event.iteration)
-                events.append("reset")
-        if any(layer.refresh_due(step) for layer in self.galore_layers):
-            if probe_pass is None:
-                raise ValueError(f"step {step}: a GaLore refresh is due; pass probe_pass")
-            with GradientProbe(self.galore_layers, step) as probe:
-                probe_pass(probe)
-            refresh_galore_layers(self.galore_layers, self.backend, probe.gradients)
-            events.append("refresh")
-        return "+".join(events) or None
+        """Runs the resets due before `step`; returns their names for the log ('+'-joined), if any."""
+        return "+".join(name for part in self.parts for name in part.before_step(step, probe_pass)) or None
 
     def before_micro_batch(self, last: bool) -> None:
-        """SST's materialized path sums G over the micro-batches of a step and takes the factor
-        gradients at the last one: all earlier ones hold their gradient."""
-        for layer in self.layers.values():
-            if isinstance(layer, SSTLinear) and layer.path == "materialized":
-                layer.holds_gradient = not last
+        for part in self.parts:
+            part.before_micro_batch(last)
 
     def after_step(self, lrs: dict[str, float]) -> None:
-        """The per-step work after the optimizer step; `lrs` are the step's learning rates."""
-        if isinstance(self.controller, SSTController):
-            self.controller.post_step()
-        if self.galore_layers and self.weight_decay:
-            apply_weight_decay(self.galore_layers, lrs["galore"], self.weight_decay)
+        for part in self.parts:
+            part.after_step(lrs)
+
+    def first_event_step(self) -> int | None:
+        """The first step after step 0 with periodic work (a resample, a reset, a GaLore refresh)."""
+        steps = [s for s in (part.first_event_step() for part in self.parts) if s]
+        return min(steps) if steps else None
+
+
+# ----------------------------------------------------------------------------- the parts
+
+class LowRankPart(Hooks):
+    """Factors trained at the low-rank lr (LoRA, and the base of ReLoRA* and SST)."""
+
+    def __init__(self, layers: dict, params: list[nn.Parameter], schedule: Schedule, resettable: bool):
+        self.layers, self.params, self.schedule, self.resettable = layers, params, schedule, resettable
+        self.controller = None
+
+    def param_groups(self) -> list[dict]:
+        if not self.params:
+            return []
+        # the periodic resets zero slots of this group's state: it counts steps per element
+        # (sst_dist.optim), so a reset slot restarts as a fresh Adam, bias correction included
+        return [{"params": self.params, "lr": self.schedule.lowrank_lr, "name": "lowrank",
+                 "resettable": self.resettable}]
+
+    def first_event_step(self) -> int | None:
+        return self.schedule.steps_per_iteration if self.controller is not None else None
+
+
+class ReLoRAPart(LowRankPart):
+    def attach(self, backend, recipe: Recipe) -> None:
+        self.controller = ReLoRAController(self.layers, backend, seed=recipe.seed)
+
+    def before_step(self, step: int, probe_pass) -> list[str]:
+        event = self.schedule.event(step)
+        if event is None:
+            return []
+        self.controller.reset(event.iteration)
+        return ["reset"]
+
+
+class SSTPart(LowRankPart):
+    def attach(self, backend, recipe: Recipe) -> None:
+        self.controller = SSTController(
+            self.layers, backend, seed=recipe.seed, renormalize=recipe.sst.renormalize,
+            uniform_mix=recipe.sst.uniform_mix, reset_s_state=recipe.sst.reset_s_state)
+
+    def before_step(self, step: int, probe_pass) -> list[str]:
+        event = self.schedule.event(step)
+        if event is None:
+            return []
+        if event.resvd:
+            self.controller.resvd(event.iteration)
+            return ["resvd"]
+        self.controller.resample(event.iteration)
+        return ["resample"]
+
+    def before_micro_batch(self, last: bool) -> None:
+        for layer in self.layers.values():
+            layer.before_micro_batch(last)
+
+    def after_step(self, lrs: dict[str, float]) -> None:
+        self.controller.post_step()
+
+
+class GaLorePart(Hooks):
+    """GaLore layers: their B at the galore lr, refreshed from the step's own gradient."""
+
+    def __init__(self, layers: dict, schedule: Schedule, lr: float, weight_decay: float):
+        self.layers, self.schedule, self.lr, self.weight_decay = layers, schedule, lr, weight_decay
+        self.backend = None
+
+    def param_groups(self) -> list[dict]:
+        if not self.layers:
+            return []
+        return [{"params": [layer.B for layer in self.layers.values()], "lr": self.lr, "name": "galore"}]
+
+    def learning_rates(self, step: int) -> dict[str, float]:
+        # GaLore has no restarts: warm-up only, like the full-rank group
+        return {"galore": self.lr * self.schedule.warmup_factor(step)}
+
+    def attach(self, backend, recipe: Recipe) -> None:
+        self.backend = backend
+
+    def before_step(self, step: int, probe_pass) -> list[str]:
+        """A refresh takes its projector from the gradient of this very step (as galore-torch
+        does), so it needs `probe_pass` to run the step's batch through a GradientProbe first."""
+        layers = list(self.layers.values())
+        if not any(layer.refresh_due(step) for layer in layers):
+            return []
+        if probe_pass is None:
+            raise ValueError(f"step {step}: a GaLore refresh is due; pass probe_pass")
+        with GradientProbe(layers, step) as probe:
+            probe_pass(probe)
+        refresh_galore_layers(layers, self.backend, probe.gradients)
+        return ["refresh"]
+
+    def after_step(self, lrs: dict[str, float]) -> None:
+        if self.weight_decay:
+            apply_weight_decay(self.layers.values(), lrs["galore"], self.weight_decay)
+
+    def first_event_step(self) -> int | None:
+        return min((layer.update_proj_gap for layer in self.layers.values()), default=None)
+
+
+# ----------------------------------------------------------------------------- the registry
+
+Builder = Callable[[Recipe, nn.Module], Method]
+METHODS: dict[str, Builder] = {}
+
+
+def register(name: str) -> Callable[[Builder], Builder]:
+    def add(builder: Builder) -> Builder:
+        METHODS[name] = builder
+        return builder
+    return add
 
 
 def build_method(recipe: Recipe, model: nn.Module) -> Method:
     """Applies `recipe.method` to `model` in place (before any engine wraps it)."""
+    builder = METHODS.get(recipe.method)
+    if builder is None:
+        raise NotImplementedError(f"method: {recipe.method!r} is not available in this build")
+    return builder(recipe, model)
+
+
+def _schedule(recipe: Recipe, **periodic) -> Schedule:
     o = recipe.optim
-    plain = Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps)
-    galore = recipe.galore
-    galore_kw = dict(scale=galore.scale, proj_type=galore.proj_type, update_proj_gap=galore.update_proj_gap)
-    galore_rank = galore.rank or recipe.rank
-    galore_lr = galore.lr
-    if recipe.method == "full":
-        return Method("full", plain)
-    if recipe.method == "lora":
-        layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed)
-        return Method("lora", plain, _lowrank(layers), layers)
-    if recipe.method == "relora":
-        layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed)
-        schedule = Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps,
-                            steps_per_iteration=recipe.relora.reset_every)
-        return Method("relora", schedule, _lowrank(layers), layers, controller_resets=True)
-    if recipe.method == "galore":
-        layers = apply_galore(model, galore_rank, recipe.targets, **galore_kw)
-        return Method("galore", plain, galore_layers=list(layers.values()), galore_lr=galore_lr,
-                      weight_decay=o.weight_decay)
-    if recipe.method in ("sst", "sst+galore"):
-        layers = apply_sst(model, recipe.rank, recipe.targets, seed=recipe.seed, path=recipe.sst.path,
-                           uniform_mix=recipe.sst.uniform_mix, init=recipe.sst.init,
-                           init_std=getattr(getattr(model, "config", None), "init_std", 0.02),
-                           frozen_dtype=frozen_dtype(recipe))
-        k = max(layer.k for layer in layers.values())
-        per_round = recipe.sst.iterations_per_round or max(1, k // recipe.rank)
-        schedule = Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps,
-                            steps_per_iteration=recipe.sst.steps_per_iteration,
-                            iterations_per_round=per_round)
-        params = [p for layer in layers.values() for p in layer.sst_parameters()]
-        method = Method(recipe.method, schedule, params, layers, controller_resets=True)
-        if recipe.method == "sst+galore":
-            # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
-            method.galore_layers = list(apply_galore_embedding(model, galore_rank, **galore_kw).values())
-            method.galore_lr, method.weight_decay = galore_lr, o.weight_decay
-        return method
-    raise NotImplementedError(f"method: {recipe.method!r} is not available in this build")
+    return Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps, **periodic)
 
 
 def frozen_dtype(recipe: Recipe) -> torch.dtype | None:
@@ -158,3 +236,61 @@ def frozen_dtype(recipe: Recipe) -> torch.dtype | None:
 
 def _lowrank(layers) -> list[nn.Parameter]:
     return [p for layer in layers.values() for p in layer.lowrank_parameters()]
+
+
+def _galore_kw(recipe: Recipe) -> dict:
+    g = recipe.galore
+    return dict(scale=g.scale, proj_type=g.proj_type, update_proj_gap=g.update_proj_gap)
+
+
+@register("full")
+def _full(recipe: Recipe, model: nn.Module) -> Method:
+    return Method("full", _schedule(recipe))
+
+
+@register("lora")
+def _lora(recipe: Recipe, model: nn.Module) -> Method:
+    layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed)
+    schedule = _schedule(recipe)
+    return Method("lora", schedule, [LowRankPart(layers, _lowrank(layers), schedule, resettable=False)])
+
+
+@register("relora")
+def _relora(recipe: Recipe, model: nn.Module) -> Method:
+    layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed)
+    schedule = _schedule(recipe, steps_per_iteration=recipe.relora.reset_every)
+    return Method("relora", schedule, [ReLoRAPart(layers, _lowrank(layers), schedule, resettable=True)])
+
+
+@register("galore")
+def _galore(recipe: Recipe, model: nn.Module) -> Method:
+    layers = apply_galore(model, recipe.galore.rank or recipe.rank, recipe.targets, **_galore_kw(recipe))
+    schedule = _schedule(recipe)
+    return Method("galore", schedule, [GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay)])
+
+
+def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
+    layers = apply_sst(model, recipe.rank, recipe.targets, seed=recipe.seed, path=recipe.sst.path,
+                       uniform_mix=recipe.sst.uniform_mix, init=recipe.sst.init,
+                       init_std=getattr(getattr(model, "config", None), "init_std", 0.02),
+                       frozen_dtype=frozen_dtype(recipe))
+    k = max(layer.k for layer in layers.values())
+    schedule = _schedule(recipe, steps_per_iteration=recipe.sst.steps_per_iteration,
+                         iterations_per_round=recipe.sst.iterations_per_round or max(1, k // recipe.rank))
+    params = [p for layer in layers.values() for p in layer.sst_parameters()]
+    return schedule, SSTPart(layers, params, schedule, resettable=True)
+
+
+@register("sst")
+def _sst(recipe: Recipe, model: nn.Module) -> Method:
+    schedule, sst = _sst_part(recipe, model)
+    return Method("sst", schedule, [sst])
+
+
+@register("sst+galore")
+def _sst_galore(recipe: Recipe, model: nn.Module) -> Method:
+    schedule, sst = _sst_part(recipe, model)
+    # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
+    layers = apply_galore_embedding(model, recipe.galore.rank or recipe.rank, **_galore_kw(recipe))
+    galore = GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay)
+    return Method("sst+galore", schedule, [sst, galore])

@@ -18,8 +18,9 @@ class RunError(RuntimeError):
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replaces `path` by `text` at once: a kill leaves the old file or the new one, never a mix."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Replaces `path` by `text` at once: a kill leaves the old file or the new one, never a mix.
+    The temporary file is named by process, so ranks racing to write the same file do no harm."""
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()

@@ -11,9 +11,8 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class Event:
-    iteration: int  # index of the iteration that starts at this step
-    resample: bool  # a new active set (SST) or a merge-and-reinit (ReLoRA*, GaLore refresh)
-    resvd: bool  # SST round start: re-orthogonalise first
+    iteration: int  # index of the iteration that starts at this step: a resample (SST), a reset (ReLoRA*)
+    resvd: bool  # SST round start: re-orthogonalise (a re-SVD) instead of a resample
 
 
 @dataclass(frozen=True)
@@ -32,7 +31,7 @@ class Schedule:
             return None
         iteration = step // t3
         t2 = self.iterations_per_round
-        return Event(iteration, resample=True, resvd=bool(t2) and iteration % t2 == 0)
+        return Event(iteration, resvd=bool(t2) and iteration % t2 == 0)
 
     def warmup_factor(self, step: int) -> float:
         """Linear warm-up, then constant: the paper's OPT schedule (no decay)."""

@@ -5,8 +5,9 @@ All k singular values train; r active singular vectors (columns U[:, S], rows Vh
 the fixed-shape parameters `u_active` (out x r) and `vh_active` (r x in); the rest of U and Vh are
 frozen, non-trainable parameters. See docs/design.md §1.
 
-Engine-facing work (resample, re-SVD, the per-step clamp and renormalisation) goes through the
-seam in `sst_dist.engines.base.Backend`, so the same code is right under ZeRO and FSDP.
+Plain tensor functions, the autograd function and the layer; no distributed code. The periodic
+work that applies these formulas to every layer through an engine (resample, re-SVD, the per-step
+clamp and renormalisation) is sst_dist.sst_controller.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from sst_dist.config import SST_PATHS as PATHS
-from sst_dist.engines.base import Shard
 from sst_dist.precision import autocast_backward, autocast_forward
+from sst_dist.surgery import swap_modules, target_linears
 
 
 # ----------------------------------------------------------------------------- tensor math
@@ -104,18 +105,6 @@ def layer_generator(seed: int, layer_index: int, iteration: int) -> torch.Genera
     saved RNG state."""
     state = np.random.SeedSequence([seed, layer_index, iteration]).generate_state(2, np.uint64)
     return torch.Generator().manual_seed(int(state[0] >> np.uint64(1)))
-
-
-def renormalized(s, u_active, vh_active, idx):
-    """Active u_i, v_i scaled back to unit length, their norms folded into s_i so W is unchanged.
-
-    s (k,), u_active (out, r), vh_active (r, in). Returns the three new tensors.
-    """
-    u_norm = u_active.norm(dim=0).clamp_min(torch.finfo(u_active.dtype).tiny)
-    v_norm = vh_active.norm(dim=1).clamp_min(torch.finfo(vh_active.dtype).tiny)
-    s = s.clone()
-    s[idx] = s[idx] * (u_norm * v_norm).to(s.dtype)
-    return s, u_active / u_norm, vh_active / v_norm[:, None]
 
 
 # ----------------------------------------------------------------------------- autograd
@@ -355,6 +344,13 @@ class SSTLinear(nn.Module):
         self._kept = None
         self.gradient_sum = None
 
+    def before_micro_batch(self, last: bool) -> None:
+        """Told before each micro-batch whether it is the step's last. The materialized path sums
+        G over the step's micro-batches and takes the factor gradients at the last one, so all
+        earlier ones hold their gradient; the other paths need nothing."""
+        if self.path == "materialized":
+            self.holds_gradient = not last
+
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return spectral_weight(*self._factors())
@@ -362,36 +358,6 @@ class SSTLinear(nn.Module):
     def sst_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the low-rank learning rate (bias is full-rank)."""
         return [self.spectral]
-
-    # The three methods below act on this layer's own tensors, for single-process use. Training
-    # under an engine goes through SSTController, which does the same through the seam.
-    @torch.no_grad()
-    def resample(self, generator: torch.Generator | None = None, uniform_mix: bool = False):
-        """Writes the active vectors back and draws a new active set; W is unchanged.
-        Returns the slots whose vectors changed (their optimizer state needs a reset)."""
-        U, Vh, new_idx, slots = resampled(self.U, self.Vh, self.s, self.u_active, self.vh_active,
-                                          self.active_indices, generator, uniform_mix)
-        self.U.copy_(U)
-        self.Vh.copy_(Vh)
-        self.active_indices.copy_(new_idx)
-        self.u_active.copy_(U[:, new_idx])
-        self.vh_active.copy_(Vh[new_idx])
-        return slots
-
-    @torch.no_grad()
-    def resvd(self, generator: torch.Generator | None = None, uniform_mix: bool = False):
-        """Re-orthogonalises by a fresh SVD of U diag(s) Vh and draws a new active set."""
-        U, s, Vh = resvd_factors(self.U, self.Vh, self.s, self.u_active, self.vh_active, self.active_indices)
-        self.load_factors(U, s, Vh, sample_active(s.cpu(), self.rank, generator, uniform_mix))
-
-    @torch.no_grad()
-    def post_step(self, renormalize: bool = True):
-        s = self.s.clamp_min(0)
-        if renormalize:
-            s, u, vh = renormalized(s, self.u_active, self.vh_active, self.active_indices)
-            self.u_active.copy_(u)
-            self.vh_active.copy_(vh)
-        self.s.copy_(s)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, k={self.k}, "
@@ -431,321 +397,20 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
     """
     from sst_dist.spectral_init import init_generator, uses_haar, haar_factors
 
-    targets = set(targets)
-    found = [(name, module) for name, module in model.named_modules()
-             if isinstance(module, nn.Linear) and name.rsplit(".", 1)[-1] in targets]
-    layers = {}
-    for index, (name, linear) in enumerate(found):
-        parent_name, _, attr = name.rpartition(".")
-        parent = model.get_submodule(parent_name) if parent_name else model
-        factors = None
-        weight = linear.weight
+    def make(index: int, linear: nn.Linear) -> SSTLinear:
+        weight, factors = linear.weight, None
         if not weight.is_meta and uses_haar(init, min(weight.shape)):
             factors = haar_factors(*weight.shape, init_std, init_generator(seed, index, weight.device),
                                    device=weight.device, dtype=compute_dtype(weight))
-        layer = SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix,
-                                      factors)
+        layer = SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix, factors)
         if frozen_dtype is not None and not weight.is_meta:
             for frozen in (layer.U, layer.Vh):
                 frozen.data = frozen.data.to(frozen_dtype)
-        setattr(parent, attr, layer)
-        layers[name] = layer
-    return layers
+        return layer
+
+    return swap_modules(model, target_linears(model, targets), make)
 
 
-def row_pieces(shards, width: int):
-    """Each flat shard of a row-major (rows, width) tensor as at most three 2-D views: the rest of
-    its first row, its whole rows, the start of its last row. Yields (view, row, column) of each
-    view's first element. Views, not copies: writing into them writes the shard."""
-    for shard in shards:
-        values, n = shard.values, shard.values.numel()
-        row, col = divmod(shard.start, width)
-        if not col and n % width == 0:  # whole rows only: one view (the common, unsharded case)
-            if n:
-                yield values.view(n // width, width), row, 0
-            continue
-        offset = 0
-        if col and n:
-            head = min(n, width - col)
-            yield values[:head].view(1, head), row, col
-            offset, row = head, row + 1
-        whole = (n - offset) // width
-        if whole:
-            yield values[offset:offset + whole * width].view(whole, width), row, 0
-            offset, row = offset + whole * width, row + whole
-        if offset < n:
-            yield values[offset:].view(1, n - offset), row, 0
-
-
-def _signature(shards) -> tuple:
-    """What a plan of views depends on: every shard's storage, dtype, size and offset.
-    `shards`: backend.shards(p) of each parameter."""
-    return tuple((shard.values.data_ptr(), shard.values.dtype, shard.values.numel(), shard.start)
-                 for owned_mirrors in shards for group in owned_mirrors for shard in group)
-
-
-def region(shards, offset: int, numel: int) -> tuple[list[Shard], list[Shard]]:
-    """backend.shards(p) cut to the elements [offset, offset + numel) of p, counted from offset:
-    the shards of one tensor packed into p (SSTLinear.spectral's s, u_active, vh_active)."""
-    def cut(group):
-        pieces = []
-        for shard in group:
-            a = max(offset, shard.start)
-            b = min(offset + numel, shard.start + shard.values.numel())
-            if a < b:
-                pieces.append(Shard(shard.values[a - shard.start:b - shard.start], a - offset))
-        return pieces
-
-    owned, mirrors = shards
-    return cut(owned), cut(mirrors)
-
-
-def _extent(view: torch.Tensor) -> int:
-    """How many storage elements a view spans, from its first element to its last."""
-    return 1 + sum((n - 1) * s for n, s in zip(view.shape, view.stride()))
-
-
-def strided_runs(pieces):
-    """Coalesces views that lie at one stride apart in one storage into one batched view per run.
-
-    pieces: (view, tag, group): equally shaped views of one group (anything hashable) whose tags
-    (e.g. layer indices) advance by one step while their storage offsets advance by one stride
-    form a run. Yields (batched (n, *shape), first tag, tag step, n, group). Where an engine keeps
-    its parameters in one flat buffer, the same layer of every block is one run (tags 6 apart in
-    an OPT block of q, k, v, out, fc1, fc2): one kernel where there would be one per layer.
-    Views in storages of their own stay runs of one.
-    """
-    groups: dict[tuple, dict] = {}
-    for view, tag, group in pieces:
-        key = (view.untyped_storage().data_ptr(), view.dtype, tuple(view.shape), view.stride(), group)
-        by_tag = groups.setdefault(key, {})
-        if tag in by_tag:  # two pieces of one tag (a layer cut by several shards): no run
-            yield view.unsqueeze(0), tag, 1, 1, group
-        else:
-            by_tag[tag] = view
-    for (*_, group), by_tag in groups.items():
-        left = sorted(by_tag)
-        while left:
-            # the longest progression from the first tag left, over every step to another tag
-            first, best, step = left[0], [left[0]], 1
-            start = by_tag[first].storage_offset()
-            for other in left[1:]:
-                tag_step, offset_step = other - first, by_tag[other].storage_offset() - start
-                if offset_step < _extent(by_tag[first]):  # would overlap (or run backwards)
-                    continue
-                run = [first]
-                while run[-1] + tag_step in by_tag and \
-                        by_tag[run[-1] + tag_step].storage_offset() == start + len(run) * offset_step:
-                    run.append(run[-1] + tag_step)
-                if len(run) > len(best):
-                    best, step = run, tag_step
-            view = by_tag[first]
-            if len(best) == 1:
-                yield view.unsqueeze(0), first, 1, 1, group
-            else:
-                stride = by_tag[best[1]].storage_offset() - start
-                whole = view.as_strided((len(best), *view.shape), (stride, *view.stride()), start)
-                yield whole, first, step, len(best), group
-            for tag in best:  # gone from by_tag too, or a later run's progression could pass over it
-                del by_tag[tag]
-            left = [tag for tag in left if tag in by_tag]
-
-
-class _RenormPlan:
-    """SSTController.post_step's views and buffers, for one layout of shards.
-
-    Building it walks every shard of s, u_active and vh_active once. The u / vh pieces are
-    coalesced into strided runs across layers where the engine's flat buffers allow (see
-    strided_runs), so a step costs a few stacked norms, one index_add, one all-reduce and a few
-    list ops (torch._foreach_*) per dtype, whatever the number of layers.
-    """
-
-    MAX_STACK = 1 << 24  # elements per stacked norm: bounds the float64 copy it makes
-
-    def __init__(self, layers, spectral_shards, device):
-        self.signature = _signature(spectral_shards)
-        self.device = device
-        # per layer: (s, u_active, vh_active) shards, each (owned, mirrors)
-        shards = [[region(raw, offset, numel) for offset, numel in layer.regions()]
-                  for layer, raw in zip(layers, spectral_shards)]
-        n, rank = len(layers), max(layer.rank for layer in layers)
-        self.rank = rank
-        self.sums = torch.zeros(n * 2 * rank, dtype=torch.float64, device=device)
-        self.s_scale = torch.ones(n, max(layer.k for layer in layers), dtype=torch.float64, device=device)
-        # per dtype of the tensors written: s copies and their scale spans; u / vh views and
-        # their divisors (views of a per-dtype copy of the norms, refreshed each step)
-        self.s_lists: dict[torch.dtype, tuple[list, list]] = {}
-        self.div_lists: dict[torch.dtype, tuple[list, list]] = {}
-        self.scale_cast: dict[torch.dtype, torch.Tensor] = {}
-        self.norms_cast: dict[torch.dtype, torch.Tensor] = {}
-        pieces, owned_pieces = [], []  # (view, layer index, (kind, first slot, slot count))
-        for i, (layer, (s_shards, u_shards, vh_shards)) in enumerate(zip(layers, shards)):
-            for shard in s_shards[0] + s_shards[1]:
-                values = shard.values
-                if values.dtype not in self.scale_cast:  # the same tensor where the dtype matches
-                    self.scale_cast[values.dtype] = self.s_scale.to(values.dtype)
-                span = self.scale_cast[values.dtype][i, shard.start:shard.start + values.numel()]
-                self.s_lists.setdefault(values.dtype, ([], []))[0].append(values)
-                self.s_lists[values.dtype][1].append(span)
-            for kind, (owned, mirrors), width in ((0, u_shards, layer.rank), (1, vh_shards, layer.in_features)):
-                for group, is_owned in ((owned, True), (mirrors, False)):
-                    for view, row, col in row_pieces(group, width):
-                        # u_active (out, r): a slot per column; vh_active (r, in): a slot per row
-                        first, count = (col, view.shape[1]) if kind == 0 else (row, view.shape[0])
-                        if view.dtype not in self.norms_cast:
-                            self.norms_cast[view.dtype] = torch.empty(n, 2, rank, dtype=view.dtype, device=device)
-                        pieces.append((view, i, (kind, first, count)))
-                        if is_owned:
-                            owned_pieces.append((view, i, (kind, first, count)))
-        for views, i, step, m, (kind, first, count) in strided_runs(pieces):
-            norms = self.norms_cast[views.dtype][i:i + step * (m - 1) + 1:step, kind, first:first + count]
-            lists = self.div_lists.setdefault(views.dtype, ([], []))
-            lists[0].append(views)
-            lists[1].append(norms[:, None, :] if kind == 0 else norms[:, :, None])
-        # owned runs of one shape are concatenated for one norm kernel; the slots follow that order
-        by_shape: dict[tuple, list] = {}
-        for views, i, step, m, (kind, first, count) in strided_runs(owned_pieces):
-            by_shape.setdefault((kind, tuple(views.shape[1:]), views.dtype), []).append((views, i, step, first, count))
-        self.norm_groups, slots = [], []
-        for (kind, shape, _), runs in by_shape.items():
-            per_stack = max(1, self.MAX_STACK // max(1, shape[0] * shape[1]))
-            stack, members = [], 0
-            for views, i, step, first, count in runs:
-                a = 0
-                while a < views.shape[0]:
-                    b = min(views.shape[0], a + per_stack - members)
-                    stack.append(views[a:b])
-                    slots += [(i + j * step, kind, first, count) for j in range(a, b)]
-                    members, a = members + b - a, b
-                    if members == per_stack:
-                        self.norm_groups.append((kind, stack))
-                        stack, members = [], 0
-            if stack:
-                self.norm_groups.append((kind, stack))
-        flat = [(i * 2 + kind) * rank + first + j for i, kind, first, count in slots for j in range(count)]
-        self.slot_index = torch.tensor(flat, dtype=torch.long, device=device)
-
-    def matches(self, shards) -> bool:
-        return _signature(shards) == self.signature
-
-    def run(self, layers, backend, renormalize: bool):
-        if not renormalize:
-            for values, _ in self.s_lists.values():
-                torch._foreach_clamp_min_(values, 0.0)
-            return
-        n, rank = len(layers), self.rank
-        sums = self.sums.zero_()
-        if self.norm_groups:
-            # float64 partial sums: how the elements are split over shards and ranks then changes
-            # nothing at float32 precision, so the run does not depend on the world size
-            partials = [torch.linalg.vector_norm(stack[0] if len(stack) == 1 else torch.cat(stack),
-                                                 dim=kind + 1, dtype=torch.float64).flatten()
-                        for kind, stack in self.norm_groups]
-            sums.index_add_(0, self.slot_index, torch.cat(partials).square_())
-        norms = backend.all_reduce_sum(sums).view(n, 2, rank).sqrt_()
-        norms.clamp_(min=torch.finfo(torch.float32).tiny)
-        active = torch.stack([layer.active_indices.to(self.device) for layer in layers])
-        self.s_scale.fill_(1.0).scatter_(1, active, norms[:, 0] * norms[:, 1])
-        for dtype, (values, spans) in self.s_lists.items():
-            if self.scale_cast[dtype] is not self.s_scale:
-                self.scale_cast[dtype].copy_(self.s_scale)
-            torch._foreach_mul_(values, spans)
-            torch._foreach_clamp_min_(values, 0.0)
-        for dtype, (views, divisors) in self.div_lists.items():
-            self.norms_cast[dtype].copy_(norms)
-            torch._foreach_div_(views, divisors)
-
-
-class SSTController:
-    """Runs the method's periodic work on all SST layers through an engine's seam.
-
-    Sampling is a pure function of (seed, layer, iteration), so every rank draws the same set with
-    no communication. The one costly step, the SVD of a layer, runs on the layer's owner rank and
-    its result is broadcast.
-    """
-
-    def __init__(self, layers: dict[str, SSTLinear], backend, *, seed: int = 0,
-                 renormalize: bool = True, uniform_mix: bool = False, reset_s_state: bool = False):
-        self.layers = list(layers.values())
-        self.backend = backend
-        self.seed, self.renormalize = seed, renormalize
-        self.uniform_mix, self.reset_s_state = uniform_mix, reset_s_state
-        self._plan: _RenormPlan | None = None
-
-    @torch.no_grad()
-    def post_step(self):
-        """s >= 0 and (option) unit-length active vectors, their norms folded into s.
-
-        Runs every step, so it works on each rank's own shards: partial sums of squares per
-        active vector, one all-reduce for all layers, then the same local scaling on the fp32
-        master and on the model's low-precision copy. No gather, and no per-element index.
-        All layers at once, from a plan of views built when the shard layout changes (see
-        _RenormPlan): a loop of small ops per layer leaves the GPU waiting on Python.
-        """
-        shards = [self.backend.shards(layer.spectral) for layer in self.layers]
-        plan = self._plan
-        if plan is None or not plan.matches(shards):
-            plan = self._plan = _RenormPlan(self.layers, shards, self.backend.compute_device)
-        plan.run(self.layers, self.backend, self.renormalize)
-        for layer in self.layers:  # the step and the scaling wrote through the engine
-            layer.drop_kept_weight()
-
-    @torch.no_grad()
-    def resample(self, iteration: int):
-        """Start of an iteration: write back, draw, load, reset the moments of changed slots."""
-        read = self.backend.read
-        for index, layer in enumerate(self.layers):
-            s, u_active, vh_active = layer.split(read(layer.spectral))
-            U, Vh, new_idx, slots = resampled(
-                read(layer.U), read(layer.Vh), s, u_active, vh_active, layer.active_indices,
-                layer_generator(self.seed, index, iteration), self.uniform_mix)
-            self._load(layer, U, Vh, s, new_idx, slots)
-
-    @torch.no_grad()
-    def resvd(self, iteration: int):
-        """Start of a round: a fresh SVD per layer on its owner rank, then a full redraw."""
-        backend = self.backend
-        results = {}
-        for index, layer in enumerate(self.layers):
-            tensors = [backend.read(layer.U), backend.read(layer.Vh), *layer.split(backend.read(layer.spectral))]
-            if backend.owner(index) == backend.rank:
-                dev = backend.compute_device
-                results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))
-        for index, layer in enumerate(self.layers):
-            dtype = compute_dtype(layer.spectral)
-            shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
-            U, s, Vh = results.get(index) or [
-                torch.empty(shape, dtype=dtype, device=backend.compute_device) for shape in shapes]
-            for t in (U, s, Vh):
-                backend.broadcast(t, backend.owner(index))
-            drawn = sample_active(s.cpu(), layer.rank, layer_generator(self.seed, index, iteration),
-                                  self.uniform_mix)
-            new_idx, slots = assign_slots(None, drawn)
-            self._load(layer, U, Vh, s, new_idx, slots)
-
-    def _load(self, layer: SSTLinear, U, Vh, s, new_idx, slots):
-        backend = self.backend
-        new_idx = new_idx.to(U.device)
-        layer.drop_kept_weight()
-        backend.write(layer.U, U)
-        backend.write(layer.Vh, Vh)
-        layer.active_indices.copy_(new_idx.to(layer.active_indices.device))
-        backend.write(layer.spectral, layer.pack(s.to(U.device), U[:, new_idx], Vh[new_idx]))
-        reset = [layer.slot_elements(slots)] if slots.numel() else []
-        if self.reset_s_state:
-            reset.append(torch.arange(layer.k))
-        if reset:
-            backend.reset_state(layer.spectral, torch.cat(reset))
-
-    def state_dict(self) -> dict:
-        return {"active_indices": [layer.active_indices.tolist() for layer in self.layers]}
-
-    def load_state_dict(self, state: dict) -> None:
-        for layer, idx in zip(self.layers, state["active_indices"]):
-            layer.active_indices.copy_(torch.tensor(idx, dtype=torch.long))
-
-
-__all__ = ["SSTLinear", "apply_sst", "SSTController", "sample_active", "assign_slots",
-           "layer_generator", "resampled", "resvd_factors", "renormalized", "merged_factors",
-           "dense_from_factors", "spectral_weight", "sync_active", "sampling_probabilities", "region",
-           "strided_runs"]
+__all__ = ["SSTLinear", "apply_sst", "sample_active", "assign_slots", "layer_generator", "resampled",
+           "resvd_factors", "merged_factors", "dense_from_factors", "spectral_weight", "sync_active",
+           "sampling_probabilities", "compute_dtype"]

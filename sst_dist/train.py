@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -10,17 +11,17 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from tqdm import tqdm
 
 from sst_dist import checkpoint, rundir
 from sst_dist.config import ConfigError, Recipe
-from sst_dist.data import evaluate, open_data, prepare
+from sst_dist.data import evaluate, lm_loss, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
 from sst_dist.build import Materializer, build_on_meta
-from sst_dist.methods import build_method, frozen_dtype
+from sst_dist.methods import Method, build_method, frozen_dtype
 from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation, enable_activation_checkpointing
 from sst_dist.rundir import RunError
 
@@ -65,10 +66,87 @@ def batch_geometry(recipe: Recipe, world_size: int) -> tuple[int, int]:
     return micro, per_rank // micro
 
 
-def lm_loss(model, block: torch.Tensor) -> torch.Tensor:
-    """Mean next-token cross-entropy of a (b, seq_len + 1) block, computed in fp32."""
-    logits = model(input_ids=block[:, :-1]).logits
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), block[:, 1:].reshape(-1))
+def build_run(recipe: Recipe, engine_name: str, ctx, *, device, dtype, vocab_size: int, micro_batch: int,
+              accumulation: int, ds_config: str | None = None, init_device=None) -> tuple[Method, object]:
+    """The model, the method applied to it and the engine that wraps it: (method, engine).
+    `init_device`: where a dense build initialises the weights (the benchmarks build large models
+    on the GPU); None, the CPU, so a run's initial weights do not depend on the machine.
+    model.build meta: the model is built on the meta device and materialised on `device` (SST
+    layers directly as their factors), by the fsdp engine block by block as it shards."""
+    torch.manual_seed(recipe.seed)
+    model_kwargs = dict(vocab_size=vocab_size, seq_len=recipe.model.seq_len,
+                        attn_implementation=recipe.model.attn_implementation)
+    master = torch.float64 if dtype == torch.float64 else torch.float32
+    meta = recipe.model.build == "meta"
+    if meta:
+        model = build_on_meta(recipe.model.size, **model_kwargs)
+    else:
+        with init_device if init_device is not None else contextlib.nullcontext():
+            model = build_model(recipe.model.size, **model_kwargs, init_from=recipe.model.init_from)
+    if recipe.model.gradient_checkpointing:
+        enable_activation_checkpointing(model)
+    if not meta:
+        model.to(device=device, dtype=master)
+    method = build_method(recipe, model)  # on the meta device too: the method's layers take shapes
+    materialize = None
+    if meta:
+        sharded = engine_name == "fsdp"
+        materialize = Materializer(model, seed=recipe.seed, device=device, dtype=master, init=recipe.sst.init,
+                                   frozen_dtype=frozen_dtype(recipe), uniform_mix=recipe.sst.uniform_mix,
+                                   rank=ctx.rank if sharded else 0, world_size=ctx.world_size if sharded else 1)
+        if not sharded:
+            materialize(model)
+            materialize = None
+    engine = build_engine(engine_name, model, method.param_groups(model), recipe, device=device, dtype=dtype,
+                          micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config, ctx=ctx,
+                          materialize=materialize)
+    method.attach(engine.backend, recipe)
+    return method, engine
+
+
+@dataclass
+class StepResult:
+    event: str | None  # the periodic work run before the step ('+'-joined names), if any
+    lrs: dict[str, float]  # the step's learning rate of each group
+    loss: torch.Tensor  # this rank's mean loss over the step's micro-batches (float64)
+    grad_norm: object  # the engine's global gradient norm, or None
+
+
+def train_step(engine, method: Method, step: int, chunks, mark: Callable[[str], None] | None = None) -> StepResult:
+    """One optimizer step on this rank's micro-batches `chunks`: the method's periodic work, a
+    forward and backward per micro-batch, the engine's step and the method's per-step work. The
+    benchmarks call it too; `mark(phase)` is called as each phase ends (before_step, probe,
+    forward, backward, step, after_step)."""
+    mark = mark or (lambda phase: None)
+    engine.model.train()
+
+    def probe_pass(probe):
+        mark("before_step")  # what ran before the probe (an SST resample) counts there
+        with engine.probing() as model:
+            for chunk in chunks:
+                with engine.forward_context():
+                    probe.backward(lm_loss(model, chunk))
+        mark("probe")
+
+    event = method.before_step(step, probe_pass)
+    lrs = method.learning_rates(step)
+    engine.set_learning_rates(lrs)
+    mark("before_step")
+    loss_sum = torch.zeros((), device=chunks[0].device, dtype=torch.float64)
+    for i, chunk in enumerate(chunks):
+        method.before_micro_batch(last=i == len(chunks) - 1)
+        with engine.forward_context():
+            loss = lm_loss(engine.model, chunk)
+        mark("forward")
+        engine.backward(loss)
+        loss_sum += loss.detach().double()
+        del loss
+        mark("backward")
+    grad_norm = engine.step()
+    mark("step")
+    method.after_step(lrs)
+    mark("after_step")
+    return StepResult(event, lrs, loss_sum / len(chunks), grad_norm)
 
 
 class StopFlag:
@@ -117,61 +195,22 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     data = open_data(recipe.data, seq_len=recipe.model.seq_len, global_batch=recipe.train.global_batch,
                      seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
 
-    torch.manual_seed(recipe.seed)
     built = time.perf_counter()
     vocab = data.vocab_size if recipe.model.size == "tiny" else max(OPT_VOCAB, data.vocab_size)
-    model_kwargs = dict(vocab_size=vocab, seq_len=recipe.model.seq_len,
-                        attn_implementation=recipe.model.attn_implementation)
-    master = torch.float64 if dtype == torch.float64 else torch.float32
-    materialize = None
-    if recipe.model.build == "meta":
-        model = build_on_meta(recipe.model.size, **model_kwargs)
-    else:
-        model = build_model(recipe.model.size, **model_kwargs, init_from=recipe.model.init_from)
-    if recipe.model.gradient_checkpointing:
-        enable_activation_checkpointing(model)
-    if recipe.model.build == "dense":
-        model.to(device=device, dtype=master)
-    method = build_method(recipe, model)  # on the meta device too: the method's layers take shapes
-    if recipe.model.build == "meta":
-        sharded = run.engine == "fsdp"  # the engine materialises block by block as it shards
-        materialize = Materializer(model, seed=recipe.seed, device=device, dtype=master, init=recipe.sst.init,
-                                   frozen_dtype=frozen_dtype(recipe), uniform_mix=recipe.sst.uniform_mix,
-                                   rank=ctx.rank if sharded else 0, world_size=ctx.world_size if sharded else 1)
-        if not sharded:
-            materialize(model)
-            materialize = None
-
-    engine = build_engine(run.engine, model, method.param_groups(model), recipe, device=device, dtype=dtype,
-                          micro_batch=micro,
-                          accumulation=accumulation, ds_config=run.ds_config, ctx=ctx,
-                          materialize=materialize)
-    method.attach(engine.backend, recipe)
+    method, engine = build_run(recipe, run.engine, ctx, device=device, dtype=dtype, vocab_size=vocab,
+                               micro_batch=micro, accumulation=accumulation, ds_config=run.ds_config)
     init_s = ctx.maximum(time.perf_counter() - built)  # the model built and, under an engine, placed
 
     state = {"step": 0, "tokens": 0, "elapsed_s": 0.0}
     settings = checkpoint.run_settings(recipe.to_dict(), engine=run.engine, world_size=ctx.world_size,
                                        zero_stage=getattr(engine, "zero_stage", None), vocab_size=vocab)
-    resume_from = None
-    failures = []
-    # newest first; each is checked against this run's settings before loading, and one the engine
-    # cannot read gives way to the next older one
-    for path in map(Path, claim["checkpoints"]):
-        saved = checkpoint.read_trainer_state(path)
-        changed = checkpoint.check_resume(path, saved, settings)
-        failure = load_engine_state(engine, path, ctx)
-        if failure is not None:
-            failures.append(f"{path.name}: {failure}")
-            if is_main:
-                print(f"warning: cannot load {path} ({failure}); trying the next older checkpoint",
-                      file=sys.stderr, flush=True)
-            continue
+    resume_from, saved, changed = load_newest(engine, claim["checkpoints"], settings, ctx, out)
+    if saved is not None:
         if not run.eval_only and saved["step"] >= recipe.train.max_steps:  # of the checkpoint that loads
             if is_main:
-                print(f"nothing to do: {path} is at step {saved['step']} and train.max_steps is "
+                print(f"nothing to do: {resume_from} is at step {saved['step']} and train.max_steps is "
                       f"{recipe.train.max_steps}; raise --max-steps to train further", flush=True)
             return {"step": saved["step"], "output_dir": str(out)}
-        resume_from = path
         state = {key: saved[key] for key in state}
         data.load_state_dict(saved["data"])
         if "torch_rng" in saved:
@@ -180,10 +219,6 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
             print(f"resuming from {resume_from} at step {state['step']}", flush=True)
             if changed:
                 print(f"resuming with changed settings: {', '.join(changed)}", flush=True)
-        break
-    if failures and resume_from is None:
-        raise RunError(f"no checkpoint in {checkpoint.checkpoint_root(out)} could be loaded "
-                       f"({'; '.join(failures)}); to start fresh, move or delete that folder")
 
     if run.eval_only:
         return evaluate_checkpoint(engine, data, recipe, device, out, resume_from, state["step"], ctx)
@@ -199,28 +234,9 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     step = state["step"]
     while step < max_steps:
         t0 = time.perf_counter()
-        engine.model.train()
-        chunks = data.next_batch().to(device).split(micro)
-
-        def probe_pass(probe):
-            with engine.probing() as model:
-                for chunk in chunks:
-                    with engine.forward_context():
-                        probe.backward(lm_loss(model, chunk))
-
-        event = method.before_step(step, probe_pass)
-        lrs = method.learning_rates(step)
-        engine.set_learning_rates(lrs)
-        loss_sum = torch.zeros((), device=device, dtype=torch.float64)
-        for i, chunk in enumerate(chunks):
-            method.before_micro_batch(last=i == len(chunks) - 1)
-            with engine.forward_context():
-                loss = lm_loss(engine.model, chunk)
-            engine.backward(loss)
-            loss_sum += loss.detach().double()
-        grad_norm = engine.step()
-        method.after_step(lrs)
-        loss_value = ctx.mean(loss_sum / accumulation)
+        result = train_step(engine, method, step, data.next_batch().to(device).split(micro))
+        event, lrs, grad_norm = result.event, result.lrs, result.grad_norm
+        loss_value = ctx.mean(result.loss)
         # every rank sees the same all-reduced loss and global norm, so all stop at the same step
         finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(float(grad_norm)))
 
@@ -307,6 +323,28 @@ def claim_output_dir(out: Path, lock: rundir.RunLock) -> dict:
         if line:
             print(line, file=sys.stderr, flush=True)
     return {"checkpoints": [str(p) for p in checkpoints]}
+
+
+def load_newest(engine, checkpoints, settings: dict, ctx, out: Path) -> tuple[Path | None, dict | None, list]:
+    """The newest of `checkpoints` whose engine state loads: (its folder, its trainer state, the
+    settings that changed since it), or (None, None, []) to start fresh. Each is checked against
+    this run's settings before loading, and one the engine cannot read gives way to the next older
+    one; if none loads, the run stops with one line."""
+    failures = []
+    for path in map(Path, checkpoints):
+        saved = checkpoint.read_trainer_state(path)
+        changed = checkpoint.check_resume(path, saved, settings)
+        failure = load_engine_state(engine, path, ctx)
+        if failure is None:
+            return path, saved, changed
+        failures.append(f"{path.name}: {failure}")
+        if ctx.rank == 0:
+            print(f"warning: cannot load {path} ({failure}); trying the next older checkpoint",
+                  file=sys.stderr, flush=True)
+    if failures:
+        raise RunError(f"no checkpoint in {checkpoint.checkpoint_root(out)} could be loaded "
+                       f"({'; '.join(failures)}); to start fresh, move or delete that folder")
+    return None, None, []
 
 
 def load_engine_state(engine, path: Path, ctx) -> str | None:

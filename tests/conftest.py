@@ -1,19 +1,14 @@
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from sst_dist.engines import free_port  # noqa: F401 (tests import it from here)
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # Threads per process for every run a test launches, reference and ranks alike (set_threads keeps

@@ -83,3 +83,21 @@ def test_zero_resume_continues_the_curve_exactly(tmp_path, recipe, stage):
     assert sorted(b) == list(range(1, 41))
     for step in range(21, 41):
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_another_deepspeed_minor_is_refused_in_one_line():
+    """The backend reaches into DeepSpeed internals of one minor release; another stops with one
+    line that names the version it needs, before anything starts."""
+    import deepspeed
+
+    from sst_dist.config import ConfigError
+    from sst_dist.engines.deepspeed_internals import WRITTEN_FOR, check_version
+
+    check_version()  # the installed one
+    check_version(f"{WRITTEN_FOR[0]}.{WRITTEN_FOR[1]}.99")
+    for other in (f"{WRITTEN_FOR[0]}.{WRITTEN_FOR[1] + 1}.0", f"{WRITTEN_FOR[0] + 1}.{WRITTEN_FOR[1]}.0"):
+        with pytest.raises(ConfigError) as err:
+            check_version(other)
+        message = str(err.value)
+        assert "\n" not in message and other in message and f"deepspeed=={WRITTEN_FOR[0]}.{WRITTEN_FOR[1]}.*" in message
+    assert tuple(int(n) for n in deepspeed.__version__.split(".")[:2]) == WRITTEN_FOR

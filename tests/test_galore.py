@@ -17,9 +17,9 @@ import torch.multiprocessing as mp
 from torch import nn
 
 from sst_dist.engines.torch import TorchBackend
-from sst_dist.galore import (GaLoreAdamW, GaLoreLinear, GradientProbe, apply_galore,
-                             apply_weight_decay, orthogonal_projector, projection_side,
-                             refresh_galore_layers)
+from galore_reference import GaLoreAdamW
+from sst_dist.galore import (GaLoreLinear, GradientProbe, apply_galore, apply_weight_decay,
+                             orthogonal_projector, projection_side, refresh_galore_layers)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")

@@ -15,13 +15,13 @@ from pathlib import Path
 from sst_dist.data.errors import DataError
 from sst_dist.data.shards import MANIFEST, candidate_folders, prepare
 
-__all__ = ["DataError", "TrainData", "evaluate", "open_data", "prepare", "prepared_dir", "epoch_order"]
+__all__ = ["DataError", "TrainData", "evaluate", "lm_loss", "open_data", "prepare", "prepared_dir", "epoch_order"]
 
 
 def __getattr__(name):
     # torch is imported only by whoever reads blocks: the tokenizer worker processes that
     # prepare() spawns import this package too, and start faster without it.
-    if name in ("TrainData", "evaluate", "epoch_order"):
+    if name in ("TrainData", "evaluate", "lm_loss", "epoch_order"):
         from sst_dist.data import blocks
 
         return getattr(blocks, name)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import zlib
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch
 
 from sst_dist.data.errors import DataError
 from sst_dist.data.shards import MANIFEST, read_manifest
+from sst_dist.rundir import write_atomic
 
 _VERIFIED = ".verified.json"
 _U64 = np.uint64
@@ -117,10 +117,8 @@ def _check_files(folder: Path, entries: list[dict], itemsize: int) -> None:
         stamps[entry["file"]] = stamp
         changed = True
     if changed:
-        tmp = stamp_path.with_name(f"{_VERIFIED}.{os.getpid()}.tmp")
         try:  # ranks race here harmlessly: each writes a complete file and renames it
-            tmp.write_text(json.dumps(stamps))
-            os.replace(tmp, stamp_path)
+            write_atomic(stamp_path, json.dumps(stamps))
         except OSError:
             pass  # a read-only cache still trains; it just verifies again next time
 
@@ -221,6 +219,14 @@ class TrainData:
             yield self.val.gather(ids, self.vocab_size)
 
 
+def lm_loss(model, block: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token cross-entropy of a (b, seq_len + 1) block, computed in fp32: the training loss
+    (mean) and the evaluation's (sum over labels)."""
+    logits = model(input_ids=block[:, :-1]).logits
+    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
+                                             block[:, 1:].reshape(-1), reduction=reduction)
+
+
 @torch.no_grad()
 def evaluate(model, batches, device=None) -> float:
     """Mean next-token cross-entropy (nats) over every label of every batch; model(input_ids=x).logits."""
@@ -232,13 +238,8 @@ def evaluate(model, batches, device=None) -> float:
     try:
         for batch in batches:
             batch = batch.to(device, non_blocking=True)
-            x, y = batch[:, :-1], batch[:, 1:]
-            out = model(input_ids=x)
-            logits = out.logits if hasattr(out, "logits") else out[0]
-            loss = torch.nn.functional.cross_entropy(
-                logits.float().reshape(-1, logits.size(-1)), y.reshape(-1), reduction="sum")
-            total += float(loss)
-            count += y.numel()
+            total += float(lm_loss(model, batch, reduction="sum"))
+            count += batch[:, 1:].numel()
     finally:
         model.train(was_training)
     if count == 0:

@@ -36,6 +36,7 @@ import numpy as np
 
 from sst_dist.data.errors import DataError
 from sst_dist.data.tokenizer import SAMPLE_DIR, Tok, hub_reachable, load_tokenizer
+from sst_dist.rundir import write_atomic
 
 FORMAT = 1
 MANIFEST = "manifest.json"
@@ -195,15 +196,6 @@ def read_manifest(folder: Path) -> dict | None:
         return manifest
     except (ValueError, OSError, AttributeError):
         raise DataError(f"{path}: corrupt or of another format; delete {folder} and prepare again") from None
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def source_files(cfg) -> dict | None:
@@ -446,7 +438,7 @@ def prepare(cfg, progress: bool = True) -> Path:
                 break
             manifest["parts"].append({"docs": count, "train": train.close(), "val": val.close()})
             done += count
-            _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+            write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
             if done < stop:  # the source ran out inside this part
                 break
     finally:
@@ -461,5 +453,5 @@ def prepare(cfg, progress: bool = True) -> Path:
     manifest["docs"] = done
     for split in ("train", "val"):
         manifest[f"{split}_tokens"] = sum(part[split]["tokens"] for part in manifest["parts"])
-    _write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
     return folder

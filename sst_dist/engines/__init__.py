@@ -69,15 +69,19 @@ class DistributedContext:
         return box[0]
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago, for a launcher's rendezvous."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _single_process_env() -> None:
     """Lets `python launch/pretrain.py --ds-config ...` run as a world of one, with no launcher."""
     if "WORLD_SIZE" in os.environ:
         return
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1",
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
 
 
 def distributed_context(engine: str, timeout_s: float | None = None) -> DistributedContext:

@@ -62,6 +62,14 @@ class Backend(ABC):
             torch.distributed.all_reduce(tensor)
         return tensor
 
+    def reduce_sum_to(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
+        """The sum of `tensor` over ranks, on rank `dst` (other ranks get a partial sum); the
+        caller's tensor is left as it was."""
+        if self.world_size > 1:
+            tensor = tensor.clone()
+            torch.distributed.reduce(tensor, dst)
+        return tensor
+
     def broadcast(self, tensor: torch.Tensor, src: int) -> torch.Tensor:
         """`tensor` as rank `src` holds it, on every rank (in place where possible)."""
         if self.world_size > 1:

@@ -19,52 +19,27 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_get_local_fp32_param, safe_set_full_fp32_param)
 
-from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
-
 from sst_dist.config import ConfigError
+from sst_dist.engines import deepspeed_internals as internals
 from sst_dist.engines.base import Backend, Shard
+from sst_dist.engines.deepspeed_internals import is_zero3
 from sst_dist.optim import RESET_KEYS, build_optimizer, set_learning_rates
-
-
-
-def _is_zero3(param) -> bool:
-    return hasattr(param, "ds_id")
 
 
 def _resident_full(param) -> bool:
     """ZeRO-3 keeps small ("persistent") parameters gathered between steps: the forward then reads
     param.data, not the partition, so a write must reach both."""
-    return _is_zero3(param) and param.data.numel() == param.ds_numel
+    return is_zero3(param) and param.data.numel() == param.ds_numel
 
 
 def _slot_mask(param, index, dim) -> torch.Tensor:
     """A flat boolean mask over the full parameter: True where the state must be zeroed."""
-    mask = torch.zeros(param.ds_shape if _is_zero3(param) else param.shape, dtype=torch.bool)
+    mask = torch.zeros(param.ds_shape if is_zero3(param) else param.shape, dtype=torch.bool)
     if index is None:
         mask.fill_(True)
     else:
         mask.index_fill_(dim, index.cpu(), True)
     return mask.flatten()
-
-
-def relink_state_fragments(zero_optimizer) -> None:
-    """Points every parameter's `_hp_mapping` at its slice of the current Adam state.
-
-    ZeRO-1/2 steps its param groups one at a time and links the state after the first group's
-    step, when the later groups have no state yet; those stay unlinked for good ("exp_avg not found
-    in optimizer state fragment"), so the safe_* state API fails on every group but the first.
-    Re-linking only makes views, and is idempotent.
-    """
-    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
-        pairs = zip(zero_optimizer.bit16_groups, zero_optimizer.single_partition_of_fp32_groups)
-    elif hasattr(zero_optimizer, "fp32_groups_flat_partition"):
-        pairs = zip(zero_optimizer.bf16_groups, zero_optimizer.fp32_groups_flat_partition)
-    else:
-        return
-    state = zero_optimizer.optimizer.state
-    for lp_params, flat in pairs:
-        if flat in state and state[flat]:
-            lazy_init_hp_params_optimizer_state(lp_params, flat, state)
 
 
 class DeepSpeedBackend(Backend):
@@ -90,13 +65,13 @@ class DeepSpeedBackend(Backend):
         value = value.to(self._device, torch.float32).reshape(self._shape(param))
         if param.requires_grad:
             safe_set_full_fp32_param(param, value)
-            if _is_zero3(param):
+            if is_zero3(param):
                 # the bf16 partition must follow its fp32 master before the next forward
                 param.ds_tensor.data.copy_(safe_get_local_fp32_param(param).to(param.ds_tensor.dtype))
                 if _resident_full(param):
                     param.data.copy_(value.to(param.dtype))
                 return
-        if _is_zero3(param):
+        if is_zero3(param):
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if self.rank == 0:
                     param.data.copy_(value.to(param.dtype))
@@ -108,59 +83,53 @@ class DeepSpeedBackend(Backend):
         if not param.requires_grad:
             return
         mask = _slot_mask(param, index, dim)
-        if _is_zero3(param):
-            optimizer = param._z3_optimizer
-            group, _, numel = optimizer.grad_position[optimizer.get_param_id(param)]
-            keys = optimizer.optimizer.state.get(optimizer.fp32_partitioned_groups_flat[group], {})
-            start = optimizer._get_param_partition_rank(param) * numel
+        if is_zero3(param):
+            numel, keys = internals.partition_numel_and_state_keys(param)
+            start = internals.partition_rank(param) * numel
             part = mask[start:start + numel]
             part = torch.cat([part, part.new_zeros(numel - part.numel())])
             for key in RESET_KEYS:
                 if key in keys:  # this rank's slice of the state, zeroed in place
-                    local, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
-                                                                       optim_state_key=key)
+                    local = internals.partition(param, key)
                     local[part.to(local.device)] = 0
             return
-        relink_state_fragments(self.engine.optimizer)
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:  # this rank's partition holds no piece of the parameter
+        internals.relink_state_fragments(self.engine.optimizer)
+        if internals.fragment(param) is None:  # this rank's partition holds no piece of the parameter
             return
-        address = mapping.lp_fragment_address
-        part = mask[address.start:address.start + address.numel]
-        keys = mapping.get_optim_state_keys()
+        keys = internals.fragment_state_keys(param)
         for key in RESET_KEYS:
             if key in keys:
-                fragment = mapping.get_hp_fragment(key)
+                fragment, start = internals.fragment(param, key)
+                part = mask[start:start + internals.fragment_numel(param)]
                 fragment.view(-1)[part.to(fragment.device)] = 0
 
     def shards(self, param):
-        if _is_zero3(param):
-            optimizer = param._z3_optimizer
-            # the partition itself, not safe_get_local_fp32_param's .to(device) copy (offload)
-            master, _ = optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False)
-            start = optimizer._get_param_partition_rank(param) * param.ds_tensor.numel()
+        if is_zero3(param):
+            master = internals.partition(param)
+            start = internals.partition_rank(param) * param.ds_tensor.numel()
             valid = max(0, min(param.ds_tensor.numel(), param.ds_numel - start))
             mirrors = [Shard(param.ds_tensor.data.view(-1).narrow(0, 0, valid), start)]
             if _resident_full(param):
                 mirrors.append(Shard(param.data.view(-1), 0))
             return [Shard(master.view(-1).narrow(0, 0, valid), start)], mirrors
-        mapping = getattr(param, "_hp_mapping", None)
         owned = []
-        if mapping is not None:
-            owned.append(Shard(mapping.get_hp_fragment().view(-1), mapping.lp_fragment_address.start))
+        fragment = internals.fragment(param)
+        if fragment is not None:
+            values, start = fragment
+            owned.append(Shard(values.view(-1), start))
         return owned, [Shard(param.data.view(-1), 0)]
 
     def optimizer_state(self, param, key):
-        if not _is_zero3(param):
-            relink_state_fragments(self.engine.optimizer)
+        if not is_zero3(param):
+            internals.relink_state_fragments(self.engine.optimizer)
         value = safe_get_full_optimizer_state(param, key)
         return None if value is None else value.detach().clone().reshape(self._shape(param))
 
     def _shape(self, param):
-        return param.ds_shape if _is_zero3(param) else param.shape
+        return param.ds_shape if is_zero3(param) else param.shape
 
     def _gathered(self, param):
-        if _is_zero3(param):
+        if is_zero3(param):
             return deepspeed.zero.GatheredParameters([param])
         return contextlib.nullcontext()
 
@@ -250,6 +219,7 @@ class DeepSpeedEngine:
         self.device = device
         self.accumulation = accumulation
         self.rank, self.world_size = ctx.rank, ctx.world_size
+        internals.check_version()
         config = load_ds_config(ds_config, recipe, device=device, dtype=dtype, micro_batch=micro_batch,
                                 accumulation=accumulation, world_size=ctx.world_size)
         # The optimizer is always sst_dist.optim.AdamW, DeepSpeed's own never: its per-element ages

@@ -19,7 +19,7 @@ from sst_dist.engines import build_engine, distributed_context  # noqa: E402
 from sst_dist.methods import build_method  # noqa: E402
 from sst_dist.models import build_model  # noqa: E402
 from sst_dist.optim import RESET_KEYS  # noqa: E402
-from sst_dist.sst import SSTController  # noqa: E402
+from sst_dist.sst_controller import SSTController  # noqa: E402
 
 
 def main():

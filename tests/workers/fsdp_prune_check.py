@@ -25,7 +25,7 @@ from sst_dist.engines.fsdp import local_rows  # noqa: E402
 from sst_dist.methods import build_method  # noqa: E402
 from sst_dist.models import build_model  # noqa: E402
 from sst_dist.optim import RESET_KEYS  # noqa: E402
-from sst_dist.sst import SSTController  # noqa: E402
+from sst_dist.sst_controller import SSTController  # noqa: E402
 
 VOCAB = 128
 

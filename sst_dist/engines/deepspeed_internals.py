@@ -1,0 +1,103 @@
+"""Every private DeepSpeed internal sst_dist reaches, in one place, and the version they were
+written against.
+
+DeepSpeed's public API (deepspeed.utils.safe_*) reads and writes whole fp32 masters and optimizer
+states. The per-step work and the slot resets need less and more than that: this rank's own piece
+of a master or of a state, in place, with no gather, and the link from a parameter to that piece.
+Those live in private attributes of ZeRO's optimizers (`_hp_mapping`, `_z3_optimizer`, ...) that
+change between minor releases, so they are reached only through the functions below, and
+`check_version` refuses any other DeepSpeed major.minor with one line. (A ZeRO-3 parameter's
+`ds_id`, `ds_shape`, `ds_numel` and `ds_tensor` are DeepSpeed's documented parameter attributes.)
+"""
+
+from __future__ import annotations
+
+import re
+
+import deepspeed
+import torch
+from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
+
+from sst_dist.config import ConfigError
+
+WRITTEN_FOR = (0, 19)  # DeepSpeed 0.19.x; checked on 0.19.8
+
+
+def check_version(version: str | None = None) -> None:
+    """One line, before anything starts, if the installed DeepSpeed is not the major.minor the
+    internals below were written against."""
+    version = version or deepspeed.__version__
+    found = tuple(int(n) for n in re.findall(r"\d+", version)[:2])
+    if found != WRITTEN_FOR:
+        want = ".".join(map(str, WRITTEN_FOR))
+        raise ConfigError(f"DeepSpeed {version} is installed, but sst_dist's ZeRO backend reaches into the "
+                          f"internals of DeepSpeed {want}.x (sst_dist/engines/deepspeed_internals.py); "
+                          f"install deepspeed=={want}.* or use --engine fsdp")
+
+
+def is_zero3(param) -> bool:
+    return hasattr(param, "ds_id")
+
+
+# ----------------------------------------------------------------------------- ZeRO-1/2
+
+def relink_state_fragments(zero_optimizer) -> None:
+    """Points every parameter's `_hp_mapping` at its slice of the current Adam state.
+
+    ZeRO-1/2 steps its param groups one at a time and links the state after the first group's
+    step, when the later groups have no state yet; those stay unlinked for good ("exp_avg not found
+    in optimizer state fragment"), so the safe_* state API fails on every group but the first.
+    Re-linking only makes views, and is idempotent.
+    """
+    if hasattr(zero_optimizer, "single_partition_of_fp32_groups"):
+        pairs = zip(zero_optimizer.bit16_groups, zero_optimizer.single_partition_of_fp32_groups)
+    elif hasattr(zero_optimizer, "fp32_groups_flat_partition"):
+        pairs = zip(zero_optimizer.bf16_groups, zero_optimizer.fp32_groups_flat_partition)
+    else:
+        return
+    state = zero_optimizer.optimizer.state
+    for lp_params, flat in pairs:
+        if flat in state and state[flat]:
+            lazy_init_hp_params_optimizer_state(lp_params, flat, state)
+
+
+def fragment(param, key: str | None = None) -> tuple[torch.Tensor, int] | None:
+    """ZeRO-1/2: this rank's piece of the fp32 master (key None) or of the optimizer state `key`,
+    as a view, and where it starts in the flattened parameter; None if this rank's partition holds
+    no piece of it."""
+    mapping = getattr(param, "_hp_mapping", None)
+    if mapping is None:
+        return None
+    return mapping.get_hp_fragment(key), mapping.lp_fragment_address.start
+
+
+def fragment_numel(param) -> int:
+    return param._hp_mapping.lp_fragment_address.numel
+
+
+def fragment_state_keys(param) -> set[str]:
+    """ZeRO-1/2: the optimizer-state keys linked to this rank's fragment of `param`."""
+    mapping = getattr(param, "_hp_mapping", None)
+    return set(mapping.get_optim_state_keys()) if mapping is not None else set()
+
+
+# ----------------------------------------------------------------------------- ZeRO-3
+
+def partition(param, key: str | None = None) -> torch.Tensor:
+    """ZeRO-3: this rank's partition of the fp32 master (key None) or of the optimizer state
+    `key`: the partition itself, not safe_get_local_fp32_param's .to(device) copy (offload)."""
+    tensor, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
+                                                                   optim_state_key=key)
+    return tensor
+
+
+def partition_rank(param) -> int:
+    """ZeRO-3: which partition of `param` this rank holds (its start is this times its size)."""
+    return param._z3_optimizer._get_param_partition_rank(param)
+
+
+def partition_numel_and_state_keys(param) -> tuple[int, set[str]]:
+    """ZeRO-3: the size of each partition of `param`, and the state keys its group holds."""
+    optimizer = param._z3_optimizer
+    group, _, numel = optimizer.grad_position[optimizer.get_param_id(param)]
+    return numel, set(optimizer.optimizer.state.get(optimizer.fp32_partitioned_groups_flat[group], {}))

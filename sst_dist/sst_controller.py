@@ -1,0 +1,202 @@
+"""SST's periodic work under an engine: the per-step clamp and renormalisation, the resample at the
+start of an iteration and the re-SVD at the start of a round (docs/design.md §1, §3).
+
+The formulas are sst_dist.sst's; this module applies them to every SST layer through the engine's
+seam (sst_dist.engines.base.Backend), so the same code is right single-process, under ZeRO and
+under FSDP. The per-step work runs on each rank's own shards, batched over all layers.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from sst_dist.engines.views import region, row_pieces, signature, strided_runs
+from sst_dist.sst import (SSTLinear, assign_slots, compute_dtype, layer_generator, resampled,
+                          resvd_factors, sample_active)
+
+
+class _RenormPlan:
+    """SSTController.post_step's views and buffers, for one layout of shards.
+
+    Building it walks every shard of s, u_active and vh_active once. The u / vh pieces are
+    coalesced into strided runs across layers where the engine's flat buffers allow (see
+    strided_runs), so a step costs a few stacked norms, one index_add, one all-reduce and a few
+    list ops (torch._foreach_*) per dtype, whatever the number of layers.
+    """
+
+    MAX_STACK = 1 << 24  # elements per stacked norm: bounds the float64 copy it makes
+
+    def __init__(self, layers, spectral_shards, device):
+        self.signature = signature(spectral_shards)
+        self.device = device
+        # per layer: (s, u_active, vh_active) shards, each (owned, mirrors)
+        shards = [[region(raw, offset, numel) for offset, numel in layer.regions()]
+                  for layer, raw in zip(layers, spectral_shards)]
+        n, rank = len(layers), max(layer.rank for layer in layers)
+        self.rank = rank
+        self.sums = torch.zeros(n * 2 * rank, dtype=torch.float64, device=device)
+        self.s_scale = torch.ones(n, max(layer.k for layer in layers), dtype=torch.float64, device=device)
+        # per dtype of the tensors written: s copies and their scale spans; u / vh views and
+        # their divisors (views of a per-dtype copy of the norms, refreshed each step)
+        self.s_lists: dict[torch.dtype, tuple[list, list]] = {}
+        self.div_lists: dict[torch.dtype, tuple[list, list]] = {}
+        self.scale_cast: dict[torch.dtype, torch.Tensor] = {}
+        self.norms_cast: dict[torch.dtype, torch.Tensor] = {}
+        pieces, owned_pieces = [], []  # (view, layer index, (kind, first slot, slot count))
+        for i, (layer, (s_shards, u_shards, vh_shards)) in enumerate(zip(layers, shards)):
+            for shard in s_shards[0] + s_shards[1]:
+                values = shard.values
+                if values.dtype not in self.scale_cast:  # the same tensor where the dtype matches
+                    self.scale_cast[values.dtype] = self.s_scale.to(values.dtype)
+                span = self.scale_cast[values.dtype][i, shard.start:shard.start + values.numel()]
+                self.s_lists.setdefault(values.dtype, ([], []))[0].append(values)
+                self.s_lists[values.dtype][1].append(span)
+            for kind, (owned, mirrors), width in ((0, u_shards, layer.rank), (1, vh_shards, layer.in_features)):
+                for group, is_owned in ((owned, True), (mirrors, False)):
+                    for view, row, col in row_pieces(group, width):
+                        # u_active (out, r): a slot per column; vh_active (r, in): a slot per row
+                        first, count = (col, view.shape[1]) if kind == 0 else (row, view.shape[0])
+                        if view.dtype not in self.norms_cast:
+                            self.norms_cast[view.dtype] = torch.empty(n, 2, rank, dtype=view.dtype, device=device)
+                        pieces.append((view, i, (kind, first, count)))
+                        if is_owned:
+                            owned_pieces.append((view, i, (kind, first, count)))
+        for views, i, step, m, (kind, first, count) in strided_runs(pieces):
+            norms = self.norms_cast[views.dtype][i:i + step * (m - 1) + 1:step, kind, first:first + count]
+            lists = self.div_lists.setdefault(views.dtype, ([], []))
+            lists[0].append(views)
+            lists[1].append(norms[:, None, :] if kind == 0 else norms[:, :, None])
+        # owned runs of one shape are concatenated for one norm kernel; the slots follow that order
+        by_shape: dict[tuple, list] = {}
+        for views, i, step, m, (kind, first, count) in strided_runs(owned_pieces):
+            by_shape.setdefault((kind, tuple(views.shape[1:]), views.dtype), []).append((views, i, step, first, count))
+        self.norm_groups, slots = [], []
+        for (kind, shape, _), runs in by_shape.items():
+            per_stack = max(1, self.MAX_STACK // max(1, shape[0] * shape[1]))
+            stack, members = [], 0
+            for views, i, step, first, count in runs:
+                a = 0
+                while a < views.shape[0]:
+                    b = min(views.shape[0], a + per_stack - members)
+                    stack.append(views[a:b])
+                    slots += [(i + j * step, kind, first, count) for j in range(a, b)]
+                    members, a = members + b - a, b
+                    if members == per_stack:
+                        self.norm_groups.append((kind, stack))
+                        stack, members = [], 0
+            if stack:
+                self.norm_groups.append((kind, stack))
+        flat = [(i * 2 + kind) * rank + first + j for i, kind, first, count in slots for j in range(count)]
+        self.slot_index = torch.tensor(flat, dtype=torch.long, device=device)
+
+    def matches(self, shards) -> bool:
+        return signature(shards) == self.signature
+
+    def run(self, layers, backend, renormalize: bool):
+        if not renormalize:
+            for values, _ in self.s_lists.values():
+                torch._foreach_clamp_min_(values, 0.0)
+            return
+        n, rank = len(layers), self.rank
+        sums = self.sums.zero_()
+        if self.norm_groups:
+            # float64 partial sums: how the elements are split over shards and ranks then changes
+            # nothing at float32 precision, so the run does not depend on the world size
+            partials = [torch.linalg.vector_norm(stack[0] if len(stack) == 1 else torch.cat(stack),
+                                                 dim=kind + 1, dtype=torch.float64).flatten()
+                        for kind, stack in self.norm_groups]
+            sums.index_add_(0, self.slot_index, torch.cat(partials).square_())
+        norms = backend.all_reduce_sum(sums).view(n, 2, rank).sqrt_()
+        norms.clamp_(min=torch.finfo(torch.float32).tiny)
+        active = torch.stack([layer.active_indices.to(self.device) for layer in layers])
+        self.s_scale.fill_(1.0).scatter_(1, active, norms[:, 0] * norms[:, 1])
+        for dtype, (values, spans) in self.s_lists.items():
+            if self.scale_cast[dtype] is not self.s_scale:
+                self.scale_cast[dtype].copy_(self.s_scale)
+            torch._foreach_mul_(values, spans)
+            torch._foreach_clamp_min_(values, 0.0)
+        for dtype, (views, divisors) in self.div_lists.items():
+            self.norms_cast[dtype].copy_(norms)
+            torch._foreach_div_(views, divisors)
+
+
+class SSTController:
+    """Runs the method's periodic work on all SST layers through an engine's seam.
+
+    Sampling is a pure function of (seed, layer, iteration), so every rank draws the same set with
+    no communication. The one costly step, the SVD of a layer, runs on the layer's owner rank and
+    its result is broadcast.
+    """
+
+    def __init__(self, layers: dict[str, SSTLinear], backend, *, seed: int = 0,
+                 renormalize: bool = True, uniform_mix: bool = False, reset_s_state: bool = False):
+        self.layers = list(layers.values())
+        self.backend = backend
+        self.seed, self.renormalize = seed, renormalize
+        self.uniform_mix, self.reset_s_state = uniform_mix, reset_s_state
+        self._plan: _RenormPlan | None = None
+
+    @torch.no_grad()
+    def post_step(self):
+        """s >= 0 and (option) unit-length active vectors, their norms folded into s.
+
+        Runs every step, so it works on each rank's own shards: partial sums of squares per
+        active vector, one all-reduce for all layers, then the same local scaling on the fp32
+        master and on the model's low-precision copy. No gather, and no per-element index.
+        All layers at once, from a plan of views built when the shard layout changes (see
+        _RenormPlan): a loop of small ops per layer leaves the GPU waiting on Python.
+        """
+        shards = [self.backend.shards(layer.spectral) for layer in self.layers]
+        plan = self._plan
+        if plan is None or not plan.matches(shards):
+            plan = self._plan = _RenormPlan(self.layers, shards, self.backend.compute_device)
+        plan.run(self.layers, self.backend, self.renormalize)
+        for layer in self.layers:  # the step and the scaling wrote through the engine
+            layer.drop_kept_weight()
+
+    @torch.no_grad()
+    def resample(self, iteration: int):
+        """Start of an iteration: write back, draw, load, reset the moments of changed slots."""
+        read = self.backend.read
+        for index, layer in enumerate(self.layers):
+            s, u_active, vh_active = layer.split(read(layer.spectral))
+            U, Vh, new_idx, slots = resampled(
+                read(layer.U), read(layer.Vh), s, u_active, vh_active, layer.active_indices,
+                layer_generator(self.seed, index, iteration), self.uniform_mix)
+            self._load(layer, U, Vh, s, new_idx, slots)
+
+    @torch.no_grad()
+    def resvd(self, iteration: int):
+        """Start of a round: a fresh SVD per layer on its owner rank, then a full redraw."""
+        backend = self.backend
+        results = {}
+        for index, layer in enumerate(self.layers):
+            tensors = [backend.read(layer.U), backend.read(layer.Vh), *layer.split(backend.read(layer.spectral))]
+            if backend.owner(index) == backend.rank:
+                dev = backend.compute_device
+                results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))
+        for index, layer in enumerate(self.layers):
+            dtype = compute_dtype(layer.spectral)
+            shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
+            U, s, Vh = results.get(index) or [
+                torch.empty(shape, dtype=dtype, device=backend.compute_device) for shape in shapes]
+            for t in (U, s, Vh):
+                backend.broadcast(t, backend.owner(index))
+            drawn = sample_active(s.cpu(), layer.rank, layer_generator(self.seed, index, iteration),
+                                  self.uniform_mix)
+            new_idx, slots = assign_slots(None, drawn)
+            self._load(layer, U, Vh, s, new_idx, slots)
+
+    def _load(self, layer: SSTLinear, U, Vh, s, new_idx, slots):
+        backend = self.backend
+        new_idx = new_idx.to(U.device)
+        layer.drop_kept_weight()
+        backend.write(layer.U, U)
+        backend.write(layer.Vh, Vh)
+        layer.active_indices.copy_(new_idx.to(layer.active_indices.device))
+        backend.write(layer.spectral, layer.pack(s.to(U.device), U[:, new_idx], Vh[new_idx]))
+        reset = [layer.slot_elements(slots)] if slots.numel() else []
+        if self.reset_s_state:
+            reset.append(torch.arange(layer.k))
+        if reset:
+            backend.reset_state(layer.spectral, torch.cat(reset))

@@ -1,0 +1,84 @@
+"""The method protocol: every recipe method is registered, and its hooks reach the method's layers
+and groups through sst_dist.methods alone (the trainer names no method)."""
+
+import pytest
+import torch
+
+from sst_dist.config import METHODS, load_recipe
+from sst_dist.engines.torch import TorchBackend
+from sst_dist.methods import METHODS as REGISTRY
+from sst_dist.methods import Hooks, Method, build_method
+from sst_dist.models import build_model
+from sst_dist.sst import SSTLinear
+
+
+def _built(method, *sets):
+    recipe = load_recipe(f"recipes/tiny-{method}.yaml", list(sets))
+    torch.manual_seed(0)
+    model = build_model("tiny", vocab_size=256, seq_len=recipe.model.seq_len)
+    built = build_method(recipe, model)
+    built.attach(TorchBackend(), recipe)
+    return recipe, model, built
+
+
+def test_every_recipe_method_is_registered():
+    assert sorted(REGISTRY) == sorted(METHODS)
+
+
+@pytest.mark.parametrize("method, groups", [
+    ("full", ["full"]), ("lora", ["full", "lowrank"]), ("relora", ["full", "lowrank"]),
+    ("sst", ["full", "lowrank"]), ("galore", ["full", "galore"]), ("sst+galore", ["full", "lowrank", "galore"]),
+])
+def test_groups_cover_every_trainable_parameter_once(method, groups):
+    _, model, built = _built(method)
+    param_groups = built.param_groups(model)
+    assert [g["name"] for g in param_groups] == groups
+    ids = [id(p) for g in param_groups for p in g["params"]]
+    assert len(ids) == len(set(ids))
+    assert set(ids) == {id(p) for p in model.parameters() if p.requires_grad}
+    assert set(built.learning_rates(0)) >= set(groups)
+    lowrank = [g for g in param_groups if g["name"] == "lowrank"]
+    # the groups whose slots the periodic work resets count steps per element (sst_dist.optim)
+    assert [g["resettable"] for g in lowrank] == ([method != "lora"] if lowrank else [])
+
+
+@pytest.mark.parametrize("method, first", [
+    ("full", None), ("lora", None), ("relora", 5), ("sst", 5), ("galore", 10), ("sst+galore", 5)])
+def test_first_event_step_is_the_schedules(method, first):
+    _, _, built = _built(method)
+    assert built.first_event_step() == first
+    if first is not None and method != "galore":
+        assert built.schedule.event(first) is not None
+        assert all(built.schedule.event(s) is None for s in range(1, first))
+
+
+@pytest.mark.parametrize("path", ["dense", "materialized", "factored"])
+def test_before_micro_batch_reaches_only_the_materialized_layers(path):
+    _, model, built = _built("sst", f"sst.path={path}")
+    layers = [m for m in model.modules() if isinstance(m, SSTLinear)]
+    assert layers and all(layer in built.layers.values() for layer in layers)
+    for last in (False, True, False):
+        built.before_micro_batch(last=last)
+        assert all(layer.holds_gradient == (path == "materialized" and not last) for layer in layers)
+
+
+def test_parts_run_in_order_and_name_their_events():
+    calls = []
+
+    class Part(Hooks):
+        def __init__(self, name):
+            self.name = name
+
+        def before_step(self, step, probe_pass):
+            calls.append((self.name, "before", step))
+            return [self.name] if step % 2 else []
+
+        def after_step(self, lrs):
+            calls.append((self.name, "after", lrs["full"]))
+
+    _, _, full = _built("full")
+    method = Method("two", full.schedule, [Part("a"), Part("b")])
+    assert method.before_step(0) is None and method.before_step(1) == "a+b"
+    method.after_step({"full": 0.5})
+    assert calls == [("a", "before", 0), ("b", "before", 0), ("a", "before", 1), ("b", "before", 1),
+                     ("a", "after", 0.5), ("b", "after", 0.5)]
