@@ -11,8 +11,16 @@ from sst_dist.optim import RESET_KEYS, AdamW
 from sst_dist.sst import SSTLinear, assign_slots, layer_generator, sample_active, sampling_probabilities
 from sst_dist.sst_controller import SSTController
 
-torch.set_default_dtype(torch.float64)
 PATHS = ("dense", "materialized", "factored")
+
+
+@pytest.fixture(autouse=True)
+def float64_default():
+    """This file's tensors are float64; the default goes back for the files that run after it."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(previous)
 
 
 def make_layer(out_f=12, in_f=8, rank=3, path="dense", seed=0):
