@@ -181,11 +181,35 @@ def test_the_module_runs_as_a_command():
     assert any(line.split()[-1:] == ["total"] for line in ok.stdout.splitlines())
 
 
+def saved_activation_bytes(model, vocab: int, seq: int, batch: int, autocast: bool = False) -> int:
+    """Bytes of the tensors autograd saves for one forward of `model` and its loss (parameters
+    aside), plus the two fp32 gradients of the loss's backward (8 bytes a logit): the activation
+    peak the estimator's formulas describe."""
+    import contextlib
+
+    import torch
+    import torch.nn.functional as F
+
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    saved = {}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in params:
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    ids = torch.randint(0, vocab, (batch, seq + 1))
+    cast = torch.autocast("cpu", torch.bfloat16) if autocast else contextlib.nullcontext()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), cast:
+        logits = model(input_ids=ids[:, :-1]).logits
+        F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
+    return sum(saved.values()) + 8 * batch * seq * vocab
+
+
 @pytest.mark.parametrize("method, path", [("full", "dense"), ("lora", "dense"), ("sst", "factored")])
 def test_activation_formula_matches_what_autograd_keeps(method, path):
     """The estimate against the tensors autograd actually saves, on a tiny bf16 OPT on CPU."""
     import torch
-    import torch.nn.functional as F
 
     from sst_dist.config import load_recipe
     from sst_dist.memory import activation_bytes
@@ -198,23 +222,11 @@ def test_activation_formula_matches_what_autograd_keeps(method, path):
     recipe = load_recipe(None, [f"method={method}", "rank=8", "model.size=tiny", f"sst.path={path}"])
     build_method(recipe, model)
     model = model.to(torch.bfloat16)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    ids = torch.randint(0, vocab, (b, s + 1))
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        logits = model(input_ids=ids[:, :-1]).logits
-        F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
     width = count_parameters("tiny", method, 8, sst_path=path, seq=s, vocab_size=vocab).extra_saved_width
     formula = activation_bytes("tiny", b, s, extra_saved_width=width, vocab_size=vocab)
     # autograd keeps the fp32 log-probabilities (4 bytes a logit); the formula's peak adds the two
-    # gradients of the loss's backward (8 more)
-    kept = sum(saved.values()) + 8 * b * s * vocab
+    # gradients of the loss's backward
+    kept = saved_activation_bytes(model, vocab, s, b)
     assert formula == pytest.approx(kept, rel=0.01)
 
 
@@ -256,7 +268,6 @@ def test_autocast_activation_formula_matches_what_autograd_keeps(method, path):
     """The torch engine's estimate (fp32 weights, bf16 autocast) against the tensors autograd
     saves on a tiny OPT on CPU, SST's U and Vh stored in bf16 as sst.frozen_dtype makes them."""
     import torch
-    import torch.nn.functional as F
 
     from sst_dist.config import load_recipe
     from sst_dist.memory import autocast_activation_bytes
@@ -269,21 +280,9 @@ def test_autocast_activation_formula_matches_what_autograd_keeps(method, path):
     recipe = load_recipe(None, [f"method={method}", "rank=8", "model.size=tiny", f"sst.path={path}",
                                 "sst.frozen_dtype=bfloat16"])
     build_method(recipe, model)
-    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
-    saved = {}
-
-    def pack(t):
-        if t.untyped_storage().data_ptr() not in params:
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
 
     def kept(batch):
-        saved.clear()
-        ids = torch.randint(0, vocab, (batch, s + 1))
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), torch.autocast("cpu", torch.bfloat16):
-            logits = model(input_ids=ids[:, :-1]).logits
-            F.cross_entropy(logits.float().reshape(-1, vocab), ids[:, 1:].reshape(-1))
-        return sum(saved.values()) + 8 * batch * s * vocab
+        return saved_activation_bytes(model, vocab, s, batch, autocast=True)
 
     width = count_parameters("tiny", method, 8, sst_path=path, seq=s, vocab_size=vocab).extra_saved_width
 
