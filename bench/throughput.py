@@ -141,9 +141,9 @@ def side_by_side(results: list[dict]) -> list[dict]:
             rows.setdefault((r["engine"], r["method"]), {})[r["gpus"]] = r["tokens_per_s"]
     table = []
     for (engine, method), by_gpus in rows.items():
-        base = min(by_gpus)
-        table.append({"engine": engine, "method": method, "tokens_per_s": dict(sorted(by_gpus.items())),
-                      "efficiency": {n: t / (n / base * by_gpus[base]) for n, t in sorted(by_gpus.items()) if n != base}})
+        base, counts = min(by_gpus), sorted(by_gpus.items())
+        table.append({"engine": engine, "method": method, "tokens_per_s": dict(counts),
+                      "efficiency": {n: t / (n / base * by_gpus[base]) for n, t in counts if n != base}})
     return table
 
 
