@@ -34,6 +34,9 @@ class ModelConfig:
     seq_len: int = 128
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (any method)
+    # torch.compile each decoder block (every method and engine; the methods' own layers stay
+    # eager inside it: sst_dist.models.compile_blocks)
+    compile: bool = False
     # dense: the HF model built whole, then the method's surgery | meta: built on the meta device,
     # each module materialised on its device, SST layers directly as their factors (sst_dist.build)
     build: str = "dense"
@@ -297,6 +300,12 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("sst.init", recipe.sst.init, ("auto", "svd", "haar"))
     _choice("sst.frozen_dtype", recipe.sst.frozen_dtype, ("float32", "bfloat16"))
     _choice("model.build", recipe.model.build, ("dense", "meta"))
+    if recipe.model.compile and recipe.model.gradient_checkpointing and recipe.method != "full":
+        # a checkpointed block is traced as one graph, which the method's own layers (kept eager:
+        # sst_dist.models.compile_blocks) break, so torch.compile would leave every block eager
+        raise ConfigError(f"model.compile: with model.gradient_checkpointing, only method full compiles (the "
+                          f"{recipe.method} layers run eagerly and break a checkpointed block's graph); "
+                          "turn one of the two off")
     if recipe.model.build == "meta" and recipe.method in ("lora", "relora"):
         raise ConfigError(f"model.build: meta is not available for method {recipe.method}; "
                           "use model.build=dense (methods with meta: full, galore, sst, sst+galore)")

@@ -92,6 +92,30 @@ def enable_activation_checkpointing(model: OPTForCausalLM) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def compile_blocks(model: torch.nn.Module, eager_layers=()) -> int:
+    """model.compile: torch.compile of each decoder block, in place (nn.Module.compile: the module,
+    its parameters and state-dict names stay the same, so every engine's hooks, checkpoints and
+    the methods' writes through the seam are untouched). Returns the number of blocks compiled.
+
+    Per block rather than the whole model: blocks are what FSDP2 shards and what activation
+    checkpointing recomputes, so a block's compiled graph and the engines' per-block hooks line
+    up (FSDP2's and ZeRO-3's hooks are compiler-disabled and run eagerly between graphs); and the
+    blocks share one graph instead of the model's one long one.
+
+    `eager_layers` (the methods' own layers) run eagerly inside the compiled blocks: their
+    autograd functions keep Python state across calls (SST's W kept per step and keyed on tensor
+    versions, its gradient summed over micro-batches; GaLore's gradient probes), which a traced
+    graph would freeze at its first call."""
+    from sst_dist.engines.fsdp import decoder_blocks
+
+    for layer in eager_layers:
+        layer.forward = torch.compiler.disable(layer.forward, recursive=True)
+    blocks = decoder_blocks(model)
+    for block in blocks:
+        block.compile()
+    return len(blocks)
+
+
 def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
                 attn_implementation: str = "sdpa", init_from: str | None = None) -> OPTForCausalLM:
     model = OPTForCausalLM(opt_config(size, vocab_size, seq_len, attn_implementation))

@@ -22,7 +22,8 @@ from sst_dist.data import evaluate, lm_loss, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context
 from sst_dist.build import Materializer, build_on_meta
 from sst_dist.methods import Method, build_method, frozen_dtype
-from sst_dist.models import OPT_VOCAB, build_model, check_attn_implementation, enable_activation_checkpointing
+from sst_dist.models import (OPT_VOCAB, build_model, check_attn_implementation, compile_blocks,
+                             enable_activation_checkpointing)
 from sst_dist.rundir import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -101,6 +102,8 @@ def build_run(recipe: Recipe, engine_name: str, ctx, *, device, dtype, vocab_siz
                           micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config, ctx=ctx,
                           materialize=materialize)
     method.attach(engine.backend, recipe)
+    if recipe.model.compile:  # last: the blocks as the engine wraps them, hooks included
+        compile_blocks(engine.model, method.layers.values())
     return method, engine
 
 

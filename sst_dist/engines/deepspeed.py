@@ -32,13 +32,15 @@ def _resident_full(param) -> bool:
     return is_zero3(param) and param.data.numel() == param.ds_numel
 
 
-def _slot_mask(param, index, dim) -> torch.Tensor:
-    """A flat boolean mask over the full parameter: True where the state must be zeroed."""
-    mask = torch.zeros(param.ds_shape if is_zero3(param) else param.shape, dtype=torch.bool)
+def _slot_mask(param, index, dim, device) -> torch.Tensor:
+    """A flat boolean mask over the full parameter, on `device` (the state's): True where the state
+    must be zeroed. Made there and applied with masked_fill_: no host-to-device copy and no
+    host sync per parameter (a boolean-index assignment waits for the device's nonzero)."""
+    mask = torch.zeros(param.ds_shape if is_zero3(param) else param.shape, dtype=torch.bool, device=device)
     if index is None:
         mask.fill_(True)
     else:
-        mask.index_fill_(dim, index.cpu(), True)
+        mask.index_fill_(dim, index.to(device), True)
     return mask.flatten()
 
 
@@ -47,6 +49,7 @@ class DeepSpeedBackend(Backend):
         self.engine = engine
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self._device = device
+        self._linked = None  # the optimizer state relink_state_fragments last linked
 
     @property
     def compute_device(self):
@@ -71,7 +74,16 @@ class DeepSpeedBackend(Backend):
                 if _resident_full(param):
                     param.data.copy_(value.to(param.dtype))
                 return
-        if is_zero3(param):
+        local = internals.frozen_partition(param) if is_zero3(param) else None
+        if local is not None:
+            # every rank holds the whole value: each writes its own partition, with no gather and
+            # no broadcast (GatheredParameters' modifier path costs both, per parameter)
+            part, start = local
+            valid = max(0, min(part.numel(), param.ds_numel - start))
+            part.view(-1)[:valid].copy_(value.reshape(-1)[start:start + valid].to(part.dtype))
+            if _resident_full(param):
+                param.data.copy_(value.to(param.dtype))
+        elif is_zero3(param):
             with deepspeed.zero.GatheredParameters([param], modifier_rank=0):
                 if self.rank == 0:
                     param.data.copy_(value.to(param.dtype))
@@ -82,26 +94,37 @@ class DeepSpeedBackend(Backend):
     def reset_state(self, param, index=None, dim=0):
         if not param.requires_grad:
             return
-        mask = _slot_mask(param, index, dim)
         if is_zero3(param):
             numel, keys = internals.partition_numel_and_state_keys(param)
             start = internals.partition_rank(param) * numel
-            part = mask[start:start + numel]
-            part = torch.cat([part, part.new_zeros(numel - part.numel())])
+            part = None
             for key in RESET_KEYS:
                 if key in keys:  # this rank's slice of the state, zeroed in place
                     local = internals.partition(param, key)
-                    local[part.to(local.device)] = 0
+                    if part is None:
+                        part = _slot_mask(param, index, dim, local.device)[start:start + numel]
+                    local.view(-1)[:part.numel()].masked_fill_(part, 0)  # the padding past the end stays
             return
-        internals.relink_state_fragments(self.engine.optimizer)
+        self._relink()
         if internals.fragment(param) is None:  # this rank's partition holds no piece of the parameter
             return
         keys = internals.fragment_state_keys(param)
+        part = None
         for key in RESET_KEYS:
             if key in keys:
                 fragment, start = internals.fragment(param, key)
-                part = mask[start:start + internals.fragment_numel(param)]
-                fragment.view(-1)[part.to(fragment.device)] = 0
+                if part is None:
+                    part = _slot_mask(param, index, dim, fragment.device)[start:start + internals.fragment_numel(param)]
+                fragment.view(-1).masked_fill_(part, 0)
+
+    def _relink(self):
+        """ZeRO-1/2: relink_state_fragments when the optimizer's state changed since the last
+        time: it walks every parameter of every group, once per reset otherwise (a resample resets
+        every SST layer: quadratic in the layers)."""
+        signature = internals.state_signature(self.engine.optimizer)
+        if signature != self._linked:
+            internals.relink_state_fragments(self.engine.optimizer)
+            self._linked = signature
 
     def shards(self, param):
         if is_zero3(param):
@@ -121,7 +144,7 @@ class DeepSpeedBackend(Backend):
 
     def optimizer_state(self, param, key):
         if not is_zero3(param):
-            internals.relink_state_fragments(self.engine.optimizer)
+            self._relink()
         value = safe_get_full_optimizer_state(param, key)
         return None if value is None else value.detach().clone().reshape(self._shape(param))
 

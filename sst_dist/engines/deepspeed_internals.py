@@ -41,6 +41,14 @@ def is_zero3(param) -> bool:
 
 # ----------------------------------------------------------------------------- ZeRO-1/2
 
+def state_signature(zero_optimizer) -> tuple:
+    """What relink_state_fragments' views depend on: which flat partitions have Adam state, and
+    the storage of each state tensor (a checkpoint load replaces them)."""
+    state = zero_optimizer.optimizer.state
+    return tuple((id(flat), tuple(v.data_ptr() for v in state[flat].values() if torch.is_tensor(v)))
+                 for flat in state)
+
+
 def relink_state_fragments(zero_optimizer) -> None:
     """Points every parameter's `_hp_mapping` at its slice of the current Adam state.
 
@@ -89,6 +97,20 @@ def partition(param, key: str | None = None) -> torch.Tensor:
     tensor, _ = param._z3_optimizer._get_fp32_opt_state_partition(param, release_swap_buffers=False,
                                                                    optim_state_key=key)
     return tensor
+
+
+def frozen_partition(param) -> tuple[torch.Tensor, int] | None:
+    """ZeRO-3, a parameter outside the optimizer (SST's frozen U, Vh): this rank's partition
+    `ds_tensor` and where it starts in the flattened parameter, as ZeRO-3's own partitioning puts
+    it (partition size x rank in the parameter's group); None where the partition is not a plain
+    resident tensor (quantized non-trainable weights, an NVMe partition swapped out)."""
+    import deepspeed.comm as ds_dist
+    from deepspeed.runtime.zero.partition_parameters import PartitionedParamStatus
+
+    part = param.ds_tensor
+    if hasattr(part, "ds_quant_scale") or getattr(part, "status", None) != PartitionedParamStatus.AVAILABLE:
+        return None
+    return part, part.ds_numel * ds_dist.get_rank(group=param.ds_process_group)
 
 
 def partition_rank(param) -> int:
