@@ -346,9 +346,13 @@ def checks(results: list[dict]) -> list[str]:
 
     # Compared at one step: the last evaluation all the runs compared reached (an interrupted run
     # would otherwise be set against finished ones); each method's best variant at that step.
+    evals = {}  # method -> the eval-loss curve of each of its runs, each metrics file read once
+    for row in results:
+        evals.setdefault(row["method"], []).append(
+            {r["step"]: r["eval_loss"] for r in read_rows(row["_folder"], row["_steps"]) if "eval_loss" in r})
+
     def curves(method):
-        return [{r["step"]: r["eval_loss"] for r in read_rows(row["_folder"], row["_steps"]) if "eval_loss" in r}
-                for row in results if row["method"] == method]
+        return evals.get(method, [])
 
     def best_at(method_curves, step):
         values = [c[step] for c in method_curves if step in c]
