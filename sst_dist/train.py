@@ -19,7 +19,7 @@ from tqdm import tqdm
 from sst_dist import checkpoint, rundir
 from sst_dist.config import ConfigError, Recipe
 from sst_dist.data import evaluate, lm_loss, open_data, prepare
-from sst_dist.engines import build_engine, distributed_context
+from sst_dist.engines import build_engine, distributed_context, leave_distributed
 from sst_dist.build import Materializer, build_on_meta
 from sst_dist.methods import Method, build_method, frozen_dtype
 from sst_dist.models import (OPT_VOCAB, build_model, check_attn_implementation, compile_blocks,
@@ -167,9 +167,11 @@ class StopFlag:
 def main(run: Run) -> dict:
     lock = rundir.RunLock(run.output_dir)  # taken by rank 0 only, in _main
     try:
-        return _main(run, lock)
+        result = _main(run, lock)
     finally:
         lock.release()
+    leave_distributed()
+    return result
 
 
 def _main(run: Run, lock: rundir.RunLock) -> dict:

@@ -115,6 +115,14 @@ def distributed_context(engine: str, timeout_s: float | None = None) -> Distribu
                               int(os.environ.get("LOCAL_RANK", "0")), patient)
 
 
+def leave_distributed() -> None:
+    """Tears the process groups down after a finished run. Left to the interpreter's exit, gloo's
+    worker threads can abort a rank whose run succeeded ("terminate called without an active
+    exception", exit -6). Not after a failed collective: cli.run_cli skips the teardown there."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 # What gloo and the c10d store say when a peer does not answer in time, or went away
 _TIMED_OUT = re.compile(r"timed out|timeout", re.IGNORECASE)
 _LOST = ("Connection closed by peer", "Connection reset by peer", "Broken pipe")
