@@ -18,7 +18,9 @@ Columns:
              position table; L layers of width d, T = seq_len: PaLM's attention term, Chowdhery et
              al. 2022, App. B), the same for every method, so a method's MFU is its speed, not its work
   event s    per periodic event (SST resample / re-SVD, ReLoRA* reset, GaLore refresh): the event
-             step's time minus the median step's
+             step's time minus the median step's, averaged over the events after the first
+  1st s      the same for the first event after step 0, which also pays one-time costs; run
+             enough steps for 2+ events (steps > 2 x the period) to tell the two apart
   event %    that over the wall time of one period at the run's own period (SST: T3 steps), i.e.
              the share of a long run's wall time the events take
 """
@@ -127,8 +129,11 @@ def summarize(out: Path, skip: int, gpus: int, peak_tflops: float) -> dict | Non
         # multiples of the period; a record's step is 1 + the index of the step it ran before
         starts = [r["step"] - 1 for r in events]
         period = statistics.median(b - a for a, b in zip(starts, starts[1:])) if len(starts) > 1 else starts[0]
-        summary.update(event_s=statistics.mean(extra), event_period=period,
-                       event_share=statistics.mean(extra) / (period * step_s))
+        # the first event also pays what happens once (a group's first collective, a first
+        # allocation); a long run repeats the later ones, so those give the share when there are any
+        repeated = extra[1:] or extra
+        summary.update(event_s=statistics.mean(repeated), first_event_s=extra[0], event_period=period,
+                       event_share=statistics.mean(repeated) / (period * step_s))
     return summary
 
 
@@ -148,7 +153,7 @@ def side_by_side(results: list[dict]) -> list[dict]:
 
 
 HEADER = (f"{'engine':7} {'method':11} {'GPUs':>4} {'tokens/s':>10} {'x full':>6} {'MFU':>6} {'peak GiB':>8} "
-          f"{'x full':>6} {'events':>15} {'event s':>8} {'event %':>7} {'loss':>7}")
+          f"{'x full':>6} {'events':>15} {'1st s':>7} {'event s':>8} {'event %':>7} {'loss':>7}")
 
 
 def format_row(r: dict, full: dict) -> str:
@@ -157,9 +162,10 @@ def format_row(r: dict, full: dict) -> str:
     ratio_m = f"{mem / full['peak_mem_gib']:.3f}" if mem and full.get("peak_mem_gib") else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
     event_s = f"{r['event_s']:.2f}" if "event_s" in r else "-"
+    first = f"{r['first_event_s']:.2f}" if "first_event_s" in r else "-"
     share = f"{100 * r['event_share']:.2f}%" if "event_share" in r else "-"
     return (f"{r['engine']:7} {r['method']:11} {r['gpus']:4d} {tps or 0:10.0f} {ratio_t:>6} {mfu:>6} "
-            f"{mem or 0:8.2f} {ratio_m:>6} {r.get('events', '')[:15]:>15} {event_s:>8} {share:>7} "
+            f"{mem or 0:8.2f} {ratio_m:>6} {r.get('events', '')[:15]:>15} {first:>7} {event_s:>8} {share:>7} "
             f"{r.get('final_loss', 0):7.3f}")
 
 

@@ -2,6 +2,7 @@
 and the file names, not timings); the FLOPs and scaling arithmetic on their own."""
 
 import csv
+import json
 import subprocess
 import sys
 
@@ -32,9 +33,9 @@ def test_a_tiny_cpu_run_reports_mfu_events_and_safe_names(tmp_path):
         assert float(row["mfu"]) == pytest.approx(float(row["tokens_per_s"]) * flops / 989e12)
     # resamples before steps 3 and 6 (T3 = 3): the period is read back from the log
     assert sst["events"] == "resample" and int(sst["event_count"]) == 2 and float(sst["event_period"]) == 3
-    assert sst["event_share"] != "" and full["event_s"] == ""
+    assert sst["event_share"] != "" and sst["first_event_s"] != "" and full["event_s"] == ""
     header = next(line for line in proc.stdout.splitlines() if line.startswith("engine"))
-    for column in ("tokens/s", "MFU", "peak GiB", "event s", "event %"):
+    for column in ("tokens/s", "MFU", "peak GiB", "1st s", "event s", "event %"):
         assert column in header
 
 
@@ -58,3 +59,23 @@ def test_side_by_side_gives_per_gpu_efficiency_over_the_smallest_count():
 def test_run_names_have_no_commas_or_plus_signs():
     assert throughput.run_name("zero3", "sst+galore", 2) == "zero3-sst-galore-2gpu"
     assert throughput.safe_name("a,b+c d") == "a-b-c-d"
+
+
+def test_the_first_event_is_reported_apart_from_the_repeated_ones(tmp_path):
+    # steps of 1 s (1,000 tokens); resamples before steps 4, 8 and 12 (period 4) cost 5, 0.5 and
+    # 0.7 s more: the first also paid a one-time cost, which a long run does not repeat
+    extra = {5: 5.0, 9: 0.5, 13: 0.7}  # a record's step is 1 + the index of the step it ran before
+    rows = []
+    for step in range(1, 16):
+        seconds = 1.0 + extra.get(step, 0.0)
+        row = {"step": step, "tokens": 1000 * step, "tokens_per_s": 1000 / seconds, "elapsed_s": step, "loss": 5.0}
+        if step in extra:
+            row["event"] = "resample"
+        rows.append(row)
+    (tmp_path / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    (tmp_path / "recipe.json").write_text(json.dumps({"model": {"size": "tiny", "seq_len": 128}}))
+    summary = throughput.summarize(tmp_path, skip=1, gpus=1, peak_tflops=989.0)
+    assert summary["event_count"] == 3 and summary["event_period"] == 4
+    assert summary["first_event_s"] == pytest.approx(5.0)
+    assert summary["event_s"] == pytest.approx(0.6)
+    assert summary["event_share"] == pytest.approx(0.6 / 4)
