@@ -318,10 +318,9 @@ def main(argv=None) -> int:
     if args.worker:
         report = worker(json.loads(args.worker))
         Path(args.report).write_text(json.dumps(report))
-        import torch.distributed as dist
+        from sst_dist.engines import leave_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed()
         return 0
 
     from sst_dist.config import ConfigError

@@ -255,10 +255,9 @@ def main(argv=None) -> int:
     if args.worker:
         report = worker(json.loads(args.worker))
         print("REPORT " + json.dumps(report), flush=True)
-        import torch.distributed as dist
+        from sst_dist.engines import leave_distributed
 
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        leave_distributed()
         return 0
 
     cpu = args.device == "cpu"

@@ -15,7 +15,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from sst_dist.config import load_recipe  # noqa: E402
-from sst_dist.engines import build_engine, distributed_context  # noqa: E402
+from sst_dist.engines import build_engine, distributed_context, leave_distributed  # noqa: E402
 from sst_dist.methods import build_method  # noqa: E402
 from sst_dist.models import build_model  # noqa: E402
 from sst_dist.optim import RESET_KEYS  # noqa: E402
@@ -81,9 +81,7 @@ def main():
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{ctx.rank}.json").write_text(json.dumps(report))
     dist.barrier()
-    # gloo's threads torn down before the interpreter's exit, as fsdp_prune_check does: once, left
-    # running, one aborted the worker at exit ("terminate called without an active exception")
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 def local_changed_abs(param, key, elements):

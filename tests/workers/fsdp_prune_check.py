@@ -20,7 +20,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from sst_dist.config import load_recipe  # noqa: E402
-from sst_dist.engines import build_engine, distributed_context  # noqa: E402
+from sst_dist.engines import build_engine, distributed_context, leave_distributed  # noqa: E402
 from sst_dist.engines.fsdp import local_rows  # noqa: E402
 from sst_dist.methods import build_method  # noqa: E402
 from sst_dist.models import build_model  # noqa: E402
@@ -93,7 +93,7 @@ def main():
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{ctx.rank}.json").write_text(json.dumps(reports))
     dist.barrier()
-    dist.destroy_process_group()
+    leave_distributed()
 
 
 def layer_report(engine, layer, old_idx):
