@@ -48,14 +48,13 @@ def parse_fractions(text: str) -> list[float]:
 def measure(output_dir: Path, fractions: list[float], device: torch.device, step: int | None = None,
             eval_tokens: int | None = None, cache_dir: str | None = None) -> list[dict]:
     from sst_dist.data import open_data
-    from sst_dist.export import build_hf_model, dense_state_dict, engine_state_dict, read_checkpoint
+    from sst_dist.export import (build_hf_model, check_prunable, dense_state_dict, engine_state_dict,
+                                 read_checkpoint)
     from sst_dist.train import run_eval
 
     ckpt = read_checkpoint(output_dir, step)
+    check_prunable(ckpt)
     recipe = ckpt.recipe
-    if recipe.method not in ("sst", "sst+galore"):
-        raise ConfigError(f"--output-dir {output_dir}: trained with method {recipe.method}; only SST "
-                          "layers have singular values to prune")
     if eval_tokens is not None:
         recipe.eval.tokens = eval_tokens
     if cache_dir is not None:

@@ -291,6 +291,12 @@ class Exported:
         return self.pruning.factored_params(self.dense_params)
 
 
+def check_prunable(ckpt: RunCheckpoint) -> None:
+    if ckpt.recipe.method not in ("sst", "sst+galore"):
+        raise ConfigError(f"{ckpt.path}: trained with method {ckpt.recipe.method}; only SST layers have "
+                          "singular values to prune")
+
+
 def check_fraction(value: float | None) -> None:
     if value is not None and not (math.isfinite(value) and 0.0 < value <= 1.0):
         raise ConfigError(f"--keep-singular: {value!r} must be a fraction in (0, 1]")
@@ -301,9 +307,8 @@ def hf_model(output_dir: str | Path, step: int | None = None, keep_singular: flo
     """(OPTForCausalLM, RunCheckpoint, Pruning) of a run's checkpoint, in memory."""
     check_fraction(keep_singular)
     ckpt = ckpt or read_checkpoint(output_dir, step)
-    if keep_singular is not None and ckpt.recipe.method not in ("sst", "sst+galore"):
-        raise ConfigError(f"--keep-singular: the run trained with method {ckpt.recipe.method}; "
-                          "only SST layers have singular values to prune")
+    if keep_singular is not None:
+        check_prunable(ckpt)
     dense, pruning = dense_state_dict(engine_state_dict(ckpt), ckpt.recipe, keep_singular)
     return build_hf_model(ckpt, dense, dtype), ckpt, pruning
 
