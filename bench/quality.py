@@ -37,6 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from sst_dist.config import METHODS, ConfigError, flatten, load_recipe  # noqa: E402
+from size_recipe import size_recipe  # noqa: E402
 from sst_dist.plot import (RESET_EVENTS, eval_loss_panel, pyplot, read_rows, save,  # noqa: E402
                            train_loss_panel)
 
@@ -73,15 +74,6 @@ class RunSpec:
 def safe_name(text: str) -> str:
     """A file-name-safe form: `sst+galore` -> `sst-galore`, anything but [A-Za-z0-9._=-] -> `_`."""
     return re.sub(r"[^A-Za-z0-9._=-]", "_", text.replace("+", "-"))
-
-
-def recipe_path(size: str, method: str) -> Path:
-    prefix = "tiny" if size == "tiny" else f"opt-{size}"
-    path = ROOT / "recipes" / f"{prefix}-{method}.yaml"
-    if not path.is_file():
-        raise BenchError(f"--size {size}: no recipe {path.relative_to(ROOT)} for method {method}; "
-                         f"write one (e.g. from recipes/opt-125m-{method}.yaml) or drop {method} from --methods")
-    return path
 
 
 def split_method(item: str, flag: str) -> tuple[str | None, str]:
@@ -155,7 +147,10 @@ def plan(args) -> list[RunSpec]:
     base = common_overrides(args)
     specs, names = [], {}
     for method in methods:
-        recipe = recipe_path(args.size, method)
+        try:
+            recipe = size_recipe(args.size, method)
+        except ConfigError as err:
+            raise BenchError(f"{err} or drop {method} from --methods") from None
         mine = [(key, values) for m, key, values in sweeps if m in (None, method)]
         for combo in itertools.product(*[[(key, v) for v in values] for key, values in mine]):
             variant_sets = [f"{key}={value}" for key, value in combo]
@@ -326,11 +321,12 @@ def label(row: dict) -> str:
 
 def checks(results: list[dict]) -> list[str]:
     lines = []
+    runs = [(row, read_rows(row["_folder"], row["_steps"])) for row in results]  # each metrics file read once
     rises = []
-    for row in results:
+    for row, rows in runs:
         if row["method"] not in ("relora", "sst", "sst+galore"):
             continue
-        rise = reset_rise(read_rows(row["_folder"], row["_steps"]))
+        rise = reset_rise(rows)
         if rise is None:
             rises.append(f"{label(row)}: no reset with {RISE_BEFORE} steps before and "
                          f"{RISE_WINDOW} after it")
@@ -346,10 +342,9 @@ def checks(results: list[dict]) -> list[str]:
 
     # Compared at one step: the last evaluation all the runs compared reached (an interrupted run
     # would otherwise be set against finished ones); each method's best variant at that step.
-    evals = {}  # method -> the eval-loss curve of each of its runs, each metrics file read once
-    for row in results:
-        evals.setdefault(row["method"], []).append(
-            {r["step"]: r["eval_loss"] for r in read_rows(row["_folder"], row["_steps"]) if "eval_loss" in r})
+    evals = {}  # method -> the eval-loss curve of each of its runs
+    for row, rows in runs:
+        evals.setdefault(row["method"], []).append({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
 
     def curves(method):
         return evals.get(method, [])

@@ -34,19 +34,12 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from size_recipe import size_recipe  # noqa: E402
 from sst_dist.config import METHODS, ConfigError, load_recipe  # noqa: E402
 
 COLUMNS = ("method", "size", "gpus", "engine", "status", "steps", "init_s", "wall_s", "tokens_per_s",
            "peak_gib", "est_gib", "est_err_pct", "loss_first", "loss_last", "events", "note")
 OOM_MARKS = ("OutOfMemoryError", "CUDA out of memory", "out of memory")
-
-
-def recipe_path(method: str, size: str) -> Path:
-    name = f"tiny-{method}.yaml" if size == "tiny" else f"opt-{size}-{method}.yaml"
-    path = ROOT / "recipes" / name
-    if not path.is_file():
-        raise ConfigError(f"--size {size} --method {method}: no recipe {path.relative_to(ROOT)}")
-    return path
 
 
 def overrides(args, gpus: int) -> list[str]:
@@ -101,7 +94,7 @@ def summarise(metrics: list[dict], warmup: int) -> dict:
 
 
 def run_one(args, method: str, size: str, gpus: int) -> dict:
-    recipe_file = recipe_path(method, size)
+    recipe_file = size_recipe(size, method)
     recipe = load_recipe(recipe_file, overrides(args, gpus))
     out = Path(args.out) / f"{method}-{size}-{gpus}gpu"
     if out.exists():  # a fresh run, never a resume of an older one
@@ -206,7 +199,7 @@ def main(argv=None) -> int:
         if not sizes or None in sizes:
             raise ConfigError("give --size, or --search with --sizes")
         for size in sizes:
-            recipe_path(args.method, size)  # every recipe exists before the first run starts
+            size_recipe(size, args.method)  # every recipe exists before the first run starts
         rows = []
         for size in sizes:
             row = run_one(args, args.method, size, args.gpus)

@@ -41,6 +41,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from size_recipe import size_recipe  # noqa: E402
+from sst_dist.config import ConfigError  # noqa: E402
 from sst_dist.engines import free_port  # noqa: E402
 
 # an H200 (SXM) and an H100 SXM: dense BF16 tensor-core peak, 989 TFLOP/s (NVIDIA's data sheets
@@ -55,10 +57,6 @@ def safe_name(text: str) -> str:
 
 def run_name(engine: str, method: str, gpus: int) -> str:
     return safe_name(f"{engine}-{method}-{gpus}gpu")
-
-
-def recipe_path(size: str, method: str) -> str:
-    return f"recipes/tiny-{method}.yaml" if size == "tiny" else f"recipes/opt-{size}-{method}.yaml"
 
 
 def flops_per_token(size: str, seq_len: int) -> float:
@@ -187,13 +185,18 @@ def main(argv=None) -> int:
     extra = [x for kv in args.set for x in ("--set", kv)]
     gpu_counts = [int(n) for n in args.gpus.split(",")]
     methods = [m for m in args.methods.split(",") if m]
+    try:  # every recipe exists before the first run starts
+        recipes = {method: str(size_recipe(args.size, method).relative_to(ROOT)) for method in methods}
+    except ConfigError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     results = []
     for engine in args.engines.split(","):
         for gpus in gpu_counts:
             for method in methods:
                 run_dir = out / run_name(engine, method, gpus)
                 shutil.rmtree(run_dir, ignore_errors=True)
-                wall, code = launch(engine, gpus, recipe_path(args.size, method), run_dir, args.steps, extra)
+                wall, code = launch(engine, gpus, recipes[method], run_dir, args.steps, extra)
                 # a run that stopped early keeps its figures (up to where it stopped) and its exit code
                 summary = summarize(run_dir, args.skip, gpus, args.peak_tflops) or {}
                 results.append({"engine": engine, "method": method, "gpus": gpus, "wall_s": round(wall, 1),
