@@ -156,6 +156,9 @@ HEADER = (f"{'engine':7} {'method':11} {'GPUs':>4} {'tokens/s':>10} {'x full':>6
 
 def format_row(r: dict, full: dict) -> str:
     tps, mem = r.get("tokens_per_s"), r.get("peak_mem_gib")
+    if not tps:  # a run with no steady step has no figures: say so, not a row of zeros
+        return (f"{r['engine']:7} {r['method']:11} {r['gpus']:4d} failed (exit {r.get('exit')}): see "
+                f"{run_name(r['engine'], r['method'], r['gpus'])}.log")
     ratio_t = f"{tps / full['tokens_per_s']:.3f}" if tps and full.get("tokens_per_s") else "-"
     ratio_m = f"{mem / full['peak_mem_gib']:.3f}" if mem and full.get("peak_mem_gib") else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"

@@ -8,8 +8,10 @@
 # (DS_BUILD_OPS=0: the trainer steps torch's AdamW and uses none of them; other ops would JIT-compile on
 # the GPU node, which needs ninja and nvcc).
 # The pure-python and binary dependencies are downloaded for the node's Python, not this one's.
-# On the node:
-#   pip install --no-index --no-deps --target /tmp/site OUT_DIR/*.whl && export PYTHONPATH=/tmp/site
+# On the node, with the interpreter that has torch (pip writes its own interpreter into the
+# `deepspeed` launcher's first line; another one's fails with "No module named 'torch'"):
+#   python -m pip install --no-index --no-deps --target /tmp/site OUT_DIR/*.whl
+#   export PYTHONPATH=/tmp/site PATH=/tmp/site/bin:$PATH
 #   export TORCH_CUDA_ARCH_LIST=9.0   # on Hopper images that advertise "9.0a", which DeepSpeed cannot parse
 set -euo pipefail
 out=${1:-.whl}

@@ -418,9 +418,17 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
         transient = (4 + 2 + 2) * c.largest_target
     kept = c.kept_weight * 2
     persistent = weights + optimizer + kept
+    # The backward frees each block's saved activations (and, under the torch engine, the bf16
+    # weight copies autograd saved) as it makes that block's gradients: at its end only the first
+    # block's share is left beside every gradient (measured on one H200: full-rank OPT-6.7B peaks at
+    # weights + AdamW + gradients + 0.9 GiB, not + the whole forward's 14.9 GiB)
+    if engine == "torch":
+        left_at_backward_end = (gathered + activations) / _layers(size)
+    else:  # FSDP2's gathers are per block already
+        left_at_backward_end = gathered + activations / _layers(size)
     phases = (
-        activations + gathered + transient,  # the forward, and the backward (gradients not yet whole)
-        activations + gathered + transient + grads,  # the backward's end: every gradient made
+        activations + gathered + transient,  # the forward's end, the backward's start
+        grads + left_at_backward_end + transient,  # the backward's end: every gradient made
         grads,  # the optimizer step (torch's fused / foreach AdamW adds a little)
         # GaLoreLinear's refresh: its probe pass holds every targeted layer's full fp32 G, unsharded
         c.refresh_grad * 4 + activations + gathered,

@@ -313,3 +313,21 @@ def test_engine_estimate_counts_what_the_meta_build_allocates():
     assert ckpt["activations"] < f32["activations"] / 2 and ckpt["total"] < f32["total"]
     with pytest.raises(ValueError, match="--gpus"):
         estimate_engine("1.3b", "sst", engine="torch", gpus=2, **kw)
+
+
+# Peaks measured by bench/scale.py on one H200 (torch engine, micro-batch 1 x 2048, activation
+# checkpointing, 2026-11-30): the estimate must stay within the 10 % the scale runs are sized by.
+H200_PEAKS_GIB = [
+    # method, size, sst.path, frozen dtype, measured torch.cuda.max_memory_allocated
+    ("full", "6.7b", "dense", "float32", 100.082),
+    ("sst", "30b", "factored", "bfloat16", 97.825),
+]
+
+
+@pytest.mark.parametrize("method,size,path,frozen,measured", H200_PEAKS_GIB)
+def test_engine_estimate_matches_the_h200_measurements(method, size, path, frozen, measured):
+    from sst_dist.memory import GIB, estimate_engine
+
+    est = estimate_engine(size, method, 64, "torch", 1, 1, 2048, frozen_dtype=frozen, checkpointing=True,
+                          sst_path=path)
+    assert abs(est["total"] / GIB - measured) / measured < 0.10

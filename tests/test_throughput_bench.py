@@ -79,3 +79,11 @@ def test_the_first_event_is_reported_apart_from_the_repeated_ones(tmp_path):
     assert summary["first_event_s"] == pytest.approx(5.0)
     assert summary["event_s"] == pytest.approx(0.6)
     assert summary["event_share"] == pytest.approx(0.6 / 4)
+
+
+def test_a_failed_run_is_a_failed_row_not_zeros():
+    full = {"engine": "zero2", "method": "full", "gpus": 1, "tokens_per_s": 1000.0, "peak_mem_gib": 2.0}
+    failed = {"engine": "zero2", "method": "sst+galore", "gpus": 1, "exit": 1}
+    line = throughput.format_row(failed, full)
+    assert "failed (exit 1)" in line and "zero2-sst-galore-1gpu.log" in line and " 0 " not in line
+    assert "1.000" in throughput.format_row(full, full)
