@@ -14,6 +14,7 @@ import yaml
 from conftest import ROOT, quiet_env
 
 BENCH = ROOT / "bench" / "quality.py"
+sys.path.insert(0, str(BENCH.parent))  # its sibling size_recipe.py, as when it runs as a script
 METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 STEPS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -163,7 +164,7 @@ def test_a_failed_run_is_reported_with_its_log_and_the_exit_is_nonzero(tmp_path)
     (["--set", "optim.lr"], "error: --set 'optim.lr': expected [METHOD:]dotted.key=value"),
     (["--set", "adam:optim.lr=1"], "unknown method 'adam'"),
     (["--sweep", "optim.lr=1e-3,1e-3"], "a value is listed twice"),
-    (["--size", "350m"], "no recipe recipes/opt-350m-full.yaml"),
+    (["--size", "350m"], "no recipe recipes/opt-350m-lora.yaml"),
     (["--set", "sst:sst.steps_per_iteration=0"], "sst.steps_per_iteration: 0 must be > 0"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
