@@ -110,15 +110,16 @@ def run_one(args, method: str, size: str, gpus: int) -> dict:
     cmd = command(args, recipe_file, out, gpus)
     print(f"[{method} {size} x{gpus}] {' '.join(cmd)}", flush=True)
     t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=args.timeout)
-        code, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as err:
-        code, stdout, stderr = "timeout", err.stdout or "", err.stderr or ""
-        stdout, stderr = (s.decode() if isinstance(s, bytes) else s for s in (stdout, stderr))
+    # the run writes its own stdout.txt / stderr.txt as it goes: a run cut short, or a bench killed
+    # from outside, leaves what it printed up to then
+    with open(out / "stdout.txt", "w") as stdout_file, open(out / "stderr.txt", "w") as stderr_file:
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=stdout_file, stderr=stderr_file,
+                                  timeout=args.timeout).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
     row["wall_s"] = round(time.perf_counter() - t0, 1)
-    (out / "stdout.txt").write_text(stdout)
-    (out / "stderr.txt").write_text(stderr)
+    stderr = (out / "stderr.txt").read_text(errors="replace")
     metrics_file = out / "metrics.jsonl"
     metrics = [json.loads(line) for line in metrics_file.read_text().splitlines()] if metrics_file.exists() else []
     row.update(summarise(metrics, args.warmup))

@@ -1,8 +1,11 @@
 """bench/scale.py: real steps through launch/pretrain.py, on CPU at the tiny size; --search's stop."""
 
 import csv
+import os
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -25,6 +28,26 @@ def test_a_tiny_run_on_cpu_crosses_a_resample_and_reports(tmp_path):
     assert "| sst | tiny | 1 | torch | ok |" in (tmp_path / "scale.md").read_text()
     assert (tmp_path / "sst-tiny-1gpu" / "metrics.jsonl").is_file()
     assert "sst" in proc.stdout.splitlines()[-1]  # the table's row
+
+
+def test_a_bench_killed_from_outside_leaves_the_runs_output(tmp_path):
+    # the run writes stderr.txt as it goes, not after it returns: a bench killed mid-run (a job's
+    # time limit) still shows how far the run got and why
+    stderr_file = tmp_path / "sst-tiny-1gpu" / "stderr.txt"
+    bench = subprocess.Popen([sys.executable, "bench/scale.py", "--method", "sst", "--size", "tiny", "--device",
+                              "cpu", "--seq", "64", "--steps", "400", "--out", str(tmp_path)],
+                             cwd=ROOT, env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                             start_new_session=True)
+    try:
+        deadline = time.time() + 240
+        while "step/s" not in (stderr_file.read_text() if stderr_file.exists() else "") and time.time() < deadline:
+            assert bench.poll() is None, "the bench ended before the run made progress"
+            time.sleep(0.5)
+    finally:
+        os.killpg(bench.pid, signal.SIGKILL)  # the bench and its run, as a job scheduler would
+        bench.wait()
+    assert "step/s" in stderr_file.read_text()  # the trainer's progress bar, up to the kill
+    assert not (tmp_path / "scale.csv").exists()  # the bench itself never got to write its table
 
 
 def test_search_stops_at_the_first_size_that_does_not_fit(tmp_path, monkeypatch, capsys):
