@@ -73,6 +73,13 @@ def flops_per_token(size: str, seq_len: int) -> float:
     return 6.0 * n + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
+def write_csv(path: Path, results: list[dict]) -> None:
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=sorted({k for r in results for k in r}))
+        writer.writeheader()
+        writer.writerows(results)
+
+
 def launch(engine: str, gpus: int, recipe: str, out: Path, steps: int, extra: list[str]) -> tuple[float, int]:
     """Runs one job; (wall seconds, exit code)."""
     args = ["launch/pretrain.py", "--recipe", recipe, "--output-dir", str(out), "--max-steps", str(steps),
@@ -205,6 +212,7 @@ def main(argv=None) -> int:
                 results.append({"engine": engine, "method": method, "gpus": gpus, "wall_s": round(wall, 1),
                                 "exit": code, **summary})
                 print(f"  done {engine} {method} x{gpus}: {summary}", flush=True)
+                write_csv(out / "throughput.csv", results)  # after each run: a bench cut short keeps its rows
     print(f"\nOPT-{args.size}, {args.steps} steps, median tokens/s after {args.skip} steps (all GPUs); "
           f"MFU per GPU at {args.peak_tflops:g} TFLOP/s peak")
     print(HEADER)
@@ -219,10 +227,6 @@ def main(argv=None) -> int:
             cells = " ".join(f"{row['tokens_per_s'].get(n, 0):10.0f}" for n in counts)
             eff = " ".join(f"x{n}: {e:.3f}" for n, e in row["efficiency"].items())
             print(f"{row['engine']:7} {row['method']:11} {cells}  {eff}")
-    with open(out / "throughput.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=sorted({k for r in results for k in r}))
-        writer.writeheader()
-        writer.writerows(results)
     return 0 if all(r["exit"] == 0 and "tokens_per_s" in r for r in results) else 1
 
 

@@ -82,6 +82,9 @@ class GaLoreConfig:
     # peak lr of the projected weights: GaLore's published 0.01 (with scale 0.25, LLaMA 60M-1B on
     # C4); its update is scale x Adam-normalised, so this is 0.0025 in full-rank AdamW terms
     lr: float = 1e-2
+    # how a refresh finds the top-r singular vectors of G: svd (exact, as galore-torch) |
+    # randomized (a range finder: GEMMs instead of a full SVD) | auto (randomized from k = 4096 on)
+    projector: str = "auto"
 
 
 @dataclass
@@ -310,6 +313,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError(f"model.build: meta is not available for method {recipe.method}; "
                           "use model.build=dense (methods with meta: full, galore, sst, sst+galore)")
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
+    _choice("galore.projector", recipe.galore.projector, ("auto", "svd", "randomized"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))
     _choice("data.source", recipe.data.source, ("sample", "local", "openwebtext"))

@@ -166,8 +166,10 @@ class SSTPart(LowRankPart):
 class GaLorePart(Hooks):
     """GaLore layers: their B at the galore lr, refreshed from the step's own gradient."""
 
-    def __init__(self, layers: dict, schedule: Schedule, lr: float, weight_decay: float):
+    def __init__(self, layers: dict, schedule: Schedule, lr: float, weight_decay: float,
+                 projector: str = "svd"):
         self.layers, self.schedule, self.lr, self.weight_decay = layers, schedule, lr, weight_decay
+        self.projector = projector  # galore.projector
         self.backend = None
 
     def param_groups(self) -> list[dict]:
@@ -192,7 +194,7 @@ class GaLorePart(Hooks):
             raise ValueError(f"step {step}: a GaLore refresh is due; pass probe_pass")
         with GradientProbe(layers, step) as probe:
             probe_pass(probe)
-        refresh_galore_layers(layers, self.backend, probe.gradients)
+        refresh_galore_layers(layers, self.backend, probe.gradients, self.projector)
         return ["refresh"]
 
     def after_step(self, lrs: dict[str, float]) -> None:
@@ -266,7 +268,8 @@ def _relora(recipe: Recipe, model: nn.Module) -> Method:
 def _galore(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_galore(model, recipe.galore.rank or recipe.rank, recipe.targets, **_galore_kw(recipe))
     schedule = _schedule(recipe)
-    return Method("galore", schedule, [GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay)])
+    part = GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay, recipe.galore.projector)
+    return Method("galore", schedule, [part])
 
 
 def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
@@ -292,5 +295,5 @@ def _sst_galore(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
     # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
     layers = apply_galore_embedding(model, recipe.galore.rank or recipe.rank, **_galore_kw(recipe))
-    galore = GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay)
+    galore = GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay, recipe.galore.projector)
     return Method("sst+galore", schedule, [sst, galore])

@@ -16,6 +16,7 @@ from sst_dist.config import ConfigError, load_recipe
     ("model.size=7b", ["model.size", "1.3b"]),
     ("sst.path=fast", ["sst.path", "factored"]),
     ("sst.init=qr", ["sst.init", "auto", "haar"]),
+    ("galore.projector=lanczos", ["galore.projector", "svd", "randomized"]),
     ("sst.frozen_dtype=float16", ["sst.frozen_dtype", "bfloat16"]),
     ("model.build=lazy", ["model.build", "meta"]),
     ("checkpoint.save=maybe", ["checkpoint.save", "true or false"]),

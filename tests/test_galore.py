@@ -19,7 +19,8 @@ from torch import nn
 from sst_dist.engines.torch import TorchBackend
 from galore_reference import GaLoreAdamW
 from sst_dist.galore import (GaLoreLinear, GradientProbe, apply_galore, apply_weight_decay,
-                             orthogonal_projector, projection_side, refresh_galore_layers)
+                             orthogonal_projector, projection_side, projector_generator,
+                             randomized_projector, refresh_galore_layers, uses_randomized)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -363,6 +364,60 @@ def test_refresh_goes_through_the_backend():
         torch.testing.assert_close(backend.masters[layer.weight], W, rtol=0, atol=1e-12)
         torch.testing.assert_close(backend.masters[layer.proj], orthogonal_projector(G, 4, "left"))
         assert torch.count_nonzero(backend.masters[layer.B]) == 0
+
+
+def decaying_matrix(rows: int, cols: int, decay: float, seed: int = 0) -> torch.Tensor:
+    """U diag(i^-decay) Vᵀ with Haar U, V: a gradient-like spectrum, float64."""
+    g = torch.Generator().manual_seed(seed)
+    U = torch.linalg.qr(torch.randn(rows, min(rows, cols), generator=g, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(cols, min(rows, cols), generator=g, dtype=torch.float64)).Q
+    s = torch.arange(1, min(rows, cols) + 1, dtype=torch.float64) ** -decay
+    return (U * s) @ V.T
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+@pytest.mark.parametrize("shape", [(384, 160), (160, 384)])
+def test_randomized_projector_finds_the_top_subspace(side, shape):
+    G = decaying_matrix(*shape, decay=1.0)
+    P = randomized_projector(G.float(), 12, side, torch.Generator().manual_seed(3)).double()
+    exact = orthogonal_projector(G, 12, side).double()
+    assert P.shape == exact.shape
+    columns = (lambda M: M) if side == "left" else (lambda M: M.T)  # the vectors as columns
+    A = G if side == "left" else G.T
+    P, exact = columns(P), columns(exact)
+    assert (P.T @ P - torch.eye(12, dtype=torch.float64)).abs().max() < 1e-5  # orthonormal
+    # the same subspace: every principal angle's cosine near 1 (the 12th vector mixes a little
+    # with the 13th, 8 % apart in i^-1), and the same captured energy
+    assert torch.linalg.svdvals(P.T @ exact).min() > 0.99
+    assert (P.T @ A).norm() ** 2 / (exact.T @ A).norm() ** 2 > 0.9999
+    # a pure function of its generator's seed
+    again = randomized_projector(G.float(), 12, side, torch.Generator().manual_seed(3))
+    assert torch.equal(columns(again).double(), P)
+
+
+def test_projector_auto_is_randomized_from_opt_6_7b_on():
+    assert not uses_randomized("auto", (2048, 8192)) and uses_randomized("auto", (16384, 4096))
+    assert uses_randomized("randomized", (8, 8)) and not uses_randomized("svd", (20480, 5120))
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_randomized_refresh_leaves_the_function_unchanged(side):
+    model = mlp()
+    layers = galore_layers(model, side)
+    with torch.no_grad():
+        for layer in layers:
+            layer.B.normal_()
+            layer.proj.normal_()
+    x = torch.randn(9, 12, dtype=torch.float64)
+    before = model(x).detach()
+    grads = [torch.randn(l.out_features, l.in_features, dtype=torch.float64) for l in layers]
+    refresh_galore_layers(layers, TorchBackend(None), grads, "randomized")
+    assert rel_err(model(x).detach(), before) < 1e-10
+    for index, (layer, G) in enumerate(zip(layers, grads)):
+        # the sketch's seed is (layer, refresh): a resumed run draws the same projector
+        expected = randomized_projector(G, layer.rank, layer.side, projector_generator(index, 0, "cpu"))
+        assert torch.equal(layer.proj.detach(), expected)
+        assert layer.refreshes == 1 and torch.count_nonzero(layer.B) == 0
 
 
 # ----------------------------------------------------------------------------- model level
