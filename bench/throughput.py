@@ -129,6 +129,9 @@ def summarize(out: Path, skip: int, gpus: int, peak_tflops: float) -> dict | Non
         "final_loss": rows[-1]["loss"],
     }
     if events:
+        # where the last event step's time went, phase by phase (the trainer's event_phases_s)
+        if "event_phases_s" in events[-1]:
+            summary["event_phases_s"] = json.dumps(events[-1]["event_phases_s"])
         extra = [tokens_per_step / r["tokens_per_s"] - step_s for r in events]
         # the period between events: their spacing, or (one event) its step, since events fall on
         # multiples of the period; a record's step is 1 + the index of the step it ran before

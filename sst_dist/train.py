@@ -152,6 +152,40 @@ def train_step(engine, method: Method, step: int, chunks, mark: Callable[[str], 
     return StepResult(event, lrs, loss_sum / len(chunks), grad_norm)
 
 
+class PhaseClock:
+    """The seconds of each phase of a step (train_step's `mark`), for the steps with periodic work:
+    the metrics' `event_phases_s` say where a resample's or refresh's extra time goes. On a GPU
+    from CUDA events recorded at each phase's end, read only on an event step, so ordinary steps
+    wait on nothing; on a CPU from the host clock. A phase run several times (one forward per
+    micro-batch) is summed."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.marks: list[tuple[str, object]] = []
+
+    def _now(self):
+        if not self.cuda:
+            return time.perf_counter()
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+
+    def start(self) -> None:
+        self.marks = [("start", self._now())]
+
+    def __call__(self, phase: str) -> None:
+        self.marks.append((phase, self._now()))
+
+    def seconds(self) -> dict[str, float]:
+        if self.cuda:
+            self.marks[-1][1].synchronize()
+        phases: dict[str, float] = {}
+        for (_, begin), (phase, end) in zip(self.marks, self.marks[1:]):
+            elapsed = begin.elapsed_time(end) / 1e3 if self.cuda else end - begin
+            phases[phase] = phases.get(phase, 0.0) + elapsed
+        return {phase: round(value, 4) for phase, value in phases.items()}
+
+
 class StopFlag:
     """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step."""
 
@@ -237,9 +271,11 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     last_saved = state["step"]
     last_good = resume_from  # the newest checkpoint, named if the run diverges
     step = state["step"]
+    clock = PhaseClock(device)
     while step < max_steps:
         t0 = time.perf_counter()
-        result = train_step(engine, method, step, data.next_batch().to(device).split(micro))
+        clock.start()
+        result = train_step(engine, method, step, data.next_batch().to(device).split(micro), clock)
         event, lrs, grad_norm = result.event, result.lrs, result.grad_norm
         loss_value = ctx.mean(result.loss)
         # every rank sees the same all-reduced loss and global norm, so all stop at the same step
@@ -255,6 +291,7 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
                   "tokens_per_s": round(tokens_per_step / elapsed, 1)}
         if event:
             record["event"] = event
+            record["event_phases_s"] = clock.seconds()
         if init_s is not None:  # this process's first step: how long the build took
             record["init_s"], init_s = round(init_s, 2), None
         if device.type == "cuda":  # the largest over the ranks

@@ -48,6 +48,16 @@ def test_metrics_fields_and_events(tmp_path):
     assert [m["step"] for m in metrics if "eval_loss" in m] == [10, 20, 21]
     events = {m["step"]: m["event"] for m in metrics if "event" in m}
     assert events == {6: "resample", 11: "resample", 16: "resample", 21: "resvd"}
+    # an event step says where its time went; an ordinary step carries nothing extra
+    for m in metrics:
+        phases = m.get("event_phases_s")
+        assert (phases is not None) == ("event" in m)
+        if phases is not None:
+            assert list(phases) == ["before_step", "forward", "backward", "step", "after_step"]
+            assert all(seconds >= 0 for seconds in phases.values())
+            assert phases["before_step"] > 0 and phases["forward"] > 0  # a resample and a forward ran
+            elapsed = 8 * 128 / m["tokens_per_s"]
+            assert sum(phases.values()) <= elapsed * 1.05 + 1e-3
 
 
 def test_resume_continues_exactly_and_appends(tmp_path, single_process_curves):
