@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import os
 import re
 import shutil
 import statistics
@@ -80,6 +81,16 @@ def write_csv(path: Path, results: list[dict]) -> None:
         writer.writerows(results)
 
 
+def deepspeed_gpus(gpus: int, env) -> list[str]:
+    """The deepspeed launcher's GPU arguments. Given --num_gpus, it ignores CUDA_VISIBLE_DEVICES
+    and takes GPUs 0..N-1, so a bench pointed at other GPUs would share GPU 0 with whatever runs
+    there; the first `gpus` visible ones are named with --include instead."""
+    visible = [d.strip() for d in env.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip()]
+    if len(visible) < gpus:
+        return ["--num_gpus", str(gpus)]
+    return ["--include", "localhost:" + ",".join(visible[:gpus])]
+
+
 def launch(engine: str, gpus: int, recipe: str, out: Path, steps: int, extra: list[str]) -> tuple[float, int]:
     """Runs one job; (wall seconds, exit code)."""
     args = ["launch/pretrain.py", "--recipe", recipe, "--output-dir", str(out), "--max-steps", str(steps),
@@ -89,7 +100,7 @@ def launch(engine: str, gpus: int, recipe: str, out: Path, steps: int, extra: li
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus),
                "--master_port", str(free_port()), *args, "--engine", "fsdp"]
     else:
-        cmd = ["deepspeed", "--num_gpus", str(gpus), "--master_port", str(free_port()), *args,
+        cmd = ["deepspeed", *deepspeed_gpus(gpus, os.environ), "--master_port", str(free_port()), *args,
                "--ds-config", f"ds_configs/{engine}.json"]
     log_path = out.parent / f"{out.name}.log"
     t0 = time.time()

@@ -87,3 +87,11 @@ def test_a_failed_run_is_a_failed_row_not_zeros():
     line = throughput.format_row(failed, full)
     assert "failed (exit 1)" in line and "zero2-sst-galore-1gpu.log" in line and " 0 " not in line
     assert "1.000" in throughput.format_row(full, full)
+
+
+def test_deepspeed_runs_on_the_visible_gpus():
+    # deepspeed --num_gpus N takes GPUs 0..N-1 whatever CUDA_VISIBLE_DEVICES says
+    assert throughput.deepspeed_gpus(1, {"CUDA_VISIBLE_DEVICES": "1"}) == ["--include", "localhost:1"]
+    assert throughput.deepspeed_gpus(2, {"CUDA_VISIBLE_DEVICES": "2, 3,4"}) == ["--include", "localhost:2,3"]
+    assert throughput.deepspeed_gpus(2, {"CUDA_VISIBLE_DEVICES": "0"}) == ["--num_gpus", "2"]  # too few named
+    assert throughput.deepspeed_gpus(2, {}) == ["--num_gpus", "2"]  # a CPU machine: gloo ranks
