@@ -19,7 +19,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sst_dist.galore import orthogonal_projector, projection_side, randomized_projector  # noqa: E402
+from sst_dist.galore import orthogonal_projector, project, projection_side, randomized_projector  # noqa: E402
 from sst_dist.models import OPT_SIZES  # noqa: E402
 
 
@@ -43,8 +43,7 @@ def timed(fn, device) -> tuple[float, torch.Tensor]:
 
 
 def captured(G: torch.Tensor, P: torch.Tensor, side: str) -> float:
-    low = P.T @ G if side == "left" else G @ P.T
-    return float(low.norm() ** 2 / G.norm() ** 2)
+    return float(project(G, P, side).norm() ** 2 / G.norm() ** 2)
 
 
 def main(argv=None) -> int:

@@ -500,13 +500,13 @@ def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
             continue
         owner = backend.owner(index)
         grad = backend.reduce_sum_to(grad.detach().to(backend_device), owner)
-        if backend.rank == owner and uses_randomized(projector, grad.shape):
+        if backend.rank != owner:  # a receive buffer for the broadcast below
+            projectors[index] = grad.new_empty(layer.proj_shape)
+        elif uses_randomized(projector, grad.shape):
             generator = projector_generator(index, layer.refreshes, grad.device)
             projectors[index] = randomized_projector(grad, layer.rank, layer.side, generator)
-        elif backend.rank == owner:
+        else:
             projectors[index] = orthogonal_projector(grad, layer.rank, layer.side)
-        else:  # a receive buffer for the broadcast below
-            projectors[index] = grad.new_empty(layer.proj_shape)
     for index, layer in enumerate(layers):
         if index not in projectors:
             continue

@@ -166,8 +166,7 @@ class SSTPart(LowRankPart):
 class GaLorePart(Hooks):
     """GaLore layers: their B at the galore lr, refreshed from the step's own gradient."""
 
-    def __init__(self, layers: dict, schedule: Schedule, lr: float, weight_decay: float,
-                 projector: str = "svd"):
+    def __init__(self, layers: dict, schedule: Schedule, lr: float, weight_decay: float, projector: str):
         self.layers, self.schedule, self.lr, self.weight_decay = layers, schedule, lr, weight_decay
         self.projector = projector  # galore.projector
         self.backend = None
