@@ -17,7 +17,7 @@ import yaml
 
 METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-SST_PATHS = ("dense", "materialized", "factored")  # how an SSTLinear computes (SSTConfig.path)
+SST_PATHS = ("dense", "materialized", "factored", "functional")  # how an SSTLinear computes (SSTConfig.path)
 WANDB_MODES = ("offline", "online", "disabled")
 # Environment settings that fill a recipe key the recipe (file or --set) leaves unset, so that a
 # cluster script's `export WANDB_MODE=offline` takes effect; a value written in the recipe wins.
@@ -35,7 +35,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (any method)
     # torch.compile each decoder block (every method and engine; the methods' own layers stay
-    # eager inside it: sst_dist.models.compile_blocks)
+    # eager inside it, but SST's with sst.path=functional: sst_dist.models.compile_blocks)
     compile: bool = False
     # dense: the HF model built whole, then the method's surgery | meta: built on the meta device,
     # each module materialised on its device, SST layers directly as their factors (sst_dist.build)
@@ -54,6 +54,8 @@ class SSTConfig:
     reset_s_state: bool = False  # also zero the Adam state of s at each resample
     # dense: form W per forward and backward | materialized: W once per step, kept, and G summed
     # over micro-batches (+1 W, +1 fp32 G per layer; docs/design.md §4) | factored: x -> Vh -> s -> U
+    # | functional: dense's formulas as a pure function, W kept by autograd for the backward (+1 W
+    # per layer), which model.compile traces into the block's graph (the others stay eager there)
     path: str = "dense"
     # the initial factors: svd (of the layer's W0) | haar (drawn directly, W0 := U diag(s) Vh) |
     # auto (haar from k = 4096 on); sst_dist.spectral_init
@@ -303,12 +305,13 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("sst.init", recipe.sst.init, ("auto", "svd", "haar"))
     _choice("sst.frozen_dtype", recipe.sst.frozen_dtype, ("float32", "bfloat16"))
     _choice("model.build", recipe.model.build, ("dense", "meta"))
-    if recipe.model.compile and recipe.model.gradient_checkpointing and recipe.method != "full":
+    traced = recipe.method == "full" or (recipe.method == "sst" and recipe.sst.path == "functional")
+    if recipe.model.compile and recipe.model.gradient_checkpointing and not traced:
         # a checkpointed block is traced as one graph, which the method's own layers (kept eager:
         # sst_dist.models.compile_blocks) break, so torch.compile would leave every block eager
-        raise ConfigError(f"model.compile: with model.gradient_checkpointing, only method full compiles (the "
-                          f"{recipe.method} layers run eagerly and break a checkpointed block's graph); "
-                          "turn one of the two off")
+        raise ConfigError(f"model.compile: with model.gradient_checkpointing, only method full and method sst"
+                          f" with sst.path=functional compile (the {recipe.method} layers run eagerly and"
+                          " break a checkpointed block's graph); turn one of the two off")
     if recipe.model.build == "meta" and recipe.method in ("lora", "relora"):
         raise ConfigError(f"model.build: meta is not available for method {recipe.method}; "
                           "use model.build=dense (methods with meta: full, galore, sst, sst+galore)")

@@ -97,7 +97,9 @@ class ParamCounts:
     # input (LoRA x·Aᵀ: r; factored SST x·Vhᵀ: k; GaLoreLinear with a right projector x·Qᵀ: r)
     extra_saved_width: int
     refresh_grad: int  # GaLoreLinear: elements of the full gradients its refresh probe holds
-    kept_weight: int = 0  # SST materialized: elements of every layer's W (kept) and G (summed)
+    # SST materialized: elements of every layer's W (kept) and G (summed); functional: its W, which
+    # autograd keeps from the forward to the backward
+    kept_weight: int = 0
     sst_frozen: int = 0  # SST's U and Vh (their storage is sst.frozen_dtype)
     block: int = 0  # parameters of one decoder block (an FSDP unit), and of them trainable
     block_trainable: int = 0
@@ -153,7 +155,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
         sst_frozen = sum(layer.U.numel() + layer.Vh.numel() for layer in made)
         if sst_path == "factored":
             extra_width += sum(layer.k for layer in made)
-        if sst_path == "materialized":
+        if sst_path in ("materialized", "functional"):  # functional: autograd keeps W to the backward
             kept_weight = sum(layer.out_features * layer.in_features for layer in made)
     if method == "galore" and galore_form == "layer":
         from sst_dist.galore import GaLoreLinear
@@ -304,7 +306,7 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
     weights = shard(counts.total * wb, 3) + counts.buffer_bytes + kept
     grads = shard(counts.trainable * wb, 2)
     # SST materialized: with accumulation, G summed in float32 through the step's micro-batches
-    grads += counts.kept_weight * 4 if grad_accum > 1 else 0
+    grads += counts.kept_weight * 4 if grad_accum > 1 and sst_path == "materialized" else 0
     # GaLoreLinear's refresh probe (galore.GradientProbe) runs its own backward and holds every
     # targeted layer's full gradient G, unsharded, until the new projectors are taken from them;
     # in float32 at least (GaLoreLinear.new_probe), so G sums without bf16 rounding
@@ -414,7 +416,7 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
         gathered += 6 * c.block_trainable
     # SST's dense path forms one layer's W (bf16) from an fp32 U·diag(s), and in the backward its G
     transient = 0
-    if method in ("sst", "sst+galore") and sst_path == "dense":
+    if method in ("sst", "sst+galore") and sst_path in ("dense", "functional"):
         transient = (4 + 2 + 2) * c.largest_target
     kept = c.kept_weight * 2
     persistent = weights + optimizer + kept

@@ -92,7 +92,7 @@ def enable_activation_checkpointing(model: OPTForCausalLM) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
-def compile_blocks(model: torch.nn.Module, eager_layers=()) -> int:
+def compile_blocks(model: torch.nn.Module, method_layers=()) -> int:
     """model.compile: torch.compile of each decoder block, in place (nn.Module.compile: the module,
     its parameters and state-dict names stay the same, so every engine's hooks, checkpoints and
     the methods' writes through the seam are untouched). Returns the number of blocks compiled.
@@ -102,14 +102,16 @@ def compile_blocks(model: torch.nn.Module, eager_layers=()) -> int:
     up (FSDP2's and ZeRO-3's hooks are compiler-disabled and run eagerly between graphs); and the
     blocks share one graph instead of the model's one long one.
 
-    `eager_layers` (the methods' own layers) run eagerly inside the compiled blocks: their
-    autograd functions keep Python state across calls (SST's W kept per step and keyed on tensor
-    versions, its gradient summed over micro-batches; GaLore's gradient probes), which a traced
-    graph would freeze at its first call."""
+    `method_layers` (the methods' own layers) run eagerly inside the compiled blocks unless they
+    say they are `traceable`: their autograd functions keep Python state across calls (SST's W kept
+    per step and keyed on tensor versions, its gradient summed over micro-batches; GaLore's
+    gradient probes), which a traced graph would freeze at its first call. SST's functional path
+    is a pure function and is traced with its block."""
     from sst_dist.engines.fsdp import decoder_blocks
 
-    for layer in eager_layers:
-        layer.forward = torch.compiler.disable(layer.forward, recursive=True)
+    for layer in method_layers:
+        if not getattr(layer, "traceable", False):
+            layer.forward = torch.compiler.disable(layer.forward, recursive=True)
     blocks = decoder_blocks(model)
     for block in blocks:
         block.compile()

@@ -191,22 +191,61 @@ class _SSTMatmul(torch.autograd.Function):
             layer.gradient_sum = None
         else:
             G = g2.T @ x2  # (out, in): the dense weight gradient
-        # U and Vh hold the trained active vectors (an engine may have gathered them anew since
-        # the forward), so one k-deep product on the smaller side gives every σ_i's gradient
-        # u_iᵀ G v_i and, at the active indices, one of the two vector gradients
+        # U and Vh hold the trained active vectors again (an engine may have gathered them anew
+        # since the forward)
         sync_active(U, Vh, u_active, vh_active, idx)
-        idx = idx.to(G.device)
-        if U.shape[0] >= Vh.shape[1]:
-            P = U.T @ G  # (k, in): row i is Gᵀ u_i
-            grad_s = (P * Vh).sum(1)
-            grad_vh = P[idx]
-            grad_u = G @ vh_active.T  # (out, r): column i is G v_i
-        else:
-            Q = G @ Vh.T  # (out, k): column i is G v_i
-            grad_s = (U * Q).sum(0)
-            grad_u = Q[:, idx]
-            grad_vh = u_active.T @ G  # (r, in): row i is Gᵀ u_i
-        return grad_x, None, None, layer.pack(grad_s, grad_u, grad_vh), None, grad_bias, None, None
+        grads = factor_gradients(G, U, Vh, u_active, vh_active, idx.to(G.device))
+        return grad_x, None, None, layer.pack(*grads), None, grad_bias, None, None
+
+
+def factor_gradients(G, U, Vh, u_active, vh_active, idx):
+    """SST's gradients from the dense weight gradient G (out, in), given the effective factors
+    (U, Vh with the trained active vectors in): every σ_i's u_iᵀ G v_i and, at the active indices,
+    G v_i and Gᵀ u_i. One k-deep product on the smaller side gives σ's gradient and one of the two
+    vector gradients. Returns (grad_s (k,), grad_u (out, r), grad_vh (r, in))."""
+    if U.shape[0] >= Vh.shape[1]:
+        P = U.T @ G  # (k, in): row i is Gᵀ u_i
+        return (P * Vh).sum(1), G @ vh_active.T, P[idx]  # G @ vh_activeᵀ: column i is G v_i
+    Q = G @ Vh.T  # (out, k): column i is G v_i
+    return (U * Q).sum(0), Q[:, idx], u_active.T @ G  # u_activeᵀ G: row i is Gᵀ u_i
+
+
+class _SpectralWeight(torch.autograd.Function):
+    """The "functional" path's W = U_eff diag(s) Vh_eff, with SST's enhanced gradient
+    (factor_gradients of the dense gradient autograd brings back to W).
+
+    A pure function of its tensors: no layer state, and U, Vh are copied with the active vectors
+    in rather than synced in place, so torch.compile traces it, and the F.linear after it, into
+    the graph of the block it sits in (model.compile), where the other paths stay eager. `dtype`:
+    what W is formed in (the autocast dtype, or the trainables' own); `shape`: (out, rank, in).
+    """
+
+    @staticmethod
+    def forward(ctx, U, Vh, spectral, idx, dtype, shape):
+        ctx.save_for_backward(U, Vh, spectral, idx)
+        ctx.shape = shape
+        U, Vh, s, _, _ = _effective_factors(U, Vh, spectral, idx, shape, dtype)
+        return dense_from_factors(U, s, Vh)
+
+    @staticmethod
+    def backward(ctx, G):
+        U, Vh, spectral, idx = ctx.saved_tensors
+        U, Vh, _, u_active, vh_active = _effective_factors(U, Vh, spectral, idx, ctx.shape, G.dtype)
+        grads = factor_gradients(G, U, Vh, u_active, vh_active, idx)
+        return None, None, torch.cat([g.reshape(-1).to(spectral.dtype) for g in grads]), None, None, None
+
+
+def _effective_factors(U, Vh, spectral, idx, shape, dtype):
+    """(U_eff, Vh_eff, s, u_active, vh_active) in `dtype`, out of place: copies of U and Vh with
+    the active vectors of the packed `spectral` (SSTLinear's layout) at `idx`."""
+    out, rank, inp = shape
+    k, u = min(out, inp), out * rank
+    spectral = spectral.to(dtype)
+    s, u_active, vh_active = spectral[:k], spectral[k:k + u].view(out, rank), \
+        spectral[k + u:k + u + rank * inp].view(rank, inp)
+    U = U.to(dtype).index_copy(1, idx, u_active)
+    Vh = Vh.to(dtype).index_copy(0, idx, vh_active)
+    return U, Vh, s, u_active, vh_active
 
 
 # ----------------------------------------------------------------------------- the layer
@@ -226,7 +265,10 @@ class SSTLinear(nn.Module):
     How it computes (`path`, docs/design.md §4): "dense" forms W in each forward and again in the
     backward, holding nothing extra; "materialized" forms W once per optimizer step and keeps it
     (one W per layer), and sums G over the step's micro-batches (one float32 G per layer while
-    `holds_gradient`), so the factor gradients are taken once per step; "factored" never forms W.
+    `holds_gradient`), so the factor gradients are taken once per step; "factored" never forms W;
+    "functional" forms W in each forward with a pure function (no state, no in-place sync), which
+    autograd keeps for the backward as it keeps nn.Linear's weight (+1 W per layer until then), so
+    that torch.compile traces the layer with its block (model.compile).
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
@@ -319,7 +361,18 @@ class SSTLinear(nn.Module):
         self.u_active.copy_(U[:, idx.to(U.device)])
         self.vh_active.copy_(Vh[idx.to(Vh.device)])
 
+    @property
+    def traceable(self) -> bool:
+        """Whether torch.compile can trace this layer into its block's graph (sst_dist.models.compile_blocks)."""
+        return self.path == "functional"
+
     def forward(self, x):
+        if self.path == "functional":
+            device = x.device.type
+            dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.spectral.dtype
+            weight = _SpectralWeight.apply(self.U, self.Vh, self.spectral, self.active_indices, dtype,
+                                           (self.out_features, self.rank, self.in_features))
+            return F.linear(x, weight, self.bias)
         return _SSTMatmul.apply(x, self.U, self.Vh, self.spectral, self.active_indices, self.bias,
                                 self.path, self)
 

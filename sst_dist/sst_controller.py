@@ -158,8 +158,9 @@ class SSTController:
     def resample(self, iteration: int):
         """Start of an iteration: write back, draw, load, reset the moments of changed slots."""
         read = self.backend.read
-        for index, layer in enumerate(self.layers):
-            s, u_active, vh_active = layer.split(read(layer.spectral))
+        trainables = self.backend.read_many([layer.spectral for layer in self.layers])
+        for index, (layer, packed) in enumerate(zip(self.layers, trainables)):
+            s, u_active, vh_active = layer.split(packed)
             U, Vh, new_idx, slots = resampled(
                 read(layer.U), read(layer.Vh), s, u_active, vh_active, layer.active_indices,
                 layer_generator(self.seed, index, iteration), self.uniform_mix)
@@ -170,8 +171,9 @@ class SSTController:
         """Start of a round: a fresh SVD per layer on its owner rank, then a full redraw."""
         backend = self.backend
         results = {}
-        for index, layer in enumerate(self.layers):
-            tensors = [backend.read(layer.U), backend.read(layer.Vh), *layer.split(backend.read(layer.spectral))]
+        trainables = backend.read_many([layer.spectral for layer in self.layers])
+        for index, (layer, packed) in enumerate(zip(self.layers, trainables)):
+            tensors = [backend.read(layer.U), backend.read(layer.Vh), *layer.split(packed)]
             if backend.owner(index) == backend.rank:
                 dev = backend.compute_device
                 results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))

@@ -42,7 +42,7 @@ def gradients(method: str, checkpointing: bool, *overrides: str):
     return grads, projectors
 
 
-CASES = [(m, ()) for m in METHODS] + [("sst", ("sst.path=materialized",)), ("sst", ("sst.path=factored",))]
+CASES = [(m, ()) for m in METHODS] + [("sst", (f"sst.path={path}",)) for path in ("materialized", "factored", "functional")]
 
 
 @pytest.mark.parametrize("method,overrides", CASES, ids=[f"{m}{'-' + o[0].split('=')[1] if o else ''}"

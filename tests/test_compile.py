@@ -14,7 +14,7 @@ STEPS = 6
 VOCAB = 512
 
 
-def _losses(method: str, compile: bool, *sets) -> list[float]:
+def _losses(method: str, compile: bool, *sets, breaks: dict | None = None) -> list[float]:
     torch._dynamo.reset()  # each run compiles afresh: no graph of another run's model is reused
     counters.clear()
     # an event every other step: SST resamples (and re-SVDs), ReLoRA* resets, GaLore refreshes
@@ -30,6 +30,8 @@ def _losses(method: str, compile: bool, *sets) -> list[float]:
         out.append(float(train_step(engine, built, step, chunks).loss))
     if compile:  # the blocks did go through the compiler (else the comparison proves nothing)
         assert counters["stats"]["unique_graphs"] >= 1
+    if breaks is not None:
+        breaks.update(counters["graph_break"])
     return out
 
 
@@ -57,3 +59,24 @@ def test_compile_with_checkpointing_is_refused_where_it_would_compile_nothing():
 def test_compile_with_the_materialized_path_and_accumulation():
     eager, compiled = _losses("sst", False, "sst.path=materialized"), _losses("sst", True, "sst.path=materialized")
     assert compiled == pytest.approx(eager, rel=1e-10, abs=0)
+
+
+@pytest.mark.parametrize("sets", [(), ("model.gradient_checkpointing=true",)])
+def test_the_functional_sst_path_compiles_whole_blocks(sets):
+    """sst.path=functional is traced with its block: no graph break, and the losses of the eager
+    dense path (its gradients are the same formulas), through resamples and re-SVDs."""
+    breaks = {}
+    compiled = _losses("sst", True, "sst.path=functional", *sets, breaks=breaks)
+    assert breaks == {}
+    eager_dense = _losses("sst", False, *sets)
+    assert compiled == pytest.approx(eager_dense, rel=1e-10, abs=0)
+    dense_breaks = {}
+    _losses("sst", True, *sets[:0], breaks=dense_breaks)
+    assert dense_breaks  # the other paths stay eager: the check above can see a break
+
+
+def test_the_blocks_share_one_graph():
+    """Every decoder block runs one compiled graph: nothing per block (the KV cache's state was)
+    makes dynamo recompile, which past its recompile limit (8) would leave the other blocks eager."""
+    _losses("full", True)
+    assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1

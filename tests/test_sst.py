@@ -11,7 +11,7 @@ from sst_dist.optim import RESET_KEYS, AdamW
 from sst_dist.sst import SSTLinear, assign_slots, layer_generator, sample_active, sampling_probabilities
 from sst_dist.sst_controller import SSTController
 
-PATHS = ("dense", "materialized", "factored")
+from sst_dist.config import SST_PATHS as PATHS
 
 
 @pytest.fixture(autouse=True)

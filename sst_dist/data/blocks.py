@@ -222,7 +222,9 @@ class TrainData:
 def lm_loss(model, block: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
     """Next-token cross-entropy of a (b, seq_len + 1) block, computed in fp32: the training loss
     (mean) and the evaluation's (sum over labels)."""
-    logits = model(input_ids=block[:, :-1]).logits
+    # no KV cache: it would copy every layer's keys and values (torch.cat) for nothing, and its
+    # per-layer state makes torch.compile recompile each block (model.compile)
+    logits = model(input_ids=block[:, :-1], use_cache=False).logits
     return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
                                              block[:, 1:].reshape(-1), reduction=reduction)
 

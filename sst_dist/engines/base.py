@@ -32,6 +32,10 @@ class Backend(ABC):
     def read(self, param: torch.nn.Parameter) -> torch.Tensor:
         """The full, authoritative value of `param` (its fp32 master if it has one), on every rank."""
 
+    def read_many(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
+        """read() of each parameter, in order; an engine may gather them in fewer collectives."""
+        return [self.read(param) for param in params]
+
     @abstractmethod
     def write(self, param: torch.nn.Parameter, value: torch.Tensor) -> None:
         """Sets `param` (and its fp32 master, if any) to the full tensor `value`, given on every rank."""

@@ -79,6 +79,16 @@ def fragment(param, key: str | None = None) -> tuple[torch.Tensor, int] | None:
     return mapping.get_hp_fragment(key), mapping.lp_fragment_address.start
 
 
+def has_fragment_link(param) -> bool:
+    """ZeRO-1/2: the parameter is linked to the optimizer's flat partitions (a trainable one)."""
+    return hasattr(param, "_hp_mapping")
+
+
+def data_parallel_group(param):
+    """ZeRO-1/2: the process group over which the parameter's fragments are spread."""
+    return param._dp_group
+
+
 def fragment_numel(param) -> int:
     return param._hp_mapping.lp_fragment_address.numel
 

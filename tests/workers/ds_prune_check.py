@@ -62,7 +62,11 @@ def main():
     controller.resample(iteration=1)
     after_logits = engine.model(input_ids=probe).logits.detach()
 
-    report = {"rank": ctx.rank, "stage": args.stage, "layers": [],
+    # read_many (one collective per bucket) gives read()'s values, trainable and frozen alike
+    params = [p for _, p in engine.model.module.named_parameters()]
+    many = backend.read_many(params)
+    read_many_max_diff = max(float((a - backend.read(p)).abs().max()) for a, p in zip(many, params))
+    report = {"rank": ctx.rank, "stage": args.stage, "layers": [], "read_many_max_diff": read_many_max_diff,
               "logits_max_diff": float((after_logits - before_logits).abs().max())}
     for layer, old_idx in zip(layers, old):
         changed = (layer.active_indices != old_idx).nonzero().flatten()
