@@ -231,18 +231,26 @@ class _SpectralWeight(torch.autograd.Function):
     def backward(ctx, G):
         U, Vh, spectral, idx = ctx.saved_tensors
         U, Vh, _, u_active, vh_active = _effective_factors(U, Vh, spectral, idx, ctx.shape, G.dtype)
-        grads = factor_gradients(G, U, Vh, u_active, vh_active, idx)
-        return None, None, torch.cat([g.reshape(-1).to(spectral.dtype) for g in grads]), None, None, None
+        grad_s, grad_u, grad_vh = factor_gradients(G, U, Vh, u_active, vh_active, idx)
+        return None, None, pack_spectral(grad_s.to(spectral.dtype), grad_u, grad_vh), None, None, None
+
+
+def split_spectral(packed: torch.Tensor, out: int, rank: int, inp: int):
+    """Views (s (k,), u_active (out, r), vh_active (r, in)) of a flat tensor in SSTLinear.spectral's
+    layout: s, then u_active and vh_active row-major."""
+    k, u = min(out, inp), out * rank
+    return packed[:k], packed[k:k + u].view(out, rank), packed[k + u:k + u + rank * inp].view(rank, inp)
+
+
+def pack_spectral(s, u_active, vh_active) -> torch.Tensor:
+    """The inverse of split_spectral: one flat tensor in s's dtype."""
+    return torch.cat([s.reshape(-1), u_active.reshape(-1).to(s.dtype), vh_active.reshape(-1).to(s.dtype)])
 
 
 def _effective_factors(U, Vh, spectral, idx, shape, dtype):
     """(U_eff, Vh_eff, s, u_active, vh_active) in `dtype`, out of place: copies of U and Vh with
-    the active vectors of the packed `spectral` (SSTLinear's layout) at `idx`."""
-    out, rank, inp = shape
-    k, u = min(out, inp), out * rank
-    spectral = spectral.to(dtype)
-    s, u_active, vh_active = spectral[:k], spectral[k:k + u].view(out, rank), \
-        spectral[k + u:k + u + rank * inp].view(rank, inp)
+    the active vectors of the packed `spectral` at `idx`. shape: (out, rank, in)."""
+    s, u_active, vh_active = split_spectral(spectral.to(dtype), *shape)
     U = U.to(dtype).index_copy(1, idx, u_active)
     Vh = Vh.to(dtype).index_copy(0, idx, vh_active)
     return U, Vh, s, u_active, vh_active
@@ -300,13 +308,11 @@ class SSTLinear(nn.Module):
     def split(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Views (s, u_active, vh_active) of a tensor laid out as `spectral` (its value, a read of
         it, its gradient or optimizer state)."""
-        k, u, v = self._sizes
-        return packed[:k], packed[k:k + u].view(self.out_features, self.rank), \
-            packed[k + u:k + u + v].view(self.rank, self.in_features)
+        return split_spectral(packed, self.out_features, self.rank, self.in_features)
 
     def pack(self, s, u_active, vh_active) -> torch.Tensor:
         """The inverse of split: one flat tensor in s's dtype."""
-        return torch.cat([s.reshape(-1), u_active.reshape(-1).to(s.dtype), vh_active.reshape(-1).to(s.dtype)])
+        return pack_spectral(s, u_active, vh_active)
 
     def slot_elements(self, slots: torch.Tensor) -> torch.Tensor:
         """Where the active slots `slots` live in `spectral`: u_active's columns and vh_active's
