@@ -63,39 +63,27 @@ class DeepSpeedBackend(Backend):
         with self._gathered(param):
             return param.data.detach().to(self._device, torch.float32).clone()
 
-    READ_BUCKET = 1 << 26  # elements (fp32) of one read_many all-reduce: bounds its transient buffer
-
     @torch.no_grad()
     def read_many(self, params):
-        """ZeRO-1/2 masters in buckets: each rank copies its fragments into one zeroed buffer and
-        one all-reduce assembles them all, where read() (safe_get_full_fp32_param) makes one
-        all-reduce per parameter (a resample reads every SST layer's trainables)."""
+        """ZeRO-1/2 masters together: each rank copies its fragments into one zeroed buffer per
+        process group and one all-reduce assembles them all, where read() (safe_get_full_fp32_param)
+        makes one all-reduce per parameter (a resample reads every SST layer's trainables). The
+        values are views of that buffer; other parameters are read one by one."""
+        linked: dict = {}  # process group -> its parameters, in order
+        for param in params:
+            if internals.has_fragment_link(param) and not is_zero3(param):
+                linked.setdefault(internals.data_parallel_group(param), []).append(param)
         values: dict[int, torch.Tensor] = {}
-        bucket: list = []
-
-        def flush():
-            buffer = torch.zeros(sum(p.numel() for p in bucket), dtype=torch.float32, device=self._device)
-            pieces = buffer.split([p.numel() for p in bucket])
-            for param, piece in zip(bucket, pieces):
+        for group, members in linked.items():
+            buffer = torch.zeros(sum(p.numel() for p in members), dtype=torch.float32, device=self._device)
+            for param, piece in zip(members, buffer.split([p.numel() for p in members])):
                 fragment = internals.fragment(param)
                 if fragment is not None:
                     local, start = fragment
                     piece[start:start + local.numel()].copy_(local.view(-1))
-            if self.world_size > 1:
-                dist.all_reduce(buffer, group=internals.data_parallel_group(bucket[0]))
-            for param, piece in zip(bucket, pieces):
                 values[id(param)] = piece.view(param.shape)
-            bucket.clear()
-
-        for param in params:
-            if internals.has_fragment_link(param) and not is_zero3(param):
-                if bucket and internals.data_parallel_group(bucket[0]) is not internals.data_parallel_group(param):
-                    flush()
-                bucket.append(param)
-                if sum(p.numel() for p in bucket) >= self.READ_BUCKET:
-                    flush()
-        if bucket:
-            flush()
+            if self.world_size > 1:
+                dist.all_reduce(buffer, group=group)
         return [values[id(p)] if id(p) in values else self.read(p) for p in params]
 
     @torch.no_grad()
