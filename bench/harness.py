@@ -1,5 +1,5 @@
-"""What the GPU benchmarks share: one method built on one DeepSpeed process by the trainer's own
-build_run, and the trainer's own train_step on a random batch.
+"""What the GPU benchmarks share: one method built on one process by the trainer's own build_run
+(DeepSpeed with a ds_config, or FSDP2), and the trainer's own train_step on a random batch.
 
 Used by bench/memory.py and bench/step_profile.py.
 """
@@ -57,8 +57,9 @@ class BenchRun:
 
 
 def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_kind: str,
-          ds_config: str, overrides: list[str] = (), accumulation: int = 1) -> BenchRun:
-    """Model + method + DeepSpeed on this process (a world of one), as sst_dist.train sets them up.
+          ds_config: str | None, overrides: list[str] = (), accumulation: int = 1) -> BenchRun:
+    """Model + method + engine on this process (a world of one), as sst_dist.train sets them up:
+    DeepSpeed with `ds_config`, FSDP2 where it is None.
 
     Raises NotImplementedError if this build has no `method`.
     """
@@ -75,13 +76,14 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
     if "galore" in method:
         sets.append(f"galore.rank={rank}")
     recipe = load_recipe(None, sets + list(overrides))
-    ctx = distributed_context("deepspeed")
+    engine_name = "deepspeed" if ds_config else "fsdp"
+    ctx = distributed_context(engine_name)
     device = torch.device("cuda", ctx.local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)
     t0 = time.perf_counter()
     # initialised where it will run: CPU init of 1.3B weights takes longer than the bench
-    built, engine = build_run(recipe, "deepspeed", ctx, device=device,
+    built, engine = build_run(recipe, engine_name, ctx, device=device,
                               dtype=torch.bfloat16 if cuda else torch.float32, vocab_size=OPT_VOCAB,
                               micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config,
                               init_device=device)

@@ -5,15 +5,21 @@
     python bench/step_profile.py --size 125m --methods full,sst --kernels 12     # + top operators per phase
     python bench/step_profile.py --size 1.3b --methods galore --micro-batch 1 --steps 4 \\
         --set galore.update_proj_gap=5 --memory-sites 12      # what is live at a refresh's peak
+    python bench/step_profile.py --size 125m --methods full,sst --free 20 --ds-config fsdp  # host-bound?
     python bench/step_profile.py --device cpu --size tiny --seq 64                # the flow only
 
-Same set-up as bench/memory.py (bench/harness.py: one DeepSpeed process, ds_configs/zero2.json,
-bf16 with fp32 masters on a GPU, random tokens); each method runs in a fresh subprocess. The
-device is synchronised at the end of each phase: probe (a GaLore refresh's extra forward and
-backward), before_step (the method's periodic work: resample, re-SVD, GaLore refresh), forward,
-backward, step (the optimizer, with ZeRO's gradient handling), after_step (SST's clamp and
-renormalisation). Per phase: median milliseconds over the timed steps where it ran, and the
+Same set-up as bench/memory.py (bench/harness.py: one process, DeepSpeed with ds_configs/zero2.json
+or --ds-config, or FSDP2 with --ds-config fsdp; bf16 with fp32 masters on a GPU, random tokens);
+each method runs in a fresh subprocess. The device is synchronised at the end of each phase:
+probe (a GaLore refresh's extra forward and backward), before_step (the method's periodic work:
+resample, re-SVD, GaLore refresh), forward, backward, step (the optimizer, with ZeRO's gradient
+handling), after_step (SST's clamp and renormalisation). Per phase: median milliseconds over the timed steps where it ran, and the
 peak memory allocated within it. Measures; asserts nothing.
+
+`--free N` then runs N steps with nothing synchronised between them, as the trainer runs them, and
+reports their milliseconds per step and the share of that time the GPU was busy (from a second,
+profiled pass): a step whose synchronised phases add up to less than its free-running time, or
+whose GPU is busy well under 100 %, is bound by the host, not by the GPU.
 """
 
 from __future__ import annotations
@@ -166,6 +172,7 @@ def worker(job: dict) -> dict:
             torch.cuda.memory._record_memory_history(enabled=None)
         if step >= job["warmup"]:
             samples.append(marks["current"])
+    free = free_running(run, job) if job.get("free") and cuda else None
     report = {"setup_s": run.setup_s, "tokens": job["micro_batch"] * job["seq"] * job["accumulation"],
               "resident_gib": (torch.cuda.memory_allocated(run.device) if cuda else 0) / GIB,
               "phases": {}}
@@ -176,11 +183,47 @@ def worker(job: dict) -> dict:
                                        "max_ms": max(ms for ms, _ in ran), "steps": len(ran),
                                        "peak_gib": max(peak for _, peak in ran) / GIB}
     report["step_ms"] = statistics.median(sum(ms for ms, _ in s.values()) for s in samples)
+    if free:
+        report["free"] = free
     if kernels:
         report["kernels"] = kernels
     if sites:
         report["memory_sites"] = sites
     return report
+
+
+def busy_seconds(events) -> float:
+    """The time covered by at least one GPU kernel or copy: the union of their intervals."""
+    spans = sorted((e.time_range.start, e.time_range.end) for e in events if e.device_type.name == "CUDA")
+    total, end = 0.0, float("-inf")
+    for a, b in spans:
+        if b > end:
+            total += b - max(a, end)
+            end = b
+    return total / 1e6  # profiler times are in microseconds
+
+
+def free_running(run, job: dict) -> dict:
+    """`job["free"]` steps back to back with no phase synchronised, as the trainer runs them: their
+    milliseconds per step, then the same again under the profiler for the GPU's busy share. Step
+    index 1 throughout: no periodic work falls due."""
+    import torch
+
+    n = job["free"]
+    batches = [[run.batch(job["micro_batch"], job["seq"]) for _ in range(job["accumulation"])] for _ in range(n)]
+
+    def steps() -> float:
+        run.sync()
+        start = time.perf_counter()
+        for blocks in batches:
+            run.step(1, blocks)
+        run.sync()
+        return time.perf_counter() - start
+
+    wall = steps()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        profiled = steps()
+    return {"ms": wall / n * 1e3, "busy": busy_seconds(prof.events()) / profiled, "steps": n}
 
 
 def run_job(job: dict, timeout: int) -> dict:
@@ -224,6 +267,12 @@ def print_tables(labels: list[str], reports: list[dict]) -> None:
     print(f"{'x ' + ok[0][0]:12} " + " ".join(f"{first['step_ms'] / r['step_ms']:8.3f}        ".rjust(width)
                                             for _, r in ok))
     print(f"{'resident GiB':12} " + " ".join(f"{r['resident_gib']:8.2f}        ".rjust(width) for _, r in ok))
+    if all("free" in r for _, r in ok):
+        free = [r["free"] for _, r in ok]
+        print(f"\nfree-running, {free[0]['steps']} steps with nothing synchronised between phases or steps")
+        print(f"{'ms per step':12} " + " ".join(f"{f['ms']:8.1f}        ".rjust(width) for f in free))
+        print(f"{'x ' + ok[0][0]:12} " + " ".join(f"{free[0]['ms'] / f['ms']:8.3f}        ".rjust(width) for f in free))
+        print(f"{'GPU busy':12} " + " ".join(f"{f['busy']:8.1%}        ".rjust(width) for f in free))
     for label, r in ok:
         if r.get("kernels"):
             print(f"\n{label}: operators of one step by phase, top by self CPU time\n{r['kernels']}")
@@ -244,10 +293,13 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--steps", type=int, default=4)
     p.add_argument("--kernels", type=int, default=0, help="profile the last step: top N operators per phase")
+    p.add_argument("--free", type=int, default=0,
+                   help="then N steps with nothing synchronised (GPU): ms per step and the GPU's busy share")
     p.add_argument("--memory-sites", type=int, default=0,
                    help="record the last step's allocations (GPU): top N sites live at its peak")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
-    p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2.json"))
+    p.add_argument("--ds-config", default=str(ROOT / "ds_configs" / "zero2.json"),
+                   help="a DeepSpeed config, or fsdp for the FSDP2 engine")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="recipe override, every run")
     p.add_argument("--timeout", type=int, default=600, help="seconds per method")
     p.add_argument("--worker", help=argparse.SUPPRESS)
@@ -270,8 +322,9 @@ def main(argv=None) -> int:
     base = {"size": args.size, "rank": args.rank, "seq": args.seq or (64 if cpu else 2048),
             "micro_batch": args.micro_batch or (2 if cpu else 8), "accumulation": args.accumulation,
             "warmup": args.warmup,
-            "steps": args.steps, "kernels": args.kernels, "memory_sites": args.memory_sites, "device": args.device,
-            "ds_config": args.ds_config}
+            "steps": args.steps, "kernels": args.kernels, "free": args.free, "memory_sites": args.memory_sites,
+            "device": args.device,
+            "ds_config": None if args.ds_config == "fsdp" else args.ds_config}
     labels, reports = [], []
     for spec in [m for m in args.methods.split(",") if m]:
         method, _, extra = spec.partition("@")
@@ -281,7 +334,8 @@ def main(argv=None) -> int:
         reports.append(run_job(job, args.timeout))
         labels.append(spec)
         print(f"  {spec}: {time.perf_counter() - t0:.0f} s (setup {reports[-1].get('setup_s', '-')} s)", flush=True)
-    print(f"\nOPT-{args.size}, DeepSpeed {Path(args.ds_config).stem}, 1 process, micro-batch {base['micro_batch']} x "
+    engine = "FSDP2" if args.ds_config == "fsdp" else f"DeepSpeed {Path(args.ds_config).stem}"
+    print(f"\nOPT-{args.size}, {engine}, 1 process, micro-batch {base['micro_batch']} x "
           f"seq {base['seq']} x {base['accumulation']} per step, rank {args.rank}, {args.warmup} warm-up + {args.steps} timed steps")
     print_tables(labels, reports)
     return 0 if all("error" not in r for r in reports) else 1

@@ -9,7 +9,8 @@ Each (engine, method, GPU count) is one real `launch/pretrain.py` run through th
 would use (deepspeed / torchrun), on the size's recipes (recipes/opt-SIZE-METHOD.yaml; tiny:
 recipes/tiny-METHOD.yaml). Prints the table, then each (engine, method) at every GPU count side by
 side with the per-GPU efficiency, and writes throughput.csv; each run's folder and log are named
-ENGINE-METHOD-NgpuS with no commas or plus signs (sst+galore -> sst-galore). Measures; asserts nothing.
+ENGINE-METHOD-NgpuS with no commas or plus signs (sst+galore -> sst-galore). ZeRO-3 runs take
+model.compile=false (it compiles nothing there). Measures; asserts nothing.
 
 Columns:
   tokens/s   median over the steps after --skip that ran no periodic event (the whole job's tokens)
@@ -96,6 +97,8 @@ def launch(engine: str, gpus: int, recipe: str, out: Path, steps: int, extra: li
     args = ["launch/pretrain.py", "--recipe", recipe, "--output-dir", str(out), "--max-steps", str(steps),
             "--set", "wandb.mode=disabled", "--set", "eval.every_steps=0", "--set", "checkpoint.save=false",
             *extra]
+    if engine.startswith("zero3"):  # ZeRO-3 runs eager: model.compile is refused there (read_ds_config)
+        args += ["--set", "model.compile=false"]
     if engine == "fsdp":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus),
                "--master_port", str(free_port()), *args, "--engine", "fsdp"]

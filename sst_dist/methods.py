@@ -8,6 +8,7 @@ bench call `Method`'s verbs only; they never name a method, a layer class or a l
     param_groups()      the optimizer groups besides `full` (every other trainable parameter)
     learning_rates(s)   the lr of each of those groups at step s
     attach(backend)     binds the periodic work to the engine's seam, once the engine exists
+    work_due(s)         whether any of those is due before step s
     before_step(s)      the resets due before step s (resample, re-SVD, ReLoRA* reset, GaLore refresh)
     before_micro_batch  told before each micro-batch whether it is the step's last
     after_step(lrs)     the per-step work after the optimizer step
@@ -49,6 +50,9 @@ class Hooks:
     def attach(self, backend, recipe: Recipe) -> None:
         pass
 
+    def work_due(self, step: int) -> bool:
+        return False
+
     def before_step(self, step: int, probe_pass: ProbePass | None) -> list[str]:
         """Runs the work due before `step`; returns the names of what ran, for the log."""
         return []
@@ -88,6 +92,10 @@ class Method:
         for part in self.parts:
             part.attach(backend, recipe)
 
+    def work_due(self, step: int) -> bool:
+        """Whether before_step(step) has periodic work to run."""
+        return any(part.work_due(step) for part in self.parts)
+
     def before_step(self, step: int, probe_pass: ProbePass | None = None) -> str | None:
         """Runs the resets due before `step`; returns their names for the log ('+'-joined), if any."""
         return "+".join(name for part in self.parts for name in part.before_step(step, probe_pass)) or None
@@ -125,6 +133,9 @@ class LowRankPart(Hooks):
 
     def first_event_step(self) -> int | None:
         return self.schedule.steps_per_iteration if self.controller is not None else None
+
+    def work_due(self, step: int) -> bool:
+        return self.controller is not None and self.schedule.event(step) is not None
 
 
 class ReLoRAPart(LowRankPart):
@@ -183,12 +194,15 @@ class GaLorePart(Hooks):
     def attach(self, backend, recipe: Recipe) -> None:
         self.backend = backend
 
+    def work_due(self, step: int) -> bool:
+        return any(layer.refresh_due(step) for layer in self.layers.values())
+
     def before_step(self, step: int, probe_pass) -> list[str]:
         """A refresh takes its projector from the gradient of this very step (as galore-torch
         does), so it needs `probe_pass` to run the step's batch through a GradientProbe first."""
-        layers = list(self.layers.values())
-        if not any(layer.refresh_due(step) for layer in layers):
+        if not self.work_due(step):
             return []
+        layers = list(self.layers.values())
         if probe_pass is None:
             raise ValueError(f"step {step}: a GaLore refresh is due; pass probe_pass")
         with GradientProbe(layers, step) as probe:

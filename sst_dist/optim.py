@@ -100,9 +100,19 @@ class AdamW(torch.optim.AdamW):
             table = self._tables[key] = BiasCorrection(beta1, beta2, dtype, device)
         return table
 
+    # elements per batch of the list update: bounds its temporaries (the ages side by side, their
+    # two bias corrections, the denominators, the steps: 5 float32 copies of a batch, 320 MB), not
+    # the tensors stepped (a ZeRO partition above it is a batch of its own, as before batching)
+    BATCH = 1 << 24
+
     def _resettable_step(self, group: dict) -> None:
+        """The per-element-age update as list operations (torch._foreach_*): a few kernel launches
+        per batch of tensors, however many tensors the group has (FSDP2 holds one shard per
+        parameter, where ZeRO holds one flat partition). Elementwise, so batching changes nothing
+        but the launches."""
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, eps, decay = float(group["lr"]), group["eps"], group["weight_decay"]
+        batches: dict[tuple, list[list]] = {}  # (dtype, device) -> batches of (param, grad, m, v, age)
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -113,16 +123,32 @@ class AdamW(torch.optim.AdamW):
                 state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["age"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["step"] += 1  # the tensor's own count, kept for tools that read it
-            param, grad = _local(p), _local(p.grad)
-            exp_avg, exp_avg_sq, age = (_local(state[k]) for k in RESET_KEYS)
-            age.add_(1)
-            bc1, bc2_sqrt = self._table(beta1, beta2, param.dtype, param.device).lookup(age)
-            if decay:
-                param.mul_(1.0 - lr * decay)
-            exp_avg.lerp_(grad, 1.0 - beta1)
-            exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-            denom = exp_avg_sq.sqrt().div_(bc2_sqrt).add_(eps)
-            param.addcdiv_(exp_avg / bc1, denom, value=-lr)
+            param = _local(p)
+            row = (param, _local(p.grad), *(_local(state[k]) for k in RESET_KEYS))
+            kind = batches.setdefault((param.dtype, param.device), [[]])
+            if kind[-1] and sum(r[0].numel() for r in kind[-1]) + param.numel() > self.BATCH:
+                kind.append([])
+            kind[-1].append(row)
+        for (dtype, device), kind in batches.items():
+            table = self._table(beta1, beta2, dtype, device)
+            for batch in kind:
+                params, grads, exp_avgs, exp_avg_sqs, ages = (list(column) for column in zip(*batch))
+                torch._foreach_add_(ages, 1)
+                # one table lookup for the batch: its ages side by side
+                flat = ages[0].reshape(-1) if len(ages) == 1 else torch.cat([a.reshape(-1) for a in ages])
+                bc1, bc2_sqrt = table.lookup(flat)
+                sizes = [a.numel() for a in ages]
+                bc1 = [b.view_as(a) for b, a in zip(bc1.split(sizes), ages)]
+                bc2_sqrt = [b.view_as(a) for b, a in zip(bc2_sqrt.split(sizes), ages)]
+                if decay:
+                    torch._foreach_mul_(params, 1.0 - lr * decay)
+                torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+                torch._foreach_mul_(exp_avg_sqs, beta2)
+                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+                denom = torch._foreach_sqrt(exp_avg_sqs)
+                torch._foreach_div_(denom, bc2_sqrt)
+                torch._foreach_add_(denom, eps)
+                torch._foreach_addcdiv_(params, torch._foreach_div(exp_avgs, bc1), denom, value=-lr)
 
 
 def build_optimizer(param_groups: list[dict], recipe, device: torch.device) -> AdamW:

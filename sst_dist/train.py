@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from tqdm import tqdm
 
 from sst_dist import checkpoint, rundir
@@ -152,6 +153,42 @@ def train_step(engine, method: Method, step: int, chunks, mark: Callable[[str], 
     return StepResult(event, lrs, loss_sum / len(chunks), grad_norm)
 
 
+class StepReadout:
+    """A step's loss (the mean over ranks) and gradient norm, on their way to the host.
+
+    Reading a number off the GPU waits for every kernel queued before the read. The trainer reads
+    a step's numbers after it has queued the next step, so the GPU does not idle while the host
+    logs and starts a step; this copy, queued right behind the step with an event after it, lets
+    that read wait for this step alone."""
+
+    def __init__(self, result: StepResult, ctx):
+        loss, norm = result.loss, result.grad_norm
+        self.has_norm, self.world_size = norm is not None, ctx.world_size
+        if not isinstance(norm, torch.Tensor):  # a float, or None: filled in on the device, no copy
+            norm = torch.full((), math.nan if norm is None else float(norm), device=loss.device)
+        values = torch.stack([loss.double(), norm.detach().to(loss.device, torch.float64)])
+        if ctx.active:  # summed: the loss's mean over ranks; the global norm is the same on every rank
+            dist.all_reduce(values)
+        self.ready = None
+        if values.is_cuda:
+            self.host = torch.empty(2, dtype=torch.float64, pin_memory=True)
+            self.host.copy_(values, non_blocking=True)
+            self.ready = torch.cuda.Event()
+            self.ready.record()
+        else:
+            self.host = values
+
+    def read(self) -> tuple[float, float | None]:
+        """(loss, gradient norm or None), waiting for the step if it is still running."""
+        if self.ready is not None:
+            self.ready.synchronize()
+        loss, norm = (self.host / self.world_size).tolist()
+        if not self.has_norm:
+            return loss, None
+        # a negative norm is DeepSpeed's mark for a non-finite one (bf16 without its overflow check)
+        return loss, math.nan if norm < 0 else norm
+
+
 class PhaseClock:
     """The seconds of each phase of a step (train_step's `mark`), for the steps with periodic work:
     the metrics' `event_phases_s` say where a resample's or refresh's extra time goes. On a GPU
@@ -272,55 +309,83 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     last_good = resume_from  # the newest checkpoint, named if the run diverges
     step = state["step"]
     clock = PhaseClock(device)
-    while step < max_steps:
-        t0 = time.perf_counter()
-        clock.start()
-        result = train_step(engine, method, step, data.next_batch().to(device).split(micro), clock)
-        event, lrs, grad_norm = result.event, result.lrs, result.grad_norm
-        loss_value = ctx.mean(result.loss)
-        # every rank sees the same all-reduced loss and global norm, so all stop at the same step
-        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(float(grad_norm)))
 
-        step += 1
-        elapsed = time.perf_counter() - t0
-        state["tokens"] += tokens_per_step
-        state["elapsed_s"] += elapsed
-        record = {"step": step, "loss": loss_value, "lr": lrs["full"], "lowrank_lr": lrs["lowrank"],
-                  **({"galore_lr": lrs["galore"]} if "galore" in lrs else {}),
-                  "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 4),
-                  "tokens_per_s": round(tokens_per_step / elapsed, 1)}
-        if event:
-            record["event"] = event
-            record["event_phases_s"] = clock.seconds()
-        if init_s is not None:  # this process's first step: how long the build took
-            record["init_s"], init_s = round(init_s, 2), None
-        if device.type == "cuda":  # the largest over the ranks
-            record["peak_mem_gib"] = round(ctx.maximum(torch.cuda.max_memory_allocated(device)) / 2**30, 3)
-        if finite and recipe.eval.every_steps and (step % recipe.eval.every_steps == 0 or step == max_steps):
+    def finish(record: dict, readout: StepReadout, eval_due: bool) -> None:
+        """A step's numbers read, logged and checked; every rank reads the same all-reduced loss
+        and global norm, so all stop at the same step."""
+        loss_value, grad_norm = readout.read()
+        record["loss"] = loss_value
+        finite = math.isfinite(loss_value) and (grad_norm is None or math.isfinite(grad_norm))
+        if finite and eval_due:
             with engine.forward_context():  # the training precision (bf16 frozen factors need it)
                 record.update(run_eval(engine.model, data, recipe, device))
         logger.log(record)
         if logger.due(record):
-            bar.update(step - bar.n)
+            bar.update(record["step"] - bar.n)
             bar.set_postfix(loss=f"{loss_value:.4f}")
-        if not finite:  # stop before any save: a checkpoint of this state would replace good ones
+        if not finite:  # raised before any save: a checkpoint of this state would replace good ones
             bar.close()
             logger.close()
-            raise RunError(f"training diverged at step {step} (loss {loss_value}, gradient norm "
-                           f"{None if grad_norm is None else float(grad_norm)}); nothing saved. Last good "
-                           f"checkpoint: {last_good or 'none'}; re-run with a lower lr "
-                           f"(--set optim.lr=...) to resume from it")
+            raise RunError(f"training diverged at step {record['step']} (loss {loss_value}, gradient norm "
+                           f"{grad_norm}); nothing saved. Last good checkpoint: {last_good or 'none'}; "
+                           f"re-run with a lower lr (--set optim.lr=...) to resume from it")
 
-        stopping = ctx.any(stop.raised)
-        every = recipe.checkpoint.every_steps
-        if recipe.checkpoint.save and (stopping or step == max_steps or (every and step % every == 0)):
-            last_good = save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
-            last_saved = step
-        if stopping:
-            if is_main:
-                saved = "checkpoint saved, re-run to resume" if recipe.checkpoint.save else "checkpoint.save is off"
-                print(f"stopped by signal at step {step}; {saved}", flush=True)
-            break
+    # A step's loss and norm are read one step late (StepReadout): the step after it is queued
+    # first. A step is read at once where something depends on it being finite: a save, an
+    # evaluation, the end, and the periodic work before the next step (a resample of a diverged
+    # model would fail inside, with no word of the divergence); and a step with periodic work, so
+    # its time in the log includes its own end.
+    pending = None  # (record, readout) of the step not read yet
+    try:
+        while step < max_steps:
+            t0 = time.perf_counter()
+            clock.start()
+            result = train_step(engine, method, step, data.next_batch().to(device).split(micro), clock)
+            readout = StepReadout(result, ctx)
+            if pending is not None:
+                previous, pending = pending, None
+                finish(*previous, eval_due=False)
+            step += 1
+            stopping = ctx.any(stop.raised)
+            every = recipe.checkpoint.every_steps
+            save_due = recipe.checkpoint.save and (stopping or step == max_steps or (every and step % every == 0))
+            eval_due = bool(recipe.eval.every_steps) and (step % recipe.eval.every_steps == 0 or step == max_steps)
+            read_now = (save_due or eval_due or stopping or step == max_steps or bool(result.event)
+                        or method.work_due(step))
+            if read_now and readout.ready is not None:
+                readout.ready.synchronize()  # this step's time includes its own end
+            elapsed = time.perf_counter() - t0
+            state["tokens"] += tokens_per_step
+            state["elapsed_s"] += elapsed
+            lrs = result.lrs
+            record = {"step": step, "loss": None, "lr": lrs["full"], "lowrank_lr": lrs["lowrank"],
+                      **({"galore_lr": lrs["galore"]} if "galore" in lrs else {}),
+                      "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 4),
+                      "tokens_per_s": round(tokens_per_step / elapsed, 1)}
+            if result.event:
+                record["event"] = result.event
+                record["event_phases_s"] = clock.seconds()
+            if init_s is not None:  # this process's first step: how long the build took
+                record["init_s"], init_s = round(init_s, 2), None
+            if device.type == "cuda":  # the largest over the ranks
+                record["peak_mem_gib"] = round(ctx.maximum(torch.cuda.max_memory_allocated(device)) / 2**30, 3)
+            if not read_now:
+                pending = (record, readout)
+                continue
+            finish(record, readout, eval_due)
+            if save_due:
+                last_good = save(engine, data, state, step, out, recipe, ctx, settings, resume_from)
+                last_saved = step
+            if stopping:
+                if is_main:
+                    saved = "checkpoint saved, re-run to resume" if recipe.checkpoint.save else "checkpoint.save is off"
+                    print(f"stopped by signal at step {step}; {saved}", flush=True)
+                break
+    except Exception:
+        if pending is not None:  # the last step that ended is logged, though the one after it failed
+            with contextlib.suppress(Exception):
+                finish(*pending, eval_due=False)
+        raise
     bar.close()
     if last_saved != step and recipe.checkpoint.save:
         save(engine, data, state, step, out, recipe, ctx, settings, resume_from)

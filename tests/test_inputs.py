@@ -51,6 +51,8 @@ CASES = {
     "bf16-deepspeed-cpu": (lambda tmp: (TINY, ["--ds-config", "ds_configs/zero2.json", "--set", "train.dtype=bfloat16"]),
                            "error: train.dtype: bfloat16 under DeepSpeed needs a GPU"),
     "lr-nan": (lambda tmp: (TINY, ["--set", "optim.lr=nan"]), "error: optim.lr: 'nan' is not a finite number"),
+    "compile-zero3": (lambda tmp: (TINY, ["--ds-config", "ds_configs/zero3.json", "--set", "model.compile=true"]),
+                      "error: --ds-config ds_configs/zero3.json: model.compile under ZeRO-3 compiles nothing"),
     "empty": (lambda tmp: (write(tmp / "r.yaml", "# to do\n"), []), "error: --recipe {tmp}/r.yaml: the recipe is empty;"),
     "twice": (lambda tmp: (write(tmp / "r.yaml", "model: {size: tiny}\nrank: 8\nmodel: {seq_len: 64}\n"), []),
               "error: --recipe {tmp}/r.yaml: line 3: 'model' is written twice (first on line 1); keep one"),
@@ -102,6 +104,21 @@ def test_an_optimizer_setting_that_contradicts_the_recipe_names_both(tmp_path, k
     config = load_ds_config(path, recipe, device=torch.device("cpu"), dtype=torch.float32, micro_batch=4,
                             accumulation=1, world_size=2)
     assert config["optimizer"]["params"] == equal
+
+
+def test_deepspeeds_per_step_device_waits_are_off_unless_a_config_asks_for_them(tmp_path):
+    """DeepSpeed's throughput timer waits for the device at every micro-batch and its bf16 overflow
+    check at every step, so the host could never queue work ahead; the trainer's divergence guard
+    covers overflow. A ds_config that sets either keeps its own value."""
+    recipe = load_recipe("recipes/tiny-sst.yaml")
+    fill = dict(device=torch.device("cpu"), dtype=torch.float32, micro_batch=4, accumulation=1, world_size=2)
+    config = load_ds_config(ds_config(tmp_path), recipe, **fill)
+    assert config["timers"] == {"throughput": {"enabled": False}}
+    assert config["bf16"]["check_grad_overflow"] is False
+    asked = ds_config(tmp_path, timers={"throughput": {"enabled": True}}, bf16={"check_grad_overflow": True})
+    config = load_ds_config(asked, recipe, **fill)
+    assert config["timers"] == {"throughput": {"enabled": True}}
+    assert config["bf16"]["check_grad_overflow"] is True
 
 
 class FakeWandb(types.ModuleType):

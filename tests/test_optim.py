@@ -149,3 +149,29 @@ def test_the_state_dict_keeps_the_ages_so_a_resume_is_exact():
     after = _run(resumed, resumed_param, grads[12:])
     for x, y in zip(after, straight[12:]):
         assert torch.equal(x, y)
+
+
+@pytest.mark.parametrize("batch", [AdamW.BATCH, 25])
+def test_a_group_of_many_tensors_steps_each_as_if_alone(monkeypatch, batch):
+    """The group is stepped by list operations over batches of its tensors (FSDP2: one shard per
+    parameter); each tensor, reset slots included, takes exactly its steps as the only parameter
+    of its own optimizer. Batch 25 splits the group across batches, one tensor alone in its own."""
+    monkeypatch.setattr(AdamW, "BATCH", batch)
+    shapes, steps = [(5, 4), (3,), (30,), (2, 6)], 12
+    starts = [torch.randn(shape, dtype=torch.float64) for shape in shapes]
+    grads = [_grads(steps, shape, seed=i) for i, shape in enumerate(shapes)]
+    together = [torch.nn.Parameter(s.clone()) for s in starts]
+    optimizer = AdamW([{"params": together, "resettable": True}], **SETTINGS)
+    alone = [torch.nn.Parameter(s.clone()) for s in starts]
+    optimizers = [AdamW([{"params": [p], "resettable": True}], **SETTINGS) for p in alone]
+    for t in range(steps):
+        if t == 5:  # a reset of slot 1 of the first tensor, in both
+            TorchBackend(optimizer).reset_state(together[0], torch.tensor([1]), 0)
+            TorchBackend(optimizers[0]).reset_state(alone[0], torch.tensor([1]), 0)
+        for p, q, g in zip(together, alone, grads):
+            p.grad, q.grad = g[t].clone(), g[t].clone()
+        optimizer.step()
+        for o in optimizers:
+            o.step()
+    for p, q in zip(together, alone):
+        assert torch.equal(p.detach(), q.detach())

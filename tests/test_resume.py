@@ -270,6 +270,21 @@ def test_divergence_stops_without_saving_and_a_lower_lr_resumes(run_copy, single
         assert abs(resumed[step] - reference[step]) <= 1e-6 * abs(reference[step]), step
 
 
+def test_a_divergence_read_one_step_late_saves_nothing_after_it(tmp_path):
+    """A step that is not a save step is read once the next step is queued: its divergence stops
+    the run there, and the step queued after it is neither logged nor saved."""
+    out, recipe = tmp_path / "run", "recipes/tiny-full.yaml"
+    pretrain(out, recipe, "--max-steps", "4", "--set", "checkpoint.every_steps=2")
+    # from step 5 at lr 1e4: step 6's gradient norm is inf; the next save would be step 8
+    proc = pretrain(out, recipe, "--max-steps", "9", "--set", "checkpoint.every_steps=4", "--set", "optim.lr=1e4",
+                    "--set", "optim.warmup_steps=0", check=False)
+    line = one_error_line(proc)
+    assert "diverged at step 6" in line and "gradient norm inf" in line and "step_0000004" in line
+    steps_once(out, 6)
+    assert names(checkpoint.step_folders(out)) == ["step_0000002", "step_0000004"]
+    assert all(state_is_finite(p) for p in checkpoint.step_folders(out))
+
+
 def test_kill_9_mid_run_then_every_step_is_logged_once(tmp_path):
     out = tmp_path / "run"
     proc, port = spawn(out, "--max-steps", "100000", "--set", "checkpoint.every_steps=3")

@@ -108,6 +108,58 @@ def test_eval_only_reproduces_the_evaluation_of_the_checkpoint(tmp_path):
     assert "Traceback" not in empty.stderr
 
 
+def test_a_step_is_read_once_the_next_one_is_queued(tmp_path, monkeypatch):
+    """Reading a loss off a GPU waits for everything queued before it, so the trainer reads step s
+    once step s + 1 is queued, and at once only where something needs to know it is finite: a
+    save, an evaluation, the last step, a step with periodic work and the step before one."""
+    from sst_dist import train
+    from sst_dist.config import load_recipe
+
+    queued, read_when = [], {}  # steps queued; step -> how many were queued when it was read
+    real_step, real_read = train.train_step, train.StepReadout.read
+
+    def train_step(engine, method, step, *args):
+        queued.append(step)
+        return real_step(engine, method, step, *args)
+
+    def read(readout):
+        read_when[len(read_when) + 1] = len(queued)
+        return real_read(readout)
+
+    monkeypatch.setattr(train, "train_step", train_step)
+    monkeypatch.setattr(train.StepReadout, "read", read)
+    recipe = load_recipe("recipes/tiny-sst.yaml", ["train.max_steps=14", "checkpoint.every_steps=8",
+                                                   "eval.every_steps=13", "eval.tokens=1024", "wandb.mode=disabled"])
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train.main(train.Run(recipe, tmp_path))
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+    events = {m["step"] for m in read_metrics(tmp_path) if "event" in m}
+    assert events == {6, 11}  # tiny-sst: a resample before the 6th and the 11th step
+    at_once = {5, 6, 10, 11} | {8} | {13} | {14}  # periodic work, a save, an evaluation, the last
+    assert read_when == {s: s if s in at_once else s + 1 for s in range(1, 15)}
+    assert [m["step"] for m in read_metrics(tmp_path)] == list(range(1, 15))
+
+
+@pytest.mark.parametrize("norm, expected", [(torch.tensor(2.5), 2.5), (3.0, 3.0), (None, None),
+                                             (torch.tensor(-1.0), "nan"), (float("inf"), math.inf)])
+def test_a_readout_gives_the_mean_loss_and_marks_a_masked_norm_not_finite(norm, expected):
+    """DeepSpeed masks a non-finite gradient norm to -1 where its own overflow check is off (the
+    trainer turns it off): the divergence guard must see it as not finite."""
+    from sst_dist.engines import DistributedContext
+    from sst_dist.train import StepReadout, StepResult
+
+    result = StepResult(event=None, lrs={}, loss=torch.tensor(4.25, dtype=torch.float64), grad_norm=norm)
+    loss, read = StepReadout(result, DistributedContext()).read()
+    assert loss == 4.25
+    if expected == "nan":
+        assert math.isnan(read)
+    else:
+        assert read == expected
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="set_threads leaves GPU runs alone")
 def test_set_threads_shares_the_cores_unless_omp_num_threads_is_set(monkeypatch):
     """The curve tests pin OMP_NUM_THREADS on the reference and on every rank (conftest.quiet_env):

@@ -32,6 +32,9 @@ class DistributedContext:
     world_size: int = 1
     local_rank: int = 0
     patient_group: object = None  # gloo, PATIENT_TIMEOUT; for barrier(patient=True)
+    # gloo, for the host's own numbers (a stop flag, a peak): a reduction on the GPU would make
+    # the host wait for every kernel queued before it, so the host could not run ahead
+    host_group: object = None
 
     @property
     def active(self) -> bool:
@@ -44,13 +47,9 @@ class DistributedContext:
     def _reduce(self, value: float, op) -> float:
         if not self.active:
             return float(value)
-        device = _torch.device("cuda", _torch.cuda.current_device()) if dist.get_backend() == "nccl" else "cpu"
-        t = _torch.tensor(float(value), dtype=_torch.float64, device=device)
-        dist.all_reduce(t, op=op)
+        t = _torch.tensor(float(value), dtype=_torch.float64)
+        dist.all_reduce(t, op=op, group=self.host_group)
         return float(t)
-
-    def mean(self, value) -> float:
-        return self._reduce(float(value), dist.ReduceOp.SUM) / self.world_size
 
     def maximum(self, value) -> float:
         return self._reduce(float(value), dist.ReduceOp.MAX)
@@ -110,9 +109,13 @@ def distributed_context(engine: str, timeout_s: float | None = None) -> Distribu
         # NCCL otherwise guesses each rank's GPU from its global rank (a hang on uneven nodes)
         local = _torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0"))) if backend == "nccl" else None
         dist.init_process_group(backend, device_id=local, **timeout)
-    patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT) if dist.get_world_size() > 1 else None
+    patient = host = None
+    if dist.get_world_size() > 1:
+        patient = dist.new_group(backend="gloo", timeout=PATIENT_TIMEOUT)
+        if dist.get_backend() != "gloo":  # else the world group is on the host already
+            host = dist.new_group(backend="gloo", **timeout)
     return DistributedContext(dist.get_rank(), dist.get_world_size(),
-                              int(os.environ.get("LOCAL_RANK", "0")), patient)
+                              int(os.environ.get("LOCAL_RANK", "0")), patient, host)
 
 
 def leave_distributed() -> None:

@@ -208,6 +208,10 @@ def read_ds_config(path: str | None, recipe) -> dict:
     if isinstance(stage, bool) or stage not in STAGES:
         raise ConfigError(f"{where}: zero_optimization.stage is {_json(stage)}; use 1, 2 or 3 (no sharding:"
                           " drop --ds-config for the torch engine)")
+    if stage == 3 and recipe.model.compile:
+        raise ConfigError(f"{where}: model.compile under ZeRO-3 compiles nothing (dynamo traces ZeRO-3's "
+                          "parameter hooks in every block and recompiles each past its limit, leaving them "
+                          "eager); use ZeRO-1/2 or --engine fsdp, or --set model.compile=false")
     if "scheduler" in config:
         raise ConfigError(f"{where}: has a scheduler, but the recipe owns the lr schedule (optim.warmup_steps,"
                           " optim.rewarm_steps); remove the scheduler section")
@@ -251,7 +255,13 @@ def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accu
                               f" set it to \"auto\"")
         config[key] = value
     config.setdefault("bf16", {})["enabled"] = bf16
+    # the trainer's divergence guard stops a run at a non-finite loss or gradient norm before any
+    # save; DeepSpeed's own overflow check would test every gradient again and wait for the device
+    config["bf16"].setdefault("check_grad_overflow", False)
     config.setdefault("steps_per_print", 10**9)
+    # DeepSpeed's throughput timer synchronises the device at every micro-batch's forward and at
+    # every step, so the host never queues work ahead of the GPU; the trainer times steps itself
+    config.setdefault("timers", {}).setdefault("throughput", {}).setdefault("enabled", False)
     # an optimizer section is checked (read_ds_config) but not filled: the engine steps
     # sst_dist.optim.AdamW with the recipe's settings, never DeepSpeed's optimizer
     return config

@@ -1,0 +1,40 @@
+"""bench/step_profile.py: the GPU's busy time out of profiler events, and the phase table on CPU
+under both engines the harness builds (the flow, not timings)."""
+
+import re
+import subprocess
+import sys
+from types import SimpleNamespace
+
+import pytest
+
+from conftest import ROOT, quiet_env
+
+sys.path.insert(0, str(ROOT / "bench"))
+import step_profile  # noqa: E402
+
+
+def event(start, end, device="CUDA"):
+    return SimpleNamespace(time_range=SimpleNamespace(start=start, end=end),
+                           device_type=SimpleNamespace(name=device))
+
+
+def test_busy_time_counts_overlapping_kernels_once_and_ignores_host_events():
+    events = [event(0, 10), event(5, 12), event(20, 30), event(22, 25), event(0, 100, device="CPU"),
+              event(30, 31)]
+    assert step_profile.busy_seconds(events) == pytest.approx((12 + 11) / 1e6)
+    assert step_profile.busy_seconds([]) == 0
+
+
+@pytest.mark.parametrize("engine", ["ds_configs/zero2.json", "fsdp"])
+def test_the_phase_table_on_cpu_under_each_engine(engine):
+    proc = subprocess.run([sys.executable, "bench/step_profile.py", "--device", "cpu", "--size", "tiny", "--seq", "32",
+                           "--methods", "full,sst", "--warmup", "1", "--steps", "2", "--ds-config", engine],
+                          cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert ("FSDP2" if engine == "fsdp" else "DeepSpeed zero2") in proc.stdout
+    # a phase's row: milliseconds (peak GiB) for full, then for SST
+    ms = {line[:12].strip(): [float(x) for x in re.findall(r"(\d+\.\d+) +\(", line)]
+          for line in proc.stdout.splitlines() if line.strip()}
+    assert all(len(ms[phase]) == 2 and min(ms[phase]) > 0 for phase in ("forward", "backward", "step"))
+    assert ms["after_step"][1] > 0  # SST's renormalisation
