@@ -153,6 +153,15 @@ def train_step(engine, method: Method, step: int, chunks, mark: Callable[[str], 
     return StepResult(event, lrs, loss_sum / len(chunks), grad_norm)
 
 
+def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A batch onto `device` without waiting for the work queued there: from page-locked memory a
+    copy to the GPU is queued like a kernel, where from ordinary memory the driver may first wait
+    for the stream."""
+    if device.type != "cuda":
+        return batch.to(device)
+    return batch.pin_memory().to(device, non_blocking=True)
+
+
 class StepReadout:
     """A step's loss (the mean over ranks) and gradient norm, on their way to the host.
 
@@ -340,7 +349,7 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
         while step < max_steps:
             t0 = time.perf_counter()
             clock.start()
-            result = train_step(engine, method, step, data.next_batch().to(device).split(micro), clock)
+            result = train_step(engine, method, step, to_device(data.next_batch(), device).split(micro), clock)
             readout = StepReadout(result, ctx)
             if pending is not None:
                 previous, pending = pending, None
