@@ -113,6 +113,7 @@ class AdamW(torch.optim.AdamW):
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, eps, decay = float(group["lr"]), group["eps"], group["weight_decay"]
         batches: dict[tuple, list[list]] = {}  # (dtype, device) -> batches of (param, grad, m, v, age)
+        filled: dict[tuple, int] = {}  # (dtype, device) -> elements in its last batch
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -125,10 +126,13 @@ class AdamW(torch.optim.AdamW):
             state["step"] += 1  # the tensor's own count, kept for tools that read it
             param = _local(p)
             row = (param, _local(p.grad), *(_local(state[k]) for k in RESET_KEYS))
-            kind = batches.setdefault((param.dtype, param.device), [[]])
-            if kind[-1] and sum(r[0].numel() for r in kind[-1]) + param.numel() > self.BATCH:
+            key = (param.dtype, param.device)
+            kind = batches.setdefault(key, [[]])
+            if kind[-1] and filled[key] + param.numel() > self.BATCH:
                 kind.append([])
+                filled[key] = 0
             kind[-1].append(row)
+            filled[key] = filled.get(key, 0) + param.numel()
         for (dtype, device), kind in batches.items():
             table = self._table(beta1, beta2, dtype, device)
             for batch in kind:
