@@ -13,8 +13,8 @@ or --ds-config, or FSDP2 with --ds-config fsdp; bf16 with fp32 masters on a GPU,
 each method runs in a fresh subprocess. The device is synchronised at the end of each phase:
 probe (a GaLore refresh's extra forward and backward), before_step (the method's periodic work:
 resample, re-SVD, GaLore refresh), forward, backward, step (the optimizer, with ZeRO's gradient
-handling), after_step (SST's clamp and renormalisation). Per phase: median milliseconds over the timed steps where it ran, and the
-peak memory allocated within it. Measures; asserts nothing.
+handling), after_step (SST's clamp and renormalisation). Per phase: median milliseconds over the
+timed steps where it ran, and the peak memory allocated within it. Measures; asserts nothing.
 
 `--free N` then runs N steps with nothing synchronised between them, as the trainer runs them, and
 reports their milliseconds per step and the share of that time the GPU was busy (from a second,

@@ -187,10 +187,14 @@ class StepReadout:
         else:
             self.host = values
 
-    def read(self) -> tuple[float, float | None]:
-        """(loss, gradient norm or None), waiting for the step if it is still running."""
+    def wait(self) -> None:
+        """Until the step has ended (at once on a CPU)."""
         if self.ready is not None:
             self.ready.synchronize()
+
+    def read(self) -> tuple[float, float | None]:
+        """(loss, gradient norm or None), waiting for the step if it is still running."""
+        self.wait()
         loss, norm = (self.host / self.world_size).tolist()
         if not self.has_norm:
             return loss, None
@@ -361,8 +365,8 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
             eval_due = bool(recipe.eval.every_steps) and (step % recipe.eval.every_steps == 0 or step == max_steps)
             read_now = (save_due or eval_due or stopping or step == max_steps or bool(result.event)
                         or method.work_due(step))
-            if read_now and readout.ready is not None:
-                readout.ready.synchronize()  # this step's time includes its own end
+            if read_now:
+                readout.wait()  # this step's time includes its own end
             elapsed = time.perf_counter() - t0
             state["tokens"] += tokens_per_step
             state["elapsed_s"] += elapsed
