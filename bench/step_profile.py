@@ -6,6 +6,7 @@
     python bench/step_profile.py --size 1.3b --methods galore --micro-batch 1 --steps 4 \\
         --set galore.update_proj_gap=5 --memory-sites 12      # what is live at a refresh's peak
     python bench/step_profile.py --size 125m --methods full,sst --free 20 --ds-config fsdp  # host-bound?
+    python bench/step_profile.py --size 125m --methods full,sst --syncs 5    # what the host waited for
     python bench/step_profile.py --device cpu --size tiny --seq 64                # the flow only
 
 Same set-up as bench/memory.py (bench/harness.py: one process, DeepSpeed with ds_configs/zero2.json
@@ -19,7 +20,8 @@ timed steps where it ran, and the peak memory allocated within it. Measures; ass
 `--free N` then runs N steps with nothing synchronised between them, as the trainer runs them, and
 reports their milliseconds per step and the share of that time the GPU was busy (from a second,
 profiled pass): a step whose synchronised phases add up to less than its free-running time, or
-whose GPU is busy well under 100 %, is bound by the host, not by the GPU.
+whose GPU is busy well under 100 %, is bound by the host, not by the GPU. `--syncs N` then runs N steps under CUDA's sync debug mode
+and lists, per step, every operation that made the host wait for the GPU, by the line that called it.
 """
 
 from __future__ import annotations
@@ -173,6 +175,7 @@ def worker(job: dict) -> dict:
         if step >= job["warmup"]:
             samples.append(marks["current"])
     free = free_running(run, job) if job.get("free") and cuda else None
+    waits = host_waits(run, job) if job.get("syncs") and cuda else None
     report = {"setup_s": run.setup_s, "tokens": job["micro_batch"] * job["seq"] * job["accumulation"],
               "resident_gib": (torch.cuda.memory_allocated(run.device) if cuda else 0) / GIB,
               "phases": {}}
@@ -185,6 +188,8 @@ def worker(job: dict) -> dict:
     report["step_ms"] = statistics.median(sum(ms for ms, _ in s.values()) for s in samples)
     if free:
         report["free"] = free
+    if waits:
+        report["host_waits"] = waits
     if kernels:
         report["kernels"] = kernels
     if sites:
@@ -224,6 +229,35 @@ def free_running(run, job: dict) -> dict:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         profiled = steps()
     return {"ms": wall / n * 1e3, "busy": busy_seconds(prof.events()) / profiled, "steps": n}
+
+
+def host_waits(run, job: dict) -> dict:
+    """`job["syncs"]` free-running steps under CUDA's sync debug mode: every operation that made
+    the host wait for the GPU (a read-back, a copy from pageable memory), counted by the line of
+    Python that called it. Step index 1 throughout, as in free_running."""
+    import warnings
+
+    import torch
+
+    n = job["syncs"]
+    batches = [[run.batch(job["micro_batch"], job["seq"]) for _ in range(job["accumulation"])] for _ in range(n)]
+    run.sync()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            for blocks in batches:
+                run.step(1, blocks)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    sites: dict[str, int] = {}
+    for w in caught:
+        if "synchroniz" in str(w.message):
+            path = Path(w.filename)
+            where = f"{'/'.join(path.parts[-3:])}:{w.lineno}"
+            sites[where] = sites.get(where, 0) + 1
+    return {"per_step": sum(sites.values()) / n, "steps": n,
+            "sites": sorted(((where, count / n) for where, count in sites.items()), key=lambda x: -x[1])}
 
 
 def run_job(job: dict, timeout: int) -> dict:
@@ -274,6 +308,11 @@ def print_tables(labels: list[str], reports: list[dict]) -> None:
         print(f"{'x ' + ok[0][0]:12} " + " ".join(f"{free[0]['ms'] / f['ms']:8.3f}        ".rjust(width) for f in free))
         print(f"{'GPU busy':12} " + " ".join(f"{f['busy']:8.1%}        ".rjust(width) for f in free))
     for label, r in ok:
+        if r.get("host_waits"):
+            w = r["host_waits"]
+            print(f"\n{label}: {w['per_step']:g} host waits for the GPU per step (over {w['steps']} steps), by caller")
+            for where, count in w["sites"]:
+                print(f"  {count:6.2f}  {where}")
         if r.get("kernels"):
             print(f"\n{label}: operators of one step by phase, top by self CPU time\n{r['kernels']}")
         if r.get("memory_sites"):
@@ -295,6 +334,8 @@ def main(argv=None) -> int:
     p.add_argument("--kernels", type=int, default=0, help="profile the last step: top N operators per phase")
     p.add_argument("--free", type=int, default=0,
                    help="then N steps with nothing synchronised (GPU): ms per step and the GPU's busy share")
+    p.add_argument("--syncs", type=int, default=0,
+                   help="then N steps under CUDA's sync debug mode (GPU): what made the host wait, by caller")
     p.add_argument("--memory-sites", type=int, default=0,
                    help="record the last step's allocations (GPU): top N sites live at its peak")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
@@ -322,7 +363,7 @@ def main(argv=None) -> int:
     base = {"size": args.size, "rank": args.rank, "seq": args.seq or (64 if cpu else 2048),
             "micro_batch": args.micro_batch or (2 if cpu else 8), "accumulation": args.accumulation,
             "warmup": args.warmup,
-            "steps": args.steps, "kernels": args.kernels, "free": args.free, "memory_sites": args.memory_sites,
+            "steps": args.steps, "kernels": args.kernels, "free": args.free, "syncs": args.syncs, "memory_sites": args.memory_sites,
             "device": args.device,
             "ds_config": None if args.ds_config == "fsdp" else args.ds_config}
     labels, reports = [], []

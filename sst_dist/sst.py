@@ -318,9 +318,9 @@ class SSTLinear(nn.Module):
         """Where the active slots `slots` live in `spectral`: u_active's columns and vh_active's
         rows, as flat indices (what an optimizer-state reset of those slots zeroes)."""
         (_, _), (a, _), (b, _) = self.regions()
-        slots = slots.to(torch.long).cpu()
-        columns = a + torch.arange(self.out_features)[:, None] * self.rank + slots[None, :]
-        rows = b + slots[:, None] * self.in_features + torch.arange(self.in_features)[None, :]
+        slots = slots.to(torch.long)  # made where the slots are: no copy for a reset on the device
+        columns = a + torch.arange(self.out_features, device=slots.device)[:, None] * self.rank + slots[None, :]
+        rows = b + slots[:, None] * self.in_features + torch.arange(self.in_features, device=slots.device)[None, :]
         return torch.cat([columns.reshape(-1), rows.reshape(-1)])
 
     @property
@@ -423,17 +423,6 @@ class SSTLinear(nn.Module):
                 f"rank={self.rank}, path={self.path}")
 
 
-def resampled(U, Vh, s, u_active, vh_active, idx, generator=None, uniform_mix=False):
-    """Writes u_active / vh_active back into U / Vh and draws the next active set.
-
-    Returns (U, Vh, new_idx, reset_slots); the new active vectors are U[:, new_idx], Vh[new_idx].
-    """
-    U, Vh = merged_factors(U, Vh, u_active, vh_active, idx)
-    drawn = sample_active(s.cpu(), idx.numel(), generator, uniform_mix)
-    new_idx, slots = assign_slots(idx.cpu(), drawn)
-    return U, Vh, new_idx.to(idx.device), slots
-
-
 def resvd_factors(U, Vh, s, u_active, vh_active, idx):
     """A fresh SVD of the layer's current W, in float32 (float64 if the inputs are)."""
     dtype = compute_dtype(U, s, u_active)
@@ -470,6 +459,6 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
     return swap_modules(model, target_linears(model, targets), make)
 
 
-__all__ = ["SSTLinear", "apply_sst", "sample_active", "assign_slots", "layer_generator", "resampled",
+__all__ = ["SSTLinear", "apply_sst", "sample_active", "assign_slots", "layer_generator",
            "resvd_factors", "merged_factors", "dense_from_factors", "spectral_weight", "sync_active",
            "sampling_probabilities", "compute_dtype"]

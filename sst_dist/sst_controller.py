@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from sst_dist.engines.views import region, row_pieces, signature, strided_runs
-from sst_dist.sst import (SSTLinear, assign_slots, compute_dtype, layer_generator, resampled,
+from sst_dist.sst import (SSTLinear, assign_slots, compute_dtype, layer_generator, merged_factors,
                           resvd_factors, sample_active)
 
 
@@ -157,37 +157,56 @@ class SSTController:
     @torch.no_grad()
     def resample(self, iteration: int):
         """Start of an iteration: write back, draw, load, reset the moments of changed slots."""
-        read = self.backend.read
-        trainables = self.backend.read_many([layer.spectral for layer in self.layers])
-        for index, (layer, packed) in enumerate(zip(self.layers, trainables)):
-            s, u_active, vh_active = layer.split(packed)
-            U, Vh, new_idx, slots = resampled(
-                read(layer.U), read(layer.Vh), s, u_active, vh_active, layer.active_indices,
-                layer_generator(self.seed, index, iteration), self.uniform_mix)
+        backend = self.backend
+        trainables = backend.read_many([layer.spectral for layer in self.layers])
+        parts = [layer.split(packed) for layer, packed in zip(self.layers, trainables)]
+        draws = self._draw([s for s, _, _ in parts], iteration, redraw_all=False)
+        for layer, (s, u_active, vh_active), (new_idx, slots) in zip(self.layers, parts, draws):
+            U, Vh = merged_factors(backend.read(layer.U), backend.read(layer.Vh), u_active, vh_active,
+                                   layer.active_indices)
             self._load(layer, U, Vh, s, new_idx, slots)
 
     @torch.no_grad()
     def resvd(self, iteration: int):
         """Start of a round: a fresh SVD per layer on its owner rank, then a full redraw."""
         backend = self.backend
+        dev = backend.compute_device
         results = {}
         trainables = backend.read_many([layer.spectral for layer in self.layers])
         for index, (layer, packed) in enumerate(zip(self.layers, trainables)):
             tensors = [backend.read(layer.U), backend.read(layer.Vh), *layer.split(packed)]
             if backend.owner(index) == backend.rank:
-                dev = backend.compute_device
                 results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))
-        for index, layer in enumerate(self.layers):
+        # σ of every layer first, for the draws; then each layer's factors, loaded as they arrive
+        sigmas = [backend.broadcast(results[index][1] if index in results else
+                                    torch.empty(layer.k, dtype=compute_dtype(layer.spectral), device=dev),
+                                    backend.owner(index))
+                  for index, layer in enumerate(self.layers)]
+        draws = self._draw(sigmas, iteration, redraw_all=True)
+        for index, (layer, s, (new_idx, slots)) in enumerate(zip(self.layers, sigmas, draws)):
             dtype = compute_dtype(layer.spectral)
-            shapes = [(layer.out_features, layer.k), (layer.k,), (layer.k, layer.in_features)]
-            U, s, Vh = results.get(index) or [
-                torch.empty(shape, dtype=dtype, device=backend.compute_device) for shape in shapes]
-            for t in (U, s, Vh):
-                backend.broadcast(t, backend.owner(index))
-            drawn = sample_active(s.cpu(), layer.rank, layer_generator(self.seed, index, iteration),
-                                  self.uniform_mix)
-            new_idx, slots = assign_slots(None, drawn)
+            U, _, Vh = results.pop(index, None) or (
+                torch.empty(layer.out_features, layer.k, dtype=dtype, device=dev), None,
+                torch.empty(layer.k, layer.in_features, dtype=dtype, device=dev))
+            U, Vh = (backend.broadcast(t, backend.owner(index)) for t in (U, Vh))
             self._load(layer, U, Vh, s, new_idx, slots)
+
+    def _draw(self, singular_values, iteration: int, redraw_all: bool):
+        """Each layer's next active set and the slots whose vectors change, as (new_idx, slots) on
+        the compute device. The draws run on the host from one copy of every layer's σ and active
+        set, and their results go back in one copy: a copy per layer would wait for the device
+        each time, and a resample would cost a round trip per layer."""
+        layers = self.layers
+        sigma = torch.cat([s.reshape(-1) for s in singular_values]).cpu().split([layer.k for layer in layers])
+        old = [None] * len(layers) if redraw_all else \
+            torch.cat([layer.active_indices for layer in layers]).cpu().split([layer.rank for layer in layers])
+        chosen = []
+        for index, layer in enumerate(layers):
+            drawn = sample_active(sigma[index], layer.rank, layer_generator(self.seed, index, iteration),
+                                  self.uniform_mix)
+            chosen.extend(assign_slots(old[index], drawn))
+        pieces = torch.cat(chosen).to(self.backend.compute_device).split([t.numel() for t in chosen])
+        return list(zip(pieces[0::2], pieces[1::2]))
 
     def _load(self, layer: SSTLinear, U, Vh, s, new_idx, slots):
         backend = self.backend
@@ -195,10 +214,10 @@ class SSTController:
         layer.drop_kept_weight()
         backend.write(layer.U, U)
         backend.write(layer.Vh, Vh)
-        layer.active_indices.copy_(new_idx.to(layer.active_indices.device))
+        layer.active_indices.copy_(new_idx)
         backend.write(layer.spectral, layer.pack(s.to(U.device), U[:, new_idx], Vh[new_idx]))
         reset = [layer.slot_elements(slots)] if slots.numel() else []
         if self.reset_s_state:
-            reset.append(torch.arange(layer.k))
+            reset.append(torch.arange(layer.k, device=slots.device))
         if reset:
             backend.reset_state(layer.spectral, torch.cat(reset))

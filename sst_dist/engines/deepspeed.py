@@ -276,6 +276,7 @@ class DeepSpeedEngine:
         self.accumulation = accumulation
         self.rank, self.world_size = ctx.rank, ctx.world_size
         internals.check_version()
+        internals.install_step_without_host_reads()
         config = load_ds_config(ds_config, recipe, device=device, dtype=dtype, micro_batch=micro_batch,
                                 accumulation=accumulation, world_size=ctx.world_size)
         # The optimizer is always sst_dist.optim.AdamW, DeepSpeed's own never: its per-element ages

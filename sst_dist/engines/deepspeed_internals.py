@@ -99,6 +99,51 @@ def fragment_state_keys(param) -> set[str]:
     return set(mapping.get_optim_state_keys()) if mapping is not None else set()
 
 
+# ----------------------------------------------------------------------------- ZeRO-1/2: a step the host need not wait for
+
+def _mask_invalid_norm(norm, device=None, val=-1.0):
+    """DeepSpeed's mask_nan_or_inf_with_val_inplace with the fill value as a scalar: its
+    torch.tensor(val, device=...) is a host-to-device copy, which waits for every queued kernel."""
+    norm.masked_fill_(~torch.isfinite(norm), val)
+
+
+def _unscale_and_clip_grads(self, grad_groups_flat, total_norm):
+    """DeepSpeedZeroOptimizer.unscale_and_clip_grads with its invalid-norm test on the device: its
+    `if is_invalid_grad_norm(norm)` reads the norm back, which waits for the whole backward. The
+    same scale results (an invalid norm clips as an infinite one)."""
+    if not torch.is_tensor(total_norm):
+        return _DEEPSPEED_UNSCALE_AND_CLIP(self, grad_groups_flat, total_norm)
+    if self.clip_grad == 0.0 and self.loss_scale == 1.0:
+        return
+    combined_scale = self.loss_scale
+    if self.clip_grad > 0.0:
+        valid = torch.isfinite(total_norm) & (total_norm >= 0)
+        clip_norm = torch.where(valid, total_norm, torch.full_like(total_norm, float("inf")))
+        clip = ((clip_norm / self.loss_scale) + 1e-6) / self.clip_grad  # the norm is norm x scale
+        combined_scale = torch.clamp(clip, min=1.0) * self.loss_scale
+    for grad in grad_groups_flat:
+        for g in grad if isinstance(grad, list) else [grad]:
+            g.data.mul_(1.0 / combined_scale)
+
+
+_DEEPSPEED_UNSCALE_AND_CLIP = None
+
+
+def install_step_without_host_reads() -> None:
+    """ZeRO-1/2's step read the gradient norm back to the host twice per param group (see the two
+    functions above), so the host could never queue the next step while the GPU finished this one;
+    with these two replaced it reads nothing (bf16 with the overflow check off: that check, and
+    fp16 / fp32's skip of a step with a non-finite norm, still read it). Idempotent."""
+    global _DEEPSPEED_UNSCALE_AND_CLIP
+    from deepspeed.runtime.zero import stage_1_and_2
+
+    optimizer = stage_1_and_2.DeepSpeedZeroOptimizer
+    if optimizer.unscale_and_clip_grads is not _unscale_and_clip_grads:
+        _DEEPSPEED_UNSCALE_AND_CLIP = optimizer.unscale_and_clip_grads
+        optimizer.unscale_and_clip_grads = _unscale_and_clip_grads
+    stage_1_and_2.mask_nan_or_inf_with_val_inplace = _mask_invalid_norm
+
+
 # ----------------------------------------------------------------------------- ZeRO-3
 
 def partition(param, key: str | None = None) -> torch.Tensor:

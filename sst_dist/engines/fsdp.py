@@ -65,6 +65,11 @@ class FSDPBackend(Backend):
         self._device = device
         self._units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
+        self._maybe_gathered = True  # a forward ran since the units were last resharded
+        model.register_forward_pre_hook(self._forward_ran)
+
+    def _forward_ran(self, *_):
+        self._maybe_gathered = True
 
     @property
     def compute_device(self):
@@ -72,9 +77,13 @@ class FSDPBackend(Backend):
 
     def _sharded(self) -> None:
         """The root unit keeps its parameters gathered after a forward with no backward (an
-        evaluation), so its module attributes would be the unsharded copies; put the shards back."""
-        for unit in self._units:
-            unit.reshard()
+        evaluation), so its module attributes would be the unsharded copies; put the shards back.
+        Only after a forward: every read, write and per-step shard lookup asks, and a pass over all
+        units each time costs more host time than the work itself (~13 units x 72 layers a step)."""
+        if self._maybe_gathered:
+            for unit in self._units:
+                unit.reshard()
+            self._maybe_gathered = False
 
     @torch.no_grad()
     def read(self, param):
@@ -101,8 +110,16 @@ class FSDPBackend(Backend):
                 local.zero_()
                 continue
             slots = index.to(local.device)
-            if dim == 0:  # the sharded dim: keep the slots this rank holds, in local coordinates
-                slots = slots[(slots >= start) & (slots < start + local.shape[0])] - start
+            if dim == 0:
+                # the sharded dim: this rank's slots, in local coordinates, through a mask whose
+                # extra last row takes the other ranks' slots (selecting them by a boolean index
+                # would wait for the device, at every reset of every layer)
+                rows = local.shape[0]
+                slots = slots - start
+                slots = torch.where((slots >= 0) & (slots < rows), slots, rows)
+                mask = torch.zeros(rows + 1, dtype=torch.bool, device=local.device).index_fill_(0, slots, True)
+                local.masked_fill_(mask[:rows].view(rows, *[1] * (local.dim() - 1)), 0)
+                continue
             local.index_fill_(dim, slots, 0)
 
     def shards(self, param):
