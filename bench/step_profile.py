@@ -250,14 +250,20 @@ def host_waits(run, job: dict) -> dict:
                 run.step(1, blocks)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    return waits_by_caller(caught, n)
+
+
+def waits_by_caller(caught, steps: int) -> dict:
+    """The sync debug mode's warnings (warnings.WarningMessage) as host waits per step, in all and
+    by the line that made them (the last three parts of its path), most frequent first; other
+    warnings are left out."""
     sites: dict[str, int] = {}
     for w in caught:
         if "synchroniz" in str(w.message):
-            path = Path(w.filename)
-            where = f"{'/'.join(path.parts[-3:])}:{w.lineno}"
+            where = f"{'/'.join(Path(w.filename).parts[-3:])}:{w.lineno}"
             sites[where] = sites.get(where, 0) + 1
-    return {"per_step": sum(sites.values()) / n, "steps": n,
-            "sites": sorted(((where, count / n) for where, count in sites.items()), key=lambda x: -x[1])}
+    return {"per_step": sum(sites.values()) / steps, "steps": steps,
+            "sites": sorted(((where, count / steps) for where, count in sites.items()), key=lambda x: -x[1])}
 
 
 def run_job(job: dict, timeout: int) -> dict:

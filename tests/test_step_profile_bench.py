@@ -1,5 +1,6 @@
-"""bench/step_profile.py: the GPU's busy time out of profiler events, and the phase table on CPU
-under both engines the harness builds (the flow, not timings)."""
+"""bench/step_profile.py: the GPU's busy time out of profiler events, the host waits out of CUDA's
+sync debug warnings, and the phase table on CPU under both engines the harness builds (the flow,
+not timings)."""
 
 import re
 import subprocess
@@ -24,6 +25,19 @@ def test_busy_time_counts_overlapping_kernels_once_and_ignores_host_events():
               event(30, 31)]
     assert step_profile.busy_seconds(events) == pytest.approx((12 + 11) / 1e6)
     assert step_profile.busy_seconds([]) == 0
+
+
+def test_host_waits_are_counted_per_step_by_caller():
+    def warning(message, filename, lineno):
+        return SimpleNamespace(message=UserWarning(message), filename=filename, lineno=lineno)
+
+    sync = "called a synchronizing CUDA operation"
+    caught = [warning(sync, "/x/site-packages/deepspeed/runtime/utils.py", 887)] * 4 + [
+        warning(sync, "/x/site-packages/transformers/masking_utils.py", 269)] * 2 + [
+        warning("an unrelated warning", "/x/a.py", 1)]
+    waits = step_profile.waits_by_caller(caught, steps=2)
+    assert waits["per_step"] == 3 and waits["steps"] == 2
+    assert waits["sites"] == [("deepspeed/runtime/utils.py:887", 2.0), ("site-packages/transformers/masking_utils.py:269", 1.0)]
 
 
 @pytest.mark.parametrize("engine", ["ds_configs/zero2.json", "fsdp"])
