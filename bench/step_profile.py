@@ -208,20 +208,30 @@ def busy_seconds(events) -> float:
     return total / 1e6  # profiler times are in microseconds
 
 
+def run_free(run, batches) -> None:
+    """One step per entry of `batches`, back to back with no phase synchronised, as the trainer
+    runs them. Step index 1 throughout: no periodic work falls due."""
+    for blocks in batches:
+        run.step(1, blocks)
+
+
+def step_batches(run, job: dict, n: int) -> list:
+    """`n` steps' micro-batches, made before any step runs."""
+    return [[run.batch(job["micro_batch"], job["seq"]) for _ in range(job["accumulation"])] for _ in range(n)]
+
+
 def free_running(run, job: dict) -> dict:
-    """`job["free"]` steps back to back with no phase synchronised, as the trainer runs them: their
-    milliseconds per step, then the same again under the profiler for the GPU's busy share. Step
-    index 1 throughout: no periodic work falls due."""
+    """`job["free"]` steps run free (run_free): their milliseconds per step, then the same again
+    under the profiler for the GPU's busy share."""
     import torch
 
     n = job["free"]
-    batches = [[run.batch(job["micro_batch"], job["seq"]) for _ in range(job["accumulation"])] for _ in range(n)]
+    batches = step_batches(run, job, n)
 
     def steps() -> float:
         run.sync()
         start = time.perf_counter()
-        for blocks in batches:
-            run.step(1, blocks)
+        run_free(run, batches)
         run.sync()
         return time.perf_counter() - start
 
@@ -232,22 +242,21 @@ def free_running(run, job: dict) -> dict:
 
 
 def host_waits(run, job: dict) -> dict:
-    """`job["syncs"]` free-running steps under CUDA's sync debug mode: every operation that made
-    the host wait for the GPU (a read-back, a copy from pageable memory), counted by the line of
-    Python that called it. Step index 1 throughout, as in free_running."""
+    """`job["syncs"]` steps run free (run_free) under CUDA's sync debug mode: every operation that
+    made the host wait for the GPU (a read-back, a copy from pageable memory), counted by the line
+    of Python that called it."""
     import warnings
 
     import torch
 
     n = job["syncs"]
-    batches = [[run.batch(job["micro_batch"], job["seq"]) for _ in range(job["accumulation"])] for _ in range(n)]
+    batches = step_batches(run, job, n)
     run.sync()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            for blocks in batches:
-                run.step(1, blocks)
+            run_free(run, batches)
         finally:
             torch.cuda.set_sync_debug_mode("default")
     return waits_by_caller(caught, n)

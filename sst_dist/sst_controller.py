@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 
 from sst_dist.engines.views import region, row_pieces, signature, strided_runs
-from sst_dist.sst import (SSTLinear, assign_slots, compute_dtype, layer_generator, merged_factors,
-                          resvd_factors, sample_active)
+from sst_dist.sst import (SSTLinear, assign_slots, compute_dtype, layer_generator, resvd_factors,
+                          sample_active, sync_active)
 
 
 class _RenormPlan:
@@ -162,8 +162,8 @@ class SSTController:
         parts = [layer.split(packed) for layer, packed in zip(self.layers, trainables)]
         draws = self._draw([s for s, _, _ in parts], iteration, redraw_all=False)
         for layer, (s, u_active, vh_active), (new_idx, slots) in zip(self.layers, parts, draws):
-            U, Vh = merged_factors(backend.read(layer.U), backend.read(layer.Vh), u_active, vh_active,
-                                   layer.active_indices)
+            U, Vh = backend.read(layer.U), backend.read(layer.Vh)  # copies of their own
+            sync_active(U, Vh, u_active, vh_active, layer.active_indices)  # the trained vectors back in
             self._load(layer, U, Vh, s, new_idx, slots)
 
     @torch.no_grad()
@@ -184,10 +184,12 @@ class SSTController:
                   for index, layer in enumerate(self.layers)]
         draws = self._draw(sigmas, iteration, redraw_all=True)
         for index, (layer, s, (new_idx, slots)) in enumerate(zip(self.layers, sigmas, draws)):
-            dtype = compute_dtype(layer.spectral)
-            U, _, Vh = results.pop(index, None) or (
-                torch.empty(layer.out_features, layer.k, dtype=dtype, device=dev), None,
-                torch.empty(layer.k, layer.in_features, dtype=dtype, device=dev))
+            if index in results:
+                U, _, Vh = results.pop(index)
+            else:  # receive buffers
+                dtype = compute_dtype(layer.spectral)
+                U = torch.empty(layer.out_features, layer.k, dtype=dtype, device=dev)
+                Vh = torch.empty(layer.k, layer.in_features, dtype=dtype, device=dev)
             U, Vh = (backend.broadcast(t, backend.owner(index)) for t in (U, Vh))
             self._load(layer, U, Vh, s, new_idx, slots)
 

@@ -30,7 +30,8 @@ class Backend(ABC):
 
     @abstractmethod
     def read(self, param: torch.nn.Parameter) -> torch.Tensor:
-        """The full, authoritative value of `param` (its fp32 master if it has one), on every rank."""
+        """The full, authoritative value of `param` (its fp32 master if it has one), on every rank,
+        as a tensor of its own: the caller may write it."""
 
     def read_many(self, params: list[torch.nn.Parameter]) -> list[torch.Tensor]:
         """read() of each parameter, in order; an engine may gather them in fewer collectives."""
