@@ -272,7 +272,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan(args) -> tuple[list[dict], dict[str, str]]:
     """The jobs of the sweep and, per method, why it is skipped. Raises ConfigError on bad flags."""
-    from sst_dist.config import OPT_TARGETS, ConfigError
+    from sst_dist.config import OPT_TARGETS
+    from sst_dist.errors import ConfigError
     from sst_dist.memory import resolve_model
     from sst_dist.models import min_target_dim
 
@@ -323,7 +324,7 @@ def main(argv=None) -> int:
         leave_distributed()
         return 0
 
-    from sst_dist.config import ConfigError
+    from sst_dist.errors import ConfigError
 
     try:
         if args.device == "cuda":

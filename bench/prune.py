@@ -25,8 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from sst_dist.config import ConfigError  # noqa: E402
-from sst_dist.rundir import RunError  # noqa: E402
+from sst_dist.errors import ConfigError, DataError, RunError  # noqa: E402
 
 FIELDS = ("fraction", "kept", "of", "eval_loss", "eval_ppl", "dense_params", "factored_params")
 
@@ -115,8 +114,6 @@ def main(argv=None) -> int:
     p.add_argument("--eval-tokens", type=int, help="held-out tokens (default: the run's eval.tokens)")
     p.add_argument("--cache-dir", help="where the run's prepared data lies (default: its data.cache_dir)")
     args = p.parse_args(argv)
-    from sst_dist.data import DataError
-
     try:
         fractions = parse_fractions(args.fractions)
         if args.eval_tokens is not None and args.eval_tokens <= 0:

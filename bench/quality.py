@@ -36,7 +36,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sst_dist.config import METHODS, ConfigError, flatten, load_recipe  # noqa: E402
+from sst_dist.config import METHODS, flatten, load_recipe  # noqa: E402
+from sst_dist.errors import ConfigError  # noqa: E402
 from size_recipe import size_recipe  # noqa: E402
 from sst_dist.plot import (RESET_EVENTS, eval_loss_panel, pyplot, read_rows, save,  # noqa: E402
                            train_loss_panel)

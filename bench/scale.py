@@ -35,7 +35,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from size_recipe import size_recipe  # noqa: E402
-from sst_dist.config import METHODS, ConfigError, load_recipe  # noqa: E402
+from sst_dist.config import METHODS, load_recipe  # noqa: E402
+from sst_dist.errors import ConfigError  # noqa: E402
 
 COLUMNS = ("method", "size", "gpus", "engine", "status", "steps", "init_s", "wall_s", "tokens_per_s",
            "peak_gib", "est_gib", "est_err_pct", "loss_first", "loss_last", "events", "note")

@@ -10,7 +10,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def size_recipe(size: str, method: str) -> Path:
     """The recipe file; ConfigError (one line) where there is none."""
-    from sst_dist.config import ConfigError
+    from sst_dist.errors import ConfigError
 
     name = f"tiny-{method}.yaml" if size == "tiny" else f"opt-{size}-{method}.yaml"
     path = ROOT / "recipes" / name

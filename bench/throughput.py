@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from size_recipe import size_recipe  # noqa: E402
-from sst_dist.config import ConfigError  # noqa: E402
+from sst_dist.errors import ConfigError  # noqa: E402
 from sst_dist.engines import free_port  # noqa: E402
 
 # an H200 (SXM) and an H100 SXM: dense BF16 tensor-core peak, 989 TFLOP/s (NVIDIA's data sheets

@@ -18,7 +18,8 @@ import shutil
 from pathlib import Path
 
 from sst_dist.config import flatten
-from sst_dist.rundir import RunError, write_atomic
+from sst_dist.errors import RunError
+from sst_dist.rundir import write_atomic
 
 LATEST = "latest"
 TRAINER_STATE = "trainer.json"

@@ -7,13 +7,11 @@ import os
 import sys
 from pathlib import Path
 
-from sst_dist.config import ConfigError, load_recipe
+from sst_dist.config import load_recipe
+from sst_dist.errors import ConfigError, DataError, RunError
 
 
 def run_cli(args) -> int:
-    from sst_dist.data import DataError
-    from sst_dist.rundir import RunError
-
     started = False  # before: a mistake in the arguments, the same on every rank
     recipe = None
     try:

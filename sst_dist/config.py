@@ -15,6 +15,8 @@ from pathlib import Path
 
 import yaml
 
+from sst_dist.errors import ConfigError
+
 METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 SST_PATHS = ("dense", "materialized", "factored", "functional")  # how an SSTLinear computes (SSTConfig.path)
@@ -22,10 +24,6 @@ WANDB_MODES = ("offline", "online", "disabled")
 # Environment settings that fill a recipe key the recipe (file or --set) leaves unset, so that a
 # cluster script's `export WANDB_MODE=offline` takes effect; a value written in the recipe wins.
 ENV_DEFAULTS = {"WANDB_MODE": ("wandb.mode", WANDB_MODES), "WANDB_PROJECT": ("wandb.project", None)}
-
-
-class ConfigError(ValueError):
-    """A mistake in a recipe or on the command line; the message is one line for the user."""
 
 
 @dataclass

@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from sst_dist import checkpoint
-from sst_dist.config import ConfigError, Recipe, _build, validate
-from sst_dist.rundir import RunError
+from sst_dist.config import Recipe, _build, validate
+from sst_dist.errors import ConfigError, RunError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXTRA_STATE = "_extra_state"
@@ -260,7 +260,7 @@ def hf_tokenizer(ckpt: RunCheckpoint):
         try:
             from transformers import AutoTokenizer
 
-            from sst_dist.data.tokenizer import hub_reachable
+            from sst_dist.hub import hub_reachable
 
             return AutoTokenizer.from_pretrained(OPT_NAME, local_files_only=not hub_reachable())
         except Exception:  # not cached and no hub: its tokenizer.json carries the same vocabulary

@@ -35,7 +35,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from sst_dist.config import METHODS, OPT_TARGETS, SST_PATHS, ConfigError
+from sst_dist.config import METHODS, OPT_TARGETS, SST_PATHS
+from sst_dist.errors import ConfigError
 
 GIB = 2**30
 PRECISIONS = ("bf16", "fp32")

@@ -7,7 +7,11 @@ import re
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import OPTConfig, OPTForCausalLM
+
+from sst_dist.errors import ConfigError
+from sst_dist.hub import hub_reachable
 
 # hidden, layers, heads, ffn (Zhang et al. 2022, Table 1; HF facebook/opt-* configs)
 OPT_SIZES: dict[str, dict] = {
@@ -69,8 +73,6 @@ def check_attn_implementation(name: str, device) -> None:
     """ConfigError (one line) if OPT cannot train with attention `name` on `device` here: a kernel
     whose package is missing, flex_attention on CPU. Found before the data is prepared, not at
     the first step, by building a 2-layer model of width 64 with it."""
-    from sst_dist.config import ConfigError
-
     key = "model.attn_implementation"
     if name == "flex_attention" and device.type == "cpu":
         raise ConfigError(f"{key}: flex_attention has no backward on CPU; use sdpa or eager")
@@ -92,6 +94,16 @@ def enable_activation_checkpointing(model: OPTForCausalLM) -> None:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
+def decoder_blocks(model: nn.Module) -> list[nn.Module]:
+    """The transformer blocks: what FSDP2 shards as one unit each, and what compile_blocks compiles
+    (HF keeps them in a ModuleList named `layers`: model.decoder.layers for OPT, model.layers for
+    Llama-style models)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
+            return list(module)
+    raise ConfigError(f"{type(model).__name__}: found no ModuleList named 'layers' (its decoder blocks)")
+
+
 def compile_blocks(model: torch.nn.Module, method_layers=()) -> int:
     """model.compile: torch.compile of each decoder block, in place (nn.Module.compile: the module,
     its parameters and state-dict names stay the same, so every engine's hooks, checkpoints and
@@ -107,8 +119,6 @@ def compile_blocks(model: torch.nn.Module, method_layers=()) -> int:
     per step and keyed on tensor versions, its gradient summed over micro-batches; GaLore's
     gradient probes), which a traced graph would freeze at its first call. SST's functional path
     is a pure function and is traced with its block."""
-    from sst_dist.engines.fsdp import decoder_blocks
-
     for layer in method_layers:
         if not getattr(layer, "traceable", False):
             layer.forward = torch.compiler.disable(layer.forward, recursive=True)
@@ -153,8 +163,6 @@ def _size_mismatch(path, theirs: dict, size: str) -> str | None:
 def check_init_from(path: str, size: str) -> None:
     """ConfigError (one line) for a model.init_from that cannot start a `size` model: a folder
     without an OPT config.json, or an OPT of another size. A hub name is checked when it loads."""
-    from sst_dist.config import ConfigError
-
     folder = Path(path).expanduser()
     if not folder.exists():
         if _HUB_NAME.fullmatch(path) and not path.startswith("."):
@@ -177,9 +185,6 @@ def check_init_from(path: str, size: str) -> None:
 def load_init_weights(model: OPTForCausalLM, path: str, size: str) -> None:
     """Copies a transformers OPT's weights (a local folder, or the hub when reachable) into `model`,
     which has the recipe's shapes; ConfigError (one line) if they differ (size, vocabulary, seq_len)."""
-    from sst_dist.config import ConfigError
-    from sst_dist.data.tokenizer import hub_reachable
-
     local = Path(path).expanduser().exists()
     try:
         source = OPTForCausalLM.from_pretrained(str(Path(path).expanduser()) if local else path,

@@ -9,12 +9,9 @@ import socket
 import time
 from pathlib import Path
 
+from sst_dist.errors import RunError
+
 LOCK = "run.lock"
-
-
-class RunError(RuntimeError):
-    """A problem with the output folder, its checkpoints or the run's progress; the message is one
-    line for the user."""
 
 
 def write_atomic(path: Path, text: str) -> None:

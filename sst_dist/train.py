@@ -18,14 +18,14 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from sst_dist import checkpoint, rundir
-from sst_dist.config import ConfigError, Recipe
+from sst_dist.config import Recipe
 from sst_dist.data import evaluate, lm_loss, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context, leave_distributed
+from sst_dist.errors import ConfigError, RunError
 from sst_dist.build import Materializer, build_on_meta
 from sst_dist.methods import Method, build_method, frozen_dtype
 from sst_dist.models import (OPT_VOCAB, build_model, check_attn_implementation, compile_blocks,
                              enable_activation_checkpointing)
-from sst_dist.rundir import RunError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 

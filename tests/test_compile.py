@@ -6,8 +6,10 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sst_dist.config import METHODS, ConfigError, load_recipe
+from sst_dist.config import METHODS, load_recipe
 from sst_dist.engines import distributed_context
+from sst_dist.errors import ConfigError
+from sst_dist.models import build_model, decoder_blocks
 from sst_dist.train import build_run, train_step
 
 STEPS = 6
@@ -80,3 +82,11 @@ def test_the_blocks_share_one_graph():
     makes dynamo recompile, which past its recompile limit (8) would leave the other blocks eager."""
     _losses("full", True)
     assert counters["frames"]["total"] == 1 and counters["stats"]["unique_graphs"] == 1
+
+
+def test_decoder_blocks_are_the_models_layers():
+    model = build_model("tiny")
+    assert decoder_blocks(model) == list(model.model.decoder.layers) and len(decoder_blocks(model)) == 2
+    with pytest.raises(ConfigError) as err:
+        decoder_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+    assert "Sequential" in str(err.value) and "\n" not in str(err.value)

@@ -4,7 +4,8 @@ import sys
 import pytest
 import yaml
 
-from sst_dist.config import ConfigError, load_recipe
+from sst_dist.config import load_recipe
+from sst_dist.errors import ConfigError
 
 
 @pytest.mark.parametrize("override, words", [

@@ -108,8 +108,8 @@ def test_another_deepspeed_minor_is_refused_in_one_line():
     line that names the version it needs, before anything starts."""
     import deepspeed
 
-    from sst_dist.config import ConfigError
     from sst_dist.engines.deepspeed_internals import WRITTEN_FOR, check_version
+    from sst_dist.errors import ConfigError
 
     check_version()  # the installed one
     check_version(f"{WRITTEN_FOR[0]}.{WRITTEN_FOR[1]}.99")

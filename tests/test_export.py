@@ -300,7 +300,8 @@ def test_init_from_an_export_reproduces_its_loss_at_step_0(runs, tmp_path, metho
 
 
 def test_init_from_errors_are_one_line(runs, tmp_path):
-    from sst_dist.config import ConfigError, load_recipe
+    from sst_dist.config import load_recipe
+    from sst_dist.errors import ConfigError
 
     _, folder, _ = runs("full")
     (tmp_path / "noconfig").mkdir()

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from conftest import pretrain, read_metrics
-from sst_dist.config import ConfigError, load_recipe
+from sst_dist.config import load_recipe
 from sst_dist.engines.deepspeed import load_ds_config, read_ds_config
+from sst_dist.errors import ConfigError
 
 
 def write(path, text):

@@ -17,7 +17,8 @@ import torch
 
 from conftest import ROOT, free_port, losses, pretrain, quiet_env, read_metrics
 from sst_dist import checkpoint, rundir
-from sst_dist.rundir import RunError, RunLock
+from sst_dist.errors import RunError
+from sst_dist.rundir import RunLock
 
 RECIPE = "recipes/tiny-sst.yaml"
 

@@ -12,10 +12,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from sst_dist.data.errors import DataError
 from sst_dist.data.shards import MANIFEST, candidate_folders, prepare
 
-__all__ = ["DataError", "TrainData", "evaluate", "lm_loss", "open_data", "prepare", "prepared_dir", "epoch_order"]
+__all__ = ["TrainData", "evaluate", "lm_loss", "open_data", "prepare", "prepared_dir", "epoch_order"]
 
 
 def __getattr__(name):

@@ -13,12 +13,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from sst_dist.data.errors import DataError
+from sst_dist.errors import ConfigError, DataError
 
 
 def _data_config(args):
     """The recipe's data section, with the command line's shorthands applied as --set would."""
-    from sst_dist.config import ConfigError, load_recipe
+    from sst_dist.config import load_recipe
 
     overrides = list(args.set or [])
     for key in ("source", "path", "tokenizer", "cache_dir", "num_proc", "max_docs", "val_fraction"):

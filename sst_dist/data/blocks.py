@@ -27,8 +27,8 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from sst_dist.data.errors import DataError
 from sst_dist.data.shards import MANIFEST, read_manifest
+from sst_dist.errors import DataError
 from sst_dist.rundir import write_atomic
 
 _VERIFIED = ".verified.json"

@@ -26,7 +26,7 @@ import tempfile
 from html.parser import HTMLParser
 from pathlib import Path
 
-from sst_dist.data.errors import DataError
+from sst_dist.errors import DataError
 
 # (package, license of its documentation as the package's Debian copyright file states it).
 # All are in Debian main, so DFSG-free; each copyright file is copied next to the corpus.

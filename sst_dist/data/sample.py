@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 
 from sst_dist.data.corpus import PACKAGES, PERMISSIVE
-from sst_dist.data.errors import DataError
+from sst_dist.errors import DataError
 
 SAMPLE_NAME = "debian-docs.jsonl.gz"
 

@@ -34,8 +34,9 @@ from typing import Iterator
 
 import numpy as np
 
-from sst_dist.data.errors import DataError
-from sst_dist.data.tokenizer import SAMPLE_DIR, Tok, hub_reachable, load_tokenizer
+from sst_dist.data.tokenizer import SAMPLE_DIR, Tok, load_tokenizer
+from sst_dist.errors import DataError
+from sst_dist.hub import hub_reachable
 from sst_dist.rundir import write_atomic
 
 FORMAT = 1

@@ -8,14 +8,12 @@ shards, and what the folder's name is checked against.
 from __future__ import annotations
 
 import hashlib
-import os
-import socket
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
-from sst_dist.data.errors import DataError
+from sst_dist.errors import DataError
+from sst_dist.hub import hub_reachable
 
 OPT_NAME = "facebook/opt-125m"
 SAMPLE_DIR = Path(__file__).parent / "sample"
@@ -52,21 +50,6 @@ def _from_tokenizer(name: str, tk, eos_id: int | None = None) -> Tok:
     if eos_id is None:
         raise DataError(f"data.tokenizer: {name} has no end-of-text token (one of {', '.join(_EOS_CANDIDATES)})")
     return Tok(name, tk.to_str(), tk.get_vocab_size(with_added_tokens=True), int(eos_id))
-
-
-def hub_reachable(timeout: float = 3.0) -> bool:
-    """A TCP connect to the hub, so that an offline machine fails in seconds, not after the
-    HF clients' five retries (about a minute). Proxies are left to the clients."""
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False"):
-        return False
-    if any(os.environ.get(k) for k in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
-        return True
-    url = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co"))
-    try:
-        socket.create_connection((url.hostname, url.port or 443), timeout=timeout).close()
-        return True
-    except OSError:
-        return False
 
 
 def load_opt() -> Tok:

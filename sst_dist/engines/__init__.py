@@ -16,7 +16,7 @@ from dataclasses import dataclass
 import torch as _torch
 import torch.distributed as dist
 
-from sst_dist.config import ConfigError
+from sst_dist.errors import ConfigError
 
 ENGINES = ("torch", "deepspeed", "fsdp")
 

@@ -19,10 +19,10 @@ import torch.distributed as dist
 from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_state,
                              safe_get_local_fp32_param, safe_set_full_fp32_param)
 
-from sst_dist.config import ConfigError
 from sst_dist.engines import deepspeed_internals as internals
 from sst_dist.engines.base import Backend, Shard
 from sst_dist.engines.deepspeed_internals import is_zero3
+from sst_dist.errors import ConfigError
 from sst_dist.optim import RESET_KEYS, build_optimizer, set_learning_rates
 
 

@@ -18,7 +18,7 @@ import deepspeed
 import torch
 from deepspeed.utils.mixed_precision_linkage import lazy_init_hp_params_optimizer_state
 
-from sst_dist.config import ConfigError
+from sst_dist.errors import ConfigError
 
 WRITTEN_FOR = (0, 19)  # DeepSpeed 0.19.x; checked on 0.19.8
 

@@ -23,8 +23,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard as ShardPlacement
 
-from sst_dist.config import ConfigError
 from sst_dist.engines.base import Backend, Shard
+from sst_dist.errors import ConfigError
+from sst_dist.models import decoder_blocks
 from sst_dist.optim import RESET_KEYS, build_optimizer, set_learning_rates
 
 
@@ -48,15 +49,6 @@ def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         raise RuntimeError(f"FSDP backend: local shard of {local.shape[0]} rows, expected "
                            f"{min(chunk, rows - start)} at row {start} of {rows}")
     return local, start
-
-
-def decoder_blocks(model: nn.Module) -> list[nn.Module]:
-    """The transformer blocks, each sharded as one FSDP unit (HF keeps them in a ModuleList named
-    `layers`: model.decoder.layers for OPT, model.layers for Llama-style models)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] == "layers":
-            return list(module)
-    raise ConfigError(f"fsdp engine: found no ModuleList named 'layers' in {type(model).__name__}")
 
 
 class FSDPBackend(Backend):
