@@ -13,6 +13,8 @@ from typing import Callable
 
 import torch
 
+from sst_dist.engines.base import Engine
+
 
 def fix_arch_list() -> None:
     """Hopper images may advertise TORCH_CUDA_ARCH_LIST=9.0a, which DeepSpeed's JIT build of
@@ -26,7 +28,7 @@ def fix_arch_list() -> None:
 class BenchRun:
     recipe: object
     method: object  # sst_dist.methods.Method
-    engine: object  # sst_dist.engines.deepspeed.DeepSpeedEngine
+    engine: Engine
     device: torch.device
     cuda: bool
     setup_s: float

@@ -1,7 +1,7 @@
 """Engines: who owns the fp32 masters and optimizer states. The method reaches them only through
-`Backend` (base.py); the trainer drives them through the small Engine surface used in train.py:
-`model`, `probing()`, `backend`, `backward(loss)`, `step()`, `set_learning_rates({...})`, `save(dir)`,
-`load(dir)`.
+`Backend` (base.py); the trainer drives them through `Engine` (base.py): `model`, `backend`,
+`probing()`, `forward_context()`, `backward(loss)`, `step()`, `set_learning_rates({...})`,
+`save(dir)`, `load(dir)`, `zero_stage`.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch as _torch
 import torch.distributed as dist
 
+from sst_dist.engines.base import Engine
 from sst_dist.errors import ConfigError
 
 ENGINES = ("torch", "deepspeed", "fsdp")
@@ -175,7 +176,7 @@ def cast_masters(model, dtype) -> None:
 
 
 def build_engine(name: str, model, param_groups, recipe, *, device, dtype, micro_batch, accumulation,
-                 ds_config=None, ctx=None, materialize=None):
+                 ds_config=None, ctx=None, materialize=None) -> Engine:
     """`materialize` (sst_dist.build.Materializer): a model still on the meta device, which the
     fsdp engine materialises block by block as it shards it."""
     if materialize is not None and name != "fsdp":

@@ -1,19 +1,25 @@
-"""The one seam between the method and the engine that owns masters and optimizer states.
+"""The two seams of an engine, the one that owns masters and optimizer states.
 
-A method (SST resample / re-SVD, ReLoRA* merge, GaLore refresh) never touches `param.data` or an
-optimizer's state dict directly: under ZeRO or FSDP those are shards, flat buffers or low-precision
-copies, and edits to them are silently overwritten by the next step (docs/design.md §3). It goes through
-these verbs instead. Every verb is collective: all ranks call it, in the same order.
+`Backend`, between the method and the engine: a method (SST resample / re-SVD, ReLoRA* merge,
+GaLore refresh) never touches `param.data` or an optimizer's state dict directly: under ZeRO or
+FSDP those are shards, flat buffers or low-precision copies, and edits to them are silently
+overwritten by the next step (docs/design.md §3). It goes through these verbs instead. Every verb
+is collective: all ranks call it, in the same order.
+
+`Engine`, between the trainer (sst_dist.train) and the engine: forward, backward and step, the
+learning rates, checkpoints.
 """
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
-from sst_dist.optim import RESET_KEYS
+from sst_dist.optim import RESET_KEYS, set_learning_rates
 
 
 @dataclass
@@ -105,3 +111,52 @@ def zero_moments(state: dict, index: torch.Tensor | None, dim: int) -> None:
             tensor.zero_()
         else:
             tensor.index_fill_(dim, index.to(tensor.device), 0)
+
+
+class Engine(ABC):
+    """What the trainer drives, the same for every engine: `model` (as the engine wraps it) runs
+    each forward inside `forward_context()`, then `backward(loss)` per micro-batch and `step()`
+    once per iteration; `backend` is the method's seam into the same masters and states."""
+
+    name: str  # the --engine value
+    model: torch.nn.Module
+    backend: Backend
+    optimizer: torch.optim.Optimizer
+    rank: int = 0
+    world_size: int = 1
+
+    @contextlib.contextmanager
+    def probing(self):
+        """The model a GaLore probe pass runs through: the model itself, unless the engine's
+        wrapper must be bypassed (DeepSpeedEngine.probing)."""
+        yield self.model
+
+    def forward_context(self):
+        """The context every forward runs in: none, unless the engine autocasts (TorchEngine);
+        ZeRO's bf16 and FSDP2's MixedPrecisionPolicy cast by themselves."""
+        return contextlib.nullcontext()
+
+    @abstractmethod
+    def backward(self, loss: torch.Tensor) -> None:
+        """The backward of one micro-batch's loss, scaled for gradient accumulation."""
+
+    @abstractmethod
+    def step(self) -> torch.Tensor | None:
+        """One optimizer step; returns the gradient norm (before clipping) for the divergence guard."""
+
+    def set_learning_rates(self, lrs: dict[str, float]) -> None:
+        """Each parameter group's lr, by group name."""
+        set_learning_rates(self.optimizer, lrs)
+
+    @abstractmethod
+    def save(self, path: Path) -> None:
+        """Writes the model's and optimizer's state into the folder `path` (every rank calls it)."""
+
+    @abstractmethod
+    def load(self, path: Path) -> None:
+        """Reads back what save() wrote into `path`."""
+
+    @property
+    def zero_stage(self) -> int | None:
+        """The ZeRO stage a checkpoint records; None where the engine has none (DeepSpeed's only)."""
+        return None

@@ -20,10 +20,10 @@ from deepspeed.utils import (safe_get_full_fp32_param, safe_get_full_optimizer_s
                              safe_get_local_fp32_param, safe_set_full_fp32_param)
 
 from sst_dist.engines import deepspeed_internals as internals
-from sst_dist.engines.base import Backend, Shard
+from sst_dist.engines.base import Backend, Engine, Shard
 from sst_dist.engines.deepspeed_internals import is_zero3
 from sst_dist.errors import ConfigError
-from sst_dist.optim import RESET_KEYS, build_optimizer, set_learning_rates
+from sst_dist.optim import RESET_KEYS, build_optimizer
 
 
 def _resident_full(param) -> bool:
@@ -267,7 +267,7 @@ def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accu
     return config
 
 
-class DeepSpeedEngine:
+class DeepSpeedEngine(Engine):
     name = "deepspeed"
 
     def __init__(self, model, param_groups, recipe, *, device, dtype, micro_batch, accumulation,
@@ -307,9 +307,6 @@ class DeepSpeedEngine:
         if self.model.zero_optimization_stage() == 3:
             self.model.empty_partition_cache()
 
-    def forward_context(self):
-        return contextlib.nullcontext()
-
     def backward(self, loss):
         self.model.backward(loss)
         self._micro += 1
@@ -326,9 +323,6 @@ class DeepSpeedEngine:
     @property
     def zero_stage(self) -> int:
         return self.model.zero_optimization_stage()
-
-    def set_learning_rates(self, lrs):
-        set_learning_rates(self.optimizer, lrs)
 
     def save(self, path):
         self.model.save_checkpoint(str(path), tag="engine", save_latest=False)

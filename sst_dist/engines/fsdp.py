@@ -11,7 +11,6 @@ tests, never per step.
 
 from __future__ import annotations
 
-import contextlib
 import warnings
 
 import torch
@@ -23,10 +22,10 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor import DTensor, Shard as ShardPlacement
 
-from sst_dist.engines.base import Backend, Shard
+from sst_dist.engines.base import Backend, Engine, Shard
 from sst_dist.errors import ConfigError
 from sst_dist.models import decoder_blocks
-from sst_dist.optim import RESET_KEYS, build_optimizer, set_learning_rates
+from sst_dist.optim import RESET_KEYS, build_optimizer
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -129,7 +128,7 @@ class FSDPBackend(Backend):
         return value.to(self._device).clone()
 
 
-class FSDPEngine:
+class FSDPEngine(Engine):
     """fully_shard per decoder block and at the root; torch AdamW over the DTensor parameters;
     DCP checkpoints that load onto any world size."""
 
@@ -182,21 +181,12 @@ class FSDPEngine:
         self.grad_clip = recipe.optim.grad_clip
         self.backend = FSDPBackend(model, self.optimizer, device)
 
-    @contextlib.contextmanager
-    def probing(self):
-        """The model a GaLore probe pass runs through (see DeepSpeedEngine.probing)."""
-        yield self.model
-
-    def forward_context(self):
-        return contextlib.nullcontext()  # precision is the MixedPrecisionPolicy's
-
     def backward(self, loss):
         # every micro-batch reduce-scatters into the sharded gradient: accumulation then costs
         # sharded, not full, gradient memory
         (loss / self.accumulation).backward()
 
     def step(self):
-        """One optimizer step; returns the gradient norm (before clipping) for the divergence guard."""
         grads = [p.grad for p in self.params if p.grad is not None]
         norm = torch.nn.utils.get_total_norm(grads, foreach=True)
         if isinstance(norm, DTensor):  # the sum of squares is partial per rank until reduced
@@ -206,9 +196,6 @@ class FSDPEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def set_learning_rates(self, lrs: dict[str, float]):
-        set_learning_rates(self.optimizer, lrs)
 
     def _state(self) -> dict:
         """Model and optimizer state as sharded DTensors under their unsharded names, so DCP can

@@ -2,12 +2,10 @@
 
 from __future__ import annotations
 
-import contextlib
-
 import torch
 
-from sst_dist.engines.base import Backend, Shard, zero_moments
-from sst_dist.optim import build_optimizer, set_learning_rates
+from sst_dist.engines.base import Backend, Engine, Shard, zero_moments
+from sst_dist.optim import build_optimizer
 
 
 class TorchBackend(Backend):
@@ -40,11 +38,10 @@ class TorchBackend(Backend):
         return self._device
 
 
-class TorchEngine:
+class TorchEngine(Engine):
     """A single-process trainer engine: AdamW over the given groups, grad accumulation, clipping."""
 
     name = "torch"
-    rank, world_size = 0, 1
 
     def __init__(self, model, param_groups: list[dict], recipe, device: torch.device, accumulation: int,
                  dtype: torch.dtype = torch.float32):
@@ -57,21 +54,15 @@ class TorchEngine:
         self.grad_clip = recipe.optim.grad_clip
         self.backend = TorchBackend(self.optimizer, device)
 
-    @contextlib.contextmanager
-    def probing(self):
-        """The model a GaLore probe pass runs through (see DeepSpeedEngine.probing)."""
-        yield self.model
-
     def forward_context(self):
         if self.autocast_dtype is None:
-            return contextlib.nullcontext()
+            return super().forward_context()
         return torch.autocast(self.device.type, dtype=self.autocast_dtype)
 
     def backward(self, loss):
         (loss / self.accumulation).backward()
 
     def step(self):
-        """One optimizer step; returns the gradient norm (before clipping) for the divergence guard."""
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         if self.grad_clip:
             norm = torch.nn.utils.clip_grad_norm_(params, self.grad_clip)
@@ -80,9 +71,6 @@ class TorchEngine:
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return norm
-
-    def set_learning_rates(self, lrs: dict[str, float]):
-        set_learning_rates(self.optimizer, lrs)
 
     def save(self, path):
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()},
