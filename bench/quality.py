@@ -36,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from sst_dist.config import METHODS, flatten, load_recipe  # noqa: E402
+from sst_dist.config import METHODS, flatten, load_recipe, upgrade_saved  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
 from size_recipe import size_recipe  # noqa: E402
 from sst_dist.plot import (RESET_EVENTS, eval_loss_panel, pyplot, read_rows, save,  # noqa: E402
@@ -224,7 +224,7 @@ def recipe_mismatch(spec: RunSpec, folder: Path) -> str | None:
     if not path.is_file():
         return None
     try:
-        had = flatten(json.loads(path.read_text()))
+        had = flatten(upgrade_saved(json.loads(path.read_text())))
     except ValueError:
         return None
     want = flatten(spec.resolved)

@@ -71,7 +71,7 @@ def estimate_gib(args, recipe, gpus: int) -> float | None:
     try:
         est = estimate_engine(recipe.model.size, recipe.method, recipe.rank, "torch" if gpus == 1 else "fsdp",
                               gpus, recipe.train.micro_batch, recipe.model.seq_len,
-                              frozen_dtype=recipe.sst.frozen_dtype, checkpointing=recipe.model.gradient_checkpointing,
+                              frozen_dtype=recipe.model.frozen_dtype, checkpointing=recipe.model.gradient_checkpointing,
                               sst_path=recipe.sst.path, galore_rank=recipe.galore.rank)
     except ConfigError:
         return None

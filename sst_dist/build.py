@@ -2,12 +2,12 @@
 
 model.build: meta builds the OPT model and the method's layers on the meta device (shapes only),
 then `Materializer` gives each module its tensors on its own device, initialised as OPT
-initialises them (N(0, init_std²) weights, zero biases, unit LayerNorm scales). An SSTLinear is
-materialised directly as its factors (sst_dist.spectral_init), U and Vh in sst.frozen_dtype, so
-the dense weight of a targeted layer never exists (sst.init haar; svd draws one W0 per layer, on
-the device, for its SVD). Under FSDP2 the engine materialises one decoder block, shards it, then
-the next (sst_dist.engines.fsdp), so no rank ever holds more than its shards and one block; each
-SST layer's factors are drawn on one owner rank and broadcast.
+initialises them (N(0, init_std²) weights, zero biases, unit LayerNorm scales), every frozen
+tensor in model.frozen_dtype. An SSTLinear is materialised directly as its factors
+(sst_dist.spectral_init), so the dense weight of a targeted layer never exists (sst.init haar;
+svd draws one W0 per layer, on the device, for its SVD). Under FSDP2 the engine materialises one
+decoder block, shards it, then the next (sst_dist.engines.fsdp), so no rank ever holds more than
+its shards and one block; each SST layer's factors are drawn on one owner rank and broadcast.
 
 Every tensor is drawn from a generator seeded by (seed, its name) on the device that holds it, so
 the torch engine and every FSDP rank build the same model.
@@ -44,8 +44,8 @@ def is_meta(module: nn.Module) -> bool:
 
 class Materializer:
     """Called on a module (the whole model, or one block at a time), materialises every meta
-    tensor under it on `device`. Trainable tensors and dense weights in `dtype`; SST's U and Vh in
-    `frozen_dtype` (None: `dtype`).
+    tensor under it on `device`. Trainable tensors in `dtype`; frozen ones (SST's U and Vh, GaLore's
+    W and projector) in `frozen_dtype` (model.frozen_dtype; None: `dtype`).
 
     rank, world_size: under FSDP, SST layer i's factors are computed on rank i mod world_size only
     and broadcast; every other tensor is cheap and drawn on every rank alike.
@@ -86,22 +86,26 @@ class Materializer:
                 raise NotImplementedError(f"model.build meta: no initialisation for {type(sub).__name__} "
                                           f"({name}); use model.build=dense")
 
+    def _storage(self, param) -> torch.dtype:
+        return self.dtype if param.requires_grad else self.frozen_dtype
+
     def _fill(self, module, name, value):
         param = module._parameters.get(name)
         if param is not None and param.is_meta:
-            _swap_in(param, torch.full(param.shape, value, device=self.device, dtype=self.dtype))
+            _swap_in(param, torch.full(param.shape, value, device=self.device, dtype=self._storage(param)))
 
     def _dense(self, module, name):
         """nn.Linear / nn.Embedding as OPTPreTrainedModel._init_weights; a GaLore layer's W the
         same, its projector and B zero (as after GaLoreLinear.from_linear)."""
         weight = module.weight
         if weight.is_meta:
+            # drawn in `dtype` whatever the storage: a frozen W is the trainable one, rounded once
             value = torch.empty(weight.shape, device=self.device, dtype=self.dtype)
             value.normal_(0.0, self.std, generator=_generator(self.seed, name + ".weight", self.device))
             padding = getattr(module, "padding_idx", None)
             if padding is not None:
                 value[padding] = 0
-            _swap_in(weight, value)
+            _swap_in(weight, value.to(self._storage(weight)))
         for other in ("bias", "proj", "B"):
             self._fill(module, other, 0.0)
 

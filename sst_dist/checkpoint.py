@@ -17,7 +17,7 @@ import re
 import shutil
 from pathlib import Path
 
-from sst_dist.config import flatten
+from sst_dist.config import flatten, upgrade_saved
 from sst_dist.errors import RunError
 from sst_dist.rundir import write_atomic
 
@@ -179,7 +179,7 @@ def check_resume(path: Path, saved: dict, current: dict) -> list[str]:
     old = saved.get("settings")
     if old is None:  # written before checkpoints recorded their settings
         return []
-    before, after = flatten(old["recipe"]), flatten(current["recipe"])
+    before, after = flatten(upgrade_saved(old["recipe"])), flatten(current["recipe"])
     blocking, kept = [], []
     for key in sorted(before.keys() | after.keys()):
         if before.get(key) != after.get(key):

@@ -7,6 +7,7 @@ rejected here, early, with one line naming the key and what is allowed.
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 import os
 import typing
@@ -21,6 +22,9 @@ METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 SST_PATHS = ("dense", "materialized", "factored", "functional")  # how an SSTLinear computes (SSTConfig.path)
 WANDB_MODES = ("offline", "online", "disabled")
+FROZEN_DTYPES = ("float32", "bfloat16")  # model.frozen_dtype
+# keys that moved, old -> new (same values): a recipe that writes the old one is told where it went
+MOVED_KEYS = {"sst.frozen_dtype": "model.frozen_dtype"}
 # Environment settings that fill a recipe key the recipe (file or --set) leaves unset, so that a
 # cluster script's `export WANDB_MODE=offline` takes effect; a value written in the recipe wins.
 ENV_DEFAULTS = {"WANDB_MODE": ("wandb.mode", WANDB_MODES), "WANDB_PROJECT": ("wandb.project", None)}
@@ -41,6 +45,10 @@ class ModelConfig:
     # continued pretraining: start from a transformers OPT folder (a local path, or a hub name when
     # the hub is reachable) instead of a fresh initialisation; every method's surgery follows
     init_from: str | None = None
+    # storage of every method's frozen tensors (SST's U and Vh, LoRA's and ReLoRA*'s W, GaLore's W
+    # and projector): bfloat16 halves the largest tensors a low-rank method holds (they have no
+    # gradient, master or optimizer state); what trains stays float32. Needs bfloat16 compute.
+    frozen_dtype: str = "float32"
 
 
 @dataclass
@@ -58,9 +66,6 @@ class SSTConfig:
     # the initial factors: svd (of the layer's W0) | haar (drawn directly, W0 := U diag(s) Vh) |
     # auto (haar from k = 4096 on); sst_dist.spectral_init
     init: str = "auto"
-    # storage of the frozen U and Vh; bfloat16 halves the largest tensors SST holds (they have no
-    # gradient, master or optimizer state); the trained s and active vectors stay float32
-    frozen_dtype: str = "float32"
 
 
 @dataclass
@@ -178,6 +183,21 @@ def flatten(tree: dict, prefix: str = "") -> dict:
     return flat
 
 
+def upgrade_saved(tree: dict) -> dict:
+    """A recipe tree the trainer wrote (recipe.json, a checkpoint's settings) with its moved keys
+    (MOVED_KEYS) under their new names, so a run from before a move still exports and compares."""
+    tree = json.loads(json.dumps(tree))
+    for old, new in MOVED_KEYS.items():
+        (old_section, old_key), (new_section, new_key) = old.split("."), new.split(".")
+        section = tree.get(old_section)
+        if isinstance(section, dict) and old_key in section:
+            value = section.pop(old_key)
+            target = tree.setdefault(new_section, {})
+            if isinstance(target, dict):
+                target.setdefault(new_key, value)
+    return tree
+
+
 def _allowed_keys(cls) -> str:
     return ", ".join(f.name for f in dataclasses.fields(cls))
 
@@ -235,6 +255,9 @@ def _build(cls, data: dict, prefix: str = ""):
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
+        if f"{prefix}{key}" in MOVED_KEYS:
+            new = MOVED_KEYS[f"{prefix}{key}"]
+            raise ConfigError(f"{prefix}{key}: moved to {new} (same values); write {new}: {value}")
         if key not in names:
             raise ConfigError(f"unknown recipe key '{prefix}{key}'; allowed here: {_allowed_keys(cls)}")
         hint = hints[key]
@@ -301,7 +324,7 @@ def validate(recipe: Recipe) -> Recipe:
             raise ConfigError(f"galore.rank: {recipe.galore.rank} must be in 1..{limit}")
     _choice("sst.path", recipe.sst.path, SST_PATHS)
     _choice("sst.init", recipe.sst.init, ("auto", "svd", "haar"))
-    _choice("sst.frozen_dtype", recipe.sst.frozen_dtype, ("float32", "bfloat16"))
+    _choice("model.frozen_dtype", recipe.model.frozen_dtype, FROZEN_DTYPES)
     _choice("model.build", recipe.model.build, ("dense", "meta"))
     traced = recipe.method == "full" or (recipe.method == "sst" and recipe.sst.path == "functional")
     if recipe.model.compile and recipe.model.gradient_checkpointing and not traced:

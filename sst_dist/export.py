@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from sst_dist import checkpoint
-from sst_dist.config import Recipe, _build, validate
+from sst_dist.config import Recipe, _build, upgrade_saved, validate
 from sst_dist.errors import ConfigError, RunError
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -76,7 +76,7 @@ def read_checkpoint(output_dir: str | Path, step: int | None = None) -> RunCheck
     if not settings:
         raise RunError(f"{path}: written before checkpoints recorded their settings; cannot tell its "
                        "model and engine")
-    tree = json.loads(json.dumps(settings["recipe"]))
+    tree = upgrade_saved(settings["recipe"])
     if isinstance(tree.get("model"), dict):
         tree["model"]["init_from"] = None  # the weights it started from are in the checkpoint now
     try:

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from sst_dist.precision import autocast_backward, autocast_forward, full_precision
-from sst_dist.surgery import swap_modules
+from sst_dist.surgery import store_frozen, swap_modules
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -511,7 +511,9 @@ def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
         if index not in projectors:
             continue
         P = backend.broadcast(projectors[index], backend.owner(index))
+        # float32 at least: a bf16 W (model.frozen_dtype) is rounded once, where it is written
         W = backend.read(layer.weight)
+        W = W.to(torch.promote_types(W.dtype, torch.float32))
         P_old, B = backend.read(layer.proj).to(W.dtype), backend.read(layer.B).to(W.dtype)
         merged = merged_weight(W, P_old, B, layer.decay, layer.scale, layer.side)
         backend.write(layer.weight, merged)
@@ -531,8 +533,10 @@ def apply_weight_decay(layers: Iterable[GaLoreLinear], lr: float, weight_decay: 
 
 def apply_galore(model: nn.Module, rank: int, targets: Iterable[str] = OPT_TARGETS, *,
                  scale: float = DEFAULT_SCALE, proj_type: str = DEFAULT_PROJ_TYPE,
-                 update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP) -> dict[str, GaLoreLinear]:
-    """Replaces every nn.Linear whose attribute name is in `targets` by a GaLoreLinear.
+                 update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP,
+                 frozen_dtype: torch.dtype | None = None) -> dict[str, GaLoreLinear]:
+    """Replaces every nn.Linear whose attribute name is in `targets` by a GaLoreLinear, its frozen
+    W and projector in `frozen_dtype` (model.frozen_dtype; None: the linear's own).
 
     Returns the new layers by qualified name, in model order (their index is their owner key).
     `targets` may name any nn.Linear, `lm_head` included, as long as its weight is not shared:
@@ -568,15 +572,17 @@ def apply_galore(model: nn.Module, rank: int, targets: Iterable[str] = OPT_TARGE
     if missing:
         raise ValueError(f"no module named {sorted(missing)} in the model")
     return swap_modules(model, found, lambda index, linear: GaLoreLinear.from_linear(
-        linear, rank, scale, proj_type, update_proj_gap))
+        linear, rank, scale, proj_type, update_proj_gap), frozen_dtype)
 
 
 def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,
                            proj_type: str = DEFAULT_PROJ_TYPE,
-                           update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP) -> dict[str, GaLoreLinear]:
+                           update_proj_gap: int = DEFAULT_UPDATE_PROJ_GAP,
+                           frozen_dtype: torch.dtype | None = None) -> dict[str, GaLoreLinear]:
     """GaLore on a transformers model's token embedding and LM head (the full-rank matrices
     that hold most of SST's optimizer state). A tied head becomes the embedding's
     GaLoreTiedHead (one W, P, B); an untied nn.Linear head becomes a GaLoreLinear of its own.
+    Frozen W and projectors in `frozen_dtype`, as apply_galore.
     Returns the GaLore layers by qualified name, as apply_galore does.
     """
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
@@ -585,6 +591,7 @@ def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,
     names = {id(m): n for n, m in model.named_modules()}
     layers = {}
     galore = GaLoreEmbedding.from_embedding(embedding, rank, scale, proj_type, update_proj_gap)
+    store_frozen(galore, frozen_dtype)  # the tied head below shares its W and P
     layers[names[id(embedding)]] = galore
     if head is not None:
         if head.weight is embedding.weight:
@@ -592,6 +599,7 @@ def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,
         else:
             layers[names[id(head)]] = GaLoreLinear.from_linear(head, rank, scale, proj_type,
                                                                update_proj_gap)
+            store_frozen(layers[names[id(head)]], frozen_dtype)
             model.set_output_embeddings(layers[names[id(head)]])
     model.set_input_embeddings(galore)
     return layers

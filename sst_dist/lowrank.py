@@ -65,14 +65,19 @@ def initial_A(rank: int, in_features: int, generator: torch.Generator | None, dt
 
 
 def merged(weight, lora_A, lora_B, scaling):
-    """ReLoRA*'s merge: the dense weight that carries the factors' contribution."""
-    return weight + scaling * (lora_B.to(weight.dtype) @ lora_A.to(weight.dtype))
+    """ReLoRA*'s merge: the dense weight that carries the factors' contribution, in float32 at
+    least: a bf16 W (model.frozen_dtype) is rounded once, where it is written back."""
+    dtype = torch.promote_types(weight.dtype, torch.float32)
+    return weight.to(dtype) + scaling * (lora_B.to(dtype) @ lora_A.to(dtype))
 
 
 def apply_lora(model: nn.Module, rank: int, targets: Iterable[str], *, alpha: float | None = None,
-               seed: int = 0) -> dict[str, LoRALinear]:
+               seed: int = 0, frozen_dtype: torch.dtype | None = None) -> dict[str, LoRALinear]:
+    """Replaces every nn.Linear whose attribute name is in `targets` by a LoRALinear, its frozen W
+    in `frozen_dtype` (model.frozen_dtype; None: the linear's own). Layer i's A is drawn from
+    layer_generator(seed, i, 0), whichever device or build (sst_dist.build draws the same)."""
     return swap_modules(model, target_linears(model, targets), lambda index, linear: LoRALinear.from_linear(
-        linear, rank, alpha, layer_generator(seed, index, 0)))
+        linear, rank, alpha, layer_generator(seed, index, 0)), frozen_dtype)
 
 
 class ReLoRAController:

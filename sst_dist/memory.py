@@ -13,7 +13,8 @@ change in the code changes the numbers. Bytes per parameter follow DeepSpeed's m
     fp32   weights 4, gradients 4, Adam 4 + 4; the flattened copy 4; no masters
 
 Only trainable parameters have gradients, masters and Adam moments; frozen ones (SST's U and Vh,
-LoRA's W, GaLoreLinear's W and projector) are weights only. ZeRO-1 shards masters and Adam
+LoRA's W, GaLoreLinear's W and projector) are weights only, in bf16 under DeepSpeed's bf16, which
+casts every weight (model.frozen_dtype changes nothing there). ZeRO-1 shards masters and Adam
 moments (and the step's gradient copies, made per partition) over the GPUs, ZeRO-2 also the
 gradients, ZeRO-3 also every weight, frozen ones included. Activations are an estimate for
 Hugging Face OPT with SDPA, with or without activation checkpointing (`activation_bytes`).
@@ -35,7 +36,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from sst_dist.config import METHODS, OPT_TARGETS, SST_PATHS
+from sst_dist.config import FROZEN_DTYPES, METHODS, OPT_TARGETS, SST_PATHS
 from sst_dist.errors import ConfigError
 
 GIB = 2**30
@@ -101,7 +102,6 @@ class ParamCounts:
     # SST materialized: elements of every layer's W (kept) and G (summed); functional: its W, which
     # autograd keeps from the forward to the backward
     kept_weight: int = 0
-    sst_frozen: int = 0  # SST's U and Vh (their storage is sst.frozen_dtype)
     block: int = 0  # parameters of one decoder block (an FSDP unit), and of them trainable
     block_trainable: int = 0
     largest_target: int = 0  # out x in of the largest targeted linear
@@ -139,7 +139,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     def bias(linear):
         return linear.bias is not None
 
-    extra_width = refresh_grad = kept_weight = ages = sst_frozen = 0
+    extra_width = refresh_grad = kept_weight = ages = 0
     largest_target = max((m.in_features * m.out_features for n, m in net.named_modules()
                           if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets), default=0)
     galore_params: list[nn.Parameter] = []
@@ -153,7 +153,6 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
         made = _swap_linears(net, targets, lambda lin: SSTLinear(
             lin.in_features, lin.out_features, rank, bias(lin), path=sst_path, device="meta"))
         ages = sum(layer.spectral.numel() for layer in made)
-        sst_frozen = sum(layer.U.numel() + layer.Vh.numel() for layer in made)
         if sst_path == "factored":
             extra_width += sum(layer.k for layer in made)
         if sst_path in ("materialized", "functional"):  # functional: autograd keeps W to the backward
@@ -201,7 +200,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
         projectors=projectors, largest_module=largest,
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
         extra_saved_width=extra_width, refresh_grad=refresh_grad, kept_weight=kept_weight,
-        sst_frozen=sst_frozen, block=sum(p.numel() for p in block.parameters()),
+        block=sum(p.numel() for p in block.parameters()),
         block_trainable=sum(p.numel() for p in block.parameters() if p.requires_grad),
         largest_target=largest_target)
 
@@ -384,12 +383,12 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
     launch/pretrain.py builds with model.build meta, where no dense weight of an SST layer exists.
     GaLore is the layer form the trainer uses (frozen W, trainable B).
 
-    frozen_dtype: sst.frozen_dtype, the storage of SST's U and Vh. checkpointing:
-    model.gradient_checkpointing.
+    frozen_dtype: model.frozen_dtype, the storage of every method's frozen tensors (SST's U and Vh,
+    LoRA's W, GaLore's W and projector). checkpointing: model.gradient_checkpointing.
     """
     size = resolve_model(model)
     _choice("--engine", engine, ENGINES[1:])
-    _choice("--frozen-dtype", frozen_dtype, ("float32", "bfloat16"))
+    _choice("--frozen-dtype", frozen_dtype, FROZEN_DTYPES)
     for key, value, low in (("--gpus", gpus, 1), ("--micro-batch", micro_batch, 1), ("--seq", seq, 1)):
         _at_least(key, value, low)
     if engine == "torch" and gpus != 1:
@@ -397,7 +396,7 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
     c = count_parameters(size, method, rank, galore_rank=galore_rank, sst_path=sst_path, galore_form="layer",
                          seq=seq, vocab_size=vocab_size)
     fb = 2 if frozen_dtype == "bfloat16" else 4
-    weights = (c.trainable * 4 + c.sst_frozen * fb + (c.frozen - c.sst_frozen) * 4) / gpus + c.buffer_bytes
+    weights = (c.trainable * 4 + c.frozen * fb) / gpus + c.buffer_bytes
     grads = c.trainable * 4 / gpus
     optimizer = (2 * c.moments + c.ages) * 4 / gpus
     if engine == "torch":
@@ -482,7 +481,7 @@ def format_table(model: str, methods, args) -> str:
     how = f"ZeRO-{args.zero}"
     if args.engine != "deepspeed":
         how = f"the {args.engine} engine"
-        mixed = f"fp32 weights, grads and AdamW, bf16 compute, SST's U and Vh in {args.frozen_dtype}"
+        mixed = f"fp32 trainable weights, grads and AdamW, frozen weights in {args.frozen_dtype}, bf16 compute"
     if args.checkpointing:
         mixed += ", activation checkpointing"
     lines = [
@@ -500,14 +499,14 @@ def format_table(model: str, methods, args) -> str:
                                for i, (v, w) in enumerate(zip(row, widths))))
     if args.engine != "deepspeed":
         return "\n".join(lines + [
-            "weights: trainable fp32, SST's U and Vh in --frozen-dtype, the rest fp32 (model.build meta: "
-            "no dense weight of an SST layer); under fsdp each rank's shard.",
+            "weights: trainable fp32, frozen ones (SST's U and Vh, LoRA's W, GaLore's W and projector) in "
+            "--frozen-dtype (model.build meta: no dense weight of an SST layer); under fsdp each rank's shard.",
             "buffers: " + ("autocast's bf16 copies of the trainable dense weights" if args.engine == "torch" else
                            "bf16 gathers of two blocks and the root unit, a block's unsharded gradients")
             + "; SST's dense path: one layer's W and G while it computes.",
             "activ: estimated, Hugging Face OPT with SDPA, fp32 logits and loss"
             + (", activation checkpointing." if args.checkpointing else "."),
-            "galore: the layer form the trainer uses (frozen fp32 W and projector, trainable B); at its "
+            "galore: the layer form the trainer uses (frozen W and projector, trainable B); at its "
             "refresh steps the probe holds every targeted layer's full fp32 G (in total, not in grads)."])
     lines += [
         "grads: the gradients plus the copies ZeRO makes of its partition for the step (flattened, "
@@ -551,7 +550,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--offload", action="store_true", help="optimizer states and masters on the CPU")
     p.add_argument("--engine", default="deepspeed", help=f"{' | '.join(ENGINES)} (the trainer's --engine)")
     p.add_argument("--checkpointing", action="store_true", help="model.gradient_checkpointing")
-    p.add_argument("--frozen-dtype", default="float32", help="sst.frozen_dtype (torch, fsdp): float32 | bfloat16")
+    p.add_argument("--frozen-dtype", default="float32",
+                   help="model.frozen_dtype, every method's frozen tensors (torch, fsdp): float32 | bfloat16")
     return p
 
 

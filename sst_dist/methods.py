@@ -245,8 +245,8 @@ def _schedule(recipe: Recipe, **periodic) -> Schedule:
 
 
 def frozen_dtype(recipe: Recipe) -> torch.dtype | None:
-    """sst.frozen_dtype as a dtype, None where the frozen factors keep the model's own dtype."""
-    return torch.bfloat16 if recipe.sst.frozen_dtype == "bfloat16" else None
+    """model.frozen_dtype as a dtype, None where frozen tensors keep the model's own dtype."""
+    return torch.bfloat16 if recipe.model.frozen_dtype == "bfloat16" else None
 
 
 def _lowrank(layers) -> list[nn.Parameter]:
@@ -255,7 +255,8 @@ def _lowrank(layers) -> list[nn.Parameter]:
 
 def _galore_kw(recipe: Recipe) -> dict:
     g = recipe.galore
-    return dict(scale=g.scale, proj_type=g.proj_type, update_proj_gap=g.update_proj_gap)
+    return dict(scale=g.scale, proj_type=g.proj_type, update_proj_gap=g.update_proj_gap,
+                frozen_dtype=frozen_dtype(recipe))
 
 
 @register("full")
@@ -265,14 +266,16 @@ def _full(recipe: Recipe, model: nn.Module) -> Method:
 
 @register("lora")
 def _lora(recipe: Recipe, model: nn.Module) -> Method:
-    layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed)
+    layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
+                        frozen_dtype=frozen_dtype(recipe))
     schedule = _schedule(recipe)
     return Method("lora", schedule, [LowRankPart(layers, _lowrank(layers), schedule, resettable=False)])
 
 
 @register("relora")
 def _relora(recipe: Recipe, model: nn.Module) -> Method:
-    layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed)
+    layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
+                        frozen_dtype=frozen_dtype(recipe))
     schedule = _schedule(recipe, steps_per_iteration=recipe.relora.reset_every)
     return Method("relora", schedule, [ReLoRAPart(layers, _lowrank(layers), schedule, resettable=True)])
 

@@ -439,7 +439,7 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
 
     init (sst.init): svd, the SVD of each linear's weight; haar / auto, fresh factors of an
     N(0, init_std²) W0 drawn directly where sst_dist.spectral_init says so (the weight is dropped).
-    frozen_dtype: the storage of U and Vh (sst.frozen_dtype). A model on the meta device gets
+    frozen_dtype: the storage of U and Vh (model.frozen_dtype). A model on the meta device gets
     layers on the meta device (sst_dist.build materialises them).
     Returns the new layers by qualified name, in model order (their index is their owner key).
     """
@@ -450,13 +450,9 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
         if not weight.is_meta and uses_haar(init, min(weight.shape)):
             factors = haar_factors(*weight.shape, init_std, init_generator(seed, index, weight.device),
                                    device=weight.device, dtype=compute_dtype(weight))
-        layer = SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix, factors)
-        if frozen_dtype is not None and not weight.is_meta:
-            for frozen in (layer.U, layer.Vh):
-                frozen.data = frozen.data.to(frozen_dtype)
-        return layer
+        return SSTLinear.from_linear(linear, rank, layer_generator(seed, index, 0), path, uniform_mix, factors)
 
-    return swap_modules(model, target_linears(model, targets), make)
+    return swap_modules(model, target_linears(model, targets), make, frozen_dtype)
 
 
 __all__ = ["SSTLinear", "apply_sst", "sample_active", "assign_slots", "layer_generator",

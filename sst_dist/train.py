@@ -264,10 +264,10 @@ def _main(run: Run, lock: rundir.RunLock) -> dict:
     device = resolve_device(recipe, ctx.local_rank)
     dtype = resolve_dtype(recipe, device)
     check_attn_implementation(recipe.model.attn_implementation, device)
-    if recipe.sst.frozen_dtype == "bfloat16" and dtype != torch.bfloat16:
-        raise ConfigError(f"sst.frozen_dtype: bfloat16 needs bfloat16 compute, but train.dtype is "
+    if recipe.model.frozen_dtype == "bfloat16" and dtype != torch.bfloat16:
+        raise ConfigError(f"model.frozen_dtype: bfloat16 needs bfloat16 compute, but train.dtype is "
                           f"{recipe.train.dtype} ({str(dtype).removeprefix('torch.')} here); "
-                          "set train.dtype=bfloat16 or sst.frozen_dtype=float32")
+                          "set train.dtype=bfloat16 or model.frozen_dtype=float32")
     micro, accumulation = batch_geometry(recipe, ctx.world_size)
     is_main = ctx.rank == 0
     out = run.output_dir

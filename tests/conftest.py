@@ -114,3 +114,18 @@ def single_process_curves(tmp_path_factory):
         return cache[key]
 
     return get
+
+
+def assert_rounded_once(stored, exact):
+    """`stored` (bf16) is `exact` (float64) rounded once to bf16: within half a bf16 unit in the last
+    place of each element (8 significant bits), plus float32 arithmetic's own 2^-20. A value
+    computed in bf16 steps, each rounded, strays past that."""
+    import torch
+
+    assert stored.dtype == torch.bfloat16
+    exact = exact.double()
+    _, exponent = torch.frexp(exact)  # |exact| in [2^(e-1), 2^e): a bf16 ulp there is 2^(e-8)
+    half_ulp = torch.ldexp(torch.ones_like(exact), exponent - 9)
+    error = (stored.double() - exact).abs()
+    worst = (error / (half_ulp + exact.abs() * 2.0**-20)).max().item()
+    assert worst <= 1.0, f"{worst:.3g} half-ulps off"

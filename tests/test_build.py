@@ -42,11 +42,15 @@ def layout(model):
 @pytest.mark.parametrize("method", ["full", "galore", "sst", "sst+galore"])
 @pytest.mark.parametrize("frozen", ["float32", "bfloat16"])
 def test_meta_build_has_the_normal_builds_tensors(method, frozen):
-    overrides = ("sst.init=haar", f"sst.frozen_dtype={frozen}")
+    overrides = ("sst.init=haar", f"model.frozen_dtype={frozen}")
     meta, meta_method, _ = meta_model(method, *overrides)
     dense, _, _ = dense_model(method, *overrides)
     assert not is_meta(meta)
     assert layout(meta) == layout(dense)
+    # model.frozen_dtype reaches every frozen tensor of every method, and nothing that trains
+    for name, param in meta.named_parameters():
+        want = getattr(torch, frozen) if not param.requires_grad else torch.float32
+        assert param.dtype == want, name
     # tied modules still share one tensor (OPT's LM head and token embedding)
     head, embedding = meta.get_output_embeddings(), meta.get_input_embeddings()
     assert head.weight is embedding.weight
@@ -56,7 +60,7 @@ def test_meta_build_has_the_normal_builds_tensors(method, frozen):
 
 @pytest.mark.parametrize("method", ["sst", "sst+galore"])
 def test_meta_built_sst_layers_are_factors_only(method):
-    model, meth, recipe = meta_model(method, "sst.init=haar", "sst.frozen_dtype=bfloat16")
+    model, meth, recipe = meta_model(method, "sst.init=haar", "model.frozen_dtype=bfloat16")
     targets = set(recipe.targets)
     found = [m for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in targets]
     assert found and all(isinstance(m, SSTLinear) for m in found)

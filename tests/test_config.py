@@ -18,7 +18,7 @@ from sst_dist.errors import ConfigError
     ("sst.path=fast", ["sst.path", "factored"]),
     ("sst.init=qr", ["sst.init", "auto", "haar"]),
     ("galore.projector=lanczos", ["galore.projector", "svd", "randomized"]),
-    ("sst.frozen_dtype=float16", ["sst.frozen_dtype", "bfloat16"]),
+    ("model.frozen_dtype=float16", ["model.frozen_dtype", "bfloat16"]),
     ("model.build=lazy", ["model.build", "meta"]),
     ("checkpoint.save=maybe", ["checkpoint.save", "true or false"]),
     ("train.max_steps=abc", ["train.max_steps", "integer"]),
@@ -98,6 +98,30 @@ def test_environment_fills_only_what_the_recipe_leaves_unset(monkeypatch):
         load_recipe("recipes/tiny-sst.yaml")
 
 
+def test_a_moved_key_names_its_new_place_in_one_line(tmp_path):
+    words = "sst.frozen_dtype: moved to model.frozen_dtype (same values); write model.frozen_dtype: bfloat16"
+    with pytest.raises(ConfigError) as err:
+        load_recipe("recipes/tiny-sst.yaml", ["sst.frozen_dtype=bfloat16"])
+    assert str(err.value) == words
+    old = tmp_path / "old.yaml"
+    old.write_text("method: sst\nmodel: {size: tiny}\nsst: {path: factored, frozen_dtype: bfloat16}\n")
+    with pytest.raises(ConfigError) as err:
+        load_recipe(old)
+    assert str(err.value) == words
+
+
+def test_a_saved_recipe_with_a_moved_key_still_loads():
+    """recipe.json and checkpoints written before the move keep their value under the new name."""
+    from sst_dist.config import Recipe, _build, upgrade_saved
+
+    tree = load_recipe("recipes/tiny-sst.yaml").to_dict()
+    del tree["model"]["frozen_dtype"]
+    tree["sst"]["frozen_dtype"] = "bfloat16"
+    upgraded = upgrade_saved(tree)
+    assert "frozen_dtype" not in upgraded["sst"] and "frozen_dtype" in tree["sst"]  # a copy
+    assert _build(Recipe, upgraded).model.frozen_dtype == "bfloat16"
+
+
 def test_meta_build_is_refused_for_lora_and_relora():
     for method in ("lora", "relora"):
         with pytest.raises(ConfigError, match="model.build: meta is not available for method"):
@@ -105,6 +129,8 @@ def test_meta_build_is_refused_for_lora_and_relora():
 
 
 def test_every_scale_recipe_loads():
+    """The scale recipes (bench/scale.py) build on the meta device with checkpointing, and every
+    method's store its frozen tensors alike, so the largest size each trains compares fairly."""
     from pathlib import Path
 
     recipes = sorted(Path("recipes").glob("opt-*b-*.yaml"))
@@ -113,3 +139,5 @@ def test_every_scale_recipe_loads():
         recipe = load_recipe(path)
         if path.stem.split("-")[1] in ("2.7b", "6.7b", "13b", "30b", "66b"):
             assert recipe.model.build == "meta" and recipe.model.gradient_checkpointing
+            if recipe.method != "full":
+                assert recipe.model.frozen_dtype == "bfloat16", path

@@ -16,6 +16,7 @@ import torch
 import torch.multiprocessing as mp
 from torch import nn
 
+from conftest import assert_rounded_once
 from sst_dist.engines.torch import TorchBackend
 from galore_reference import GaLoreAdamW
 from sst_dist.galore import (GaLoreLinear, GradientProbe, apply_galore, apply_weight_decay,
@@ -364,6 +365,33 @@ def test_refresh_goes_through_the_backend():
         torch.testing.assert_close(backend.masters[layer.weight], W, rtol=0, atol=1e-12)
         torch.testing.assert_close(backend.masters[layer.proj], orthogonal_projector(G, 4, "left"))
         assert torch.count_nonzero(backend.masters[layer.B]) == 0
+
+
+@pytest.mark.parametrize("proj_type", ["left", "right"])
+def test_refresh_merges_into_a_bf16_weight_rounding_once(proj_type):
+    """model.frozen_dtype bfloat16: W and P stored in bf16, B trains in float32. The refresh
+    merges decay·W + scale·P B in float32 and rounds once, where it writes W; the tied head and
+    the untied layers alike (GaLoreEmbedding is a GaLoreLinear)."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(12, 20), nn.Tanh(), nn.Linear(20, 6))
+    layers = list(apply_galore(model, 4, ["0", "2"], scale=0.5, proj_type=proj_type,
+                               frozen_dtype=torch.bfloat16).values())
+    for layer in layers:
+        assert layer.weight.dtype == layer.proj.dtype == torch.bfloat16
+        assert layer.B.dtype == layer.bias.dtype == torch.float32 and layer.B.requires_grad
+        with torch.no_grad():
+            layer.B.normal_()  # a merge as large as W itself: each rounding shows
+            layer.proj.normal_()
+        layer.decay = 0.99
+    exact = [layer.weight.double() * layer.decay + layer.scale * (
+        layer.proj.double() @ layer.B.double() if layer.side == "left" else layer.B.double() @ layer.proj.double())
+        for layer in layers]
+    grads = [torch.randn(l.out_features, l.in_features) for l in layers]
+    refresh_galore_layers(layers, TorchBackend(), grads)
+    for layer, want, G in zip(layers, exact, grads):
+        assert_rounded_once(layer.weight, want)
+        assert torch.equal(layer.proj, orthogonal_projector(G, 4, layer.side).to(torch.bfloat16))
+        assert layer.B.dtype == torch.float32 and torch.count_nonzero(layer.B) == 0
 
 
 def decaying_matrix(rows: int, cols: int, decay: float, seed: int = 0) -> torch.Tensor:

@@ -3,6 +3,7 @@
 import torch
 from torch import nn
 
+from conftest import assert_rounded_once
 from sst_dist.engines.torch import TorchBackend
 from sst_dist.lowrank import LoRALinear, ReLoRAController, apply_lora
 
@@ -45,3 +46,22 @@ def test_relora_reset_merges_reinitialises_and_resets_state():
             assert torch.count_nonzero(opt.state[p]["exp_avg_sq"]) == 0
     assert not torch.equal(model[0].lora_A, old_A)
     assert torch.equal(opt.state[model[0].bias]["exp_avg"], bias_state)
+
+
+def test_relora_merge_into_a_bf16_weight_rounds_once():
+    """model.frozen_dtype bfloat16: W is stored in bf16, A and B train in float32; the reset's
+    merge W + scale·B A runs in float32 and is rounded once, where it is written into W."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(16, 24), nn.ReLU(), nn.Linear(24, 16))
+    layers = apply_lora(model, rank=4, targets=["0", "2"], alpha=8.0, frozen_dtype=torch.bfloat16)
+    for layer in layers.values():
+        assert layer.weight.dtype == torch.bfloat16 and not layer.weight.requires_grad
+        assert layer.lora_A.dtype == layer.lora_B.dtype == layer.bias.dtype == torch.float32
+        with torch.no_grad():
+            layer.lora_B.normal_()  # a merge as large as W itself: each rounding shows
+    exact = [layer.weight.double() + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
+             for layer in layers.values()]
+    ReLoRAController(layers, TorchBackend(), seed=0).reset(iteration=1)
+    for layer, want in zip(layers.values(), exact):
+        assert_rounded_once(layer.weight, want)
+        assert torch.count_nonzero(layer.lora_B) == 0 and layer.lora_A.dtype == torch.float32

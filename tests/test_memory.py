@@ -91,6 +91,38 @@ def test_galore_layer_form_counts_the_real_layer():
     assert c.refresh_grad == DENSE
 
 
+SST_FROZEN = L * sum(out * min(out, inp) + min(out, inp) * inp for out, inp in SHAPES)  # U, Vh
+GALORE_B = L * (4 * H * R + F * R + R * F)  # B (r, in) left or (out, r) right, as the projected G
+# (method, frozen elements, trainable elements) of OPT-125m, from the shapes: the frozen ones are
+# SST's U and Vh, LoRA's W, GaLore's W and projector (the embedding's, under sst+galore)
+FROZEN_AND_TRAINABLE = [
+    ("full", 0, FULL_RANK_REST + DENSE),
+    ("lora", DENSE, FULL_RANK_REST + L * sum(R * inp + out * R for out, inp in SHAPES)),
+    ("relora", DENSE, FULL_RANK_REST + L * sum(R * inp + out * R for out, inp in SHAPES)),
+    ("galore", DENSE + L * (4 * R * H + R * H + H * R), FULL_RANK_REST + GALORE_B),
+    ("sst", SST_FROZEN, FULL_RANK_REST + L * sum(min(out, inp) + R * (out + inp) for out, inp in SHAPES)),
+    ("sst+galore", SST_FROZEN + V * H + R * H,
+     FULL_RANK_REST - V * H + V * R + L * sum(min(out, inp) + R * (out + inp) for out, inp in SHAPES)),
+]
+
+
+@pytest.mark.parametrize("method, frozen, trainable", FROZEN_AND_TRAINABLE)
+@pytest.mark.parametrize("engine, gpus", [("torch", 1), ("fsdp", 2)])
+def test_engine_estimate_stores_every_methods_frozen_tensors_in_the_frozen_dtype(method, frozen, trainable,
+                                                                                 engine, gpus):
+    """--frozen-dtype (model.frozen_dtype) is every method's: 4 bytes per frozen element in
+    float32, 2 in bfloat16; what trains stays 4."""
+    from sst_dist.memory import estimate_engine
+
+    kw = dict(rank=R, engine=engine, gpus=gpus, micro_batch=1, seq=128)
+    f32 = estimate_engine("125m", method, frozen_dtype="float32", **kw)
+    b16 = estimate_engine("125m", method, frozen_dtype="bfloat16", **kw)
+    buffers = count_parameters("125m", method, R, galore_form="layer", seq=128).buffer_bytes
+    assert f32["weights"] - buffers == pytest.approx((4 * trainable + 4 * frozen) / gpus, abs=1)
+    assert b16["weights"] - buffers == pytest.approx((4 * trainable + 2 * frozen) / gpus, abs=1)
+    assert f32["optimizer"] == b16["optimizer"] and f32["gradients"] == b16["gradients"]
+
+
 def _split(method, zero, gpus, **kw):
     return estimate("125m", method, R, zero, gpus, 1, 128, **kw)
 
@@ -266,7 +298,7 @@ def test_the_step_profile_reports_every_phase_on_cpu():
 @pytest.mark.parametrize("method, path", [("full", "dense"), ("sst", "dense"), ("sst", "factored")])
 def test_autocast_activation_formula_matches_what_autograd_keeps(method, path):
     """The torch engine's estimate (fp32 weights, bf16 autocast) against the tensors autograd
-    saves on a tiny OPT on CPU, SST's U and Vh stored in bf16 as sst.frozen_dtype makes them."""
+    saves on a tiny OPT on CPU, SST's U and Vh stored in bf16 as model.frozen_dtype makes them."""
     import torch
 
     from sst_dist.config import load_recipe
@@ -278,7 +310,7 @@ def test_autocast_activation_formula_matches_what_autograd_keeps(method, path):
     torch.manual_seed(0)
     model = build_model("tiny", vocab_size=vocab, seq_len=s)
     recipe = load_recipe(None, [f"method={method}", "rank=8", "model.size=tiny", f"sst.path={path}",
-                                "sst.frozen_dtype=bfloat16"])
+                                "model.frozen_dtype=bfloat16"])
     build_method(recipe, model)
 
     def kept(batch):
@@ -304,7 +336,7 @@ def test_engine_estimate_counts_what_the_meta_build_allocates():
     c = count_parameters("1.3b", "sst", 64, galore_form="layer", seq=2048)
     f32 = estimate_engine("1.3b", "sst", engine="torch", gpus=1, **kw)
     b16 = estimate_engine("1.3b", "sst", engine="torch", gpus=1, frozen_dtype="bfloat16", **kw)
-    assert f32["weights"] - b16["weights"] == 2 * c.sst_frozen  # U and Vh alone change storage
+    assert f32["weights"] - b16["weights"] == 2 * c.frozen  # U and Vh alone change storage
     assert f32["weights"] == pytest.approx(4 * c.total + c.buffer_bytes, abs=1)  # no dense W beside them
     assert f32["optimizer"] == (2 * c.moments + c.ages) * 4
     two = estimate_engine("1.3b", "sst", engine="fsdp", gpus=2, frozen_dtype="bfloat16", **kw)

@@ -37,6 +37,51 @@ def test_every_method_trains_under_bf16_autocast_on_cpu(tmp_path, single_process
         assert abs(mixed[step] - full[step]) < 0.01 * full[step]
 
 
+@pytest.mark.parametrize("method", ["full", "lora", "relora", "galore", "sst", "sst+galore"])
+def test_frozen_tensors_stay_bf16_through_training_and_its_merges(method):
+    """model.frozen_dtype bfloat16 under bf16 compute: three steps that cross each method's
+    periodic work (an SST resample, a ReLoRA* reset, a GaLore refresh: each writes into frozen
+    tensors) leave every frozen tensor bf16, and every trained one and its AdamW state float32.
+    The trainer's own build_run and train_step, in this process."""
+    from sst_dist.config import load_recipe
+    from sst_dist.engines import distributed_context
+    from sst_dist.train import build_run, train_step
+
+    vocab = 256
+    recipe = load_recipe(f"recipes/tiny-{method}.yaml", [
+        "model.frozen_dtype=bfloat16", "train.dtype=bfloat16", "model.seq_len=32",
+        "sst.steps_per_iteration=2", "relora.reset_every=2", "galore.update_proj_gap=2"])
+    built, engine = build_run(recipe, "torch", distributed_context("torch"), device=torch.device("cpu"),
+                              dtype=torch.bfloat16, vocab_size=vocab, micro_batch=4, accumulation=1)
+    frozen = {n: p for n, p in engine.model.named_parameters() if not p.requires_grad}
+    assert bool(frozen) == (method != "full")  # full-rank has nothing frozen
+    before = {n: p.detach().clone() for n, p in frozen.items()}
+    tokens = torch.Generator().manual_seed(1)
+    events = []
+    for step in range(3):
+        result = train_step(engine, built, step, [torch.randint(0, vocab, (4, 33), generator=tokens)])
+        assert math.isfinite(float(result.loss))
+        events.append(result.event)
+    for name, param in engine.model.named_parameters():
+        assert param.dtype == (torch.float32 if param.requires_grad else torch.bfloat16), name
+    for state in engine.optimizer.state.values():
+        assert all(v.dtype == torch.float32 for v in state.values() if torch.is_tensor(v) and v.is_floating_point())
+    if method not in ("full", "lora"):  # step 2's periodic work wrote into the frozen tensors
+        assert events[2] is not None
+        assert any(not torch.equal(before[n], p) for n, p in frozen.items())
+
+
+def test_bf16_frozen_storage_needs_bf16_compute(tmp_path):
+    from sst_dist import train
+    from sst_dist.config import ConfigError, load_recipe
+
+    recipe = load_recipe("recipes/tiny-lora.yaml", ["model.frozen_dtype=bfloat16", "train.dtype=float32",
+                                                     "wandb.mode=disabled"])
+    with pytest.raises(ConfigError, match="model.frozen_dtype: bfloat16 needs bfloat16 compute, but "
+                                          "train.dtype is float32"):
+        train.main(train.Run(recipe, tmp_path / "out"))
+
+
 def test_metrics_fields_and_events(tmp_path):
     pretrain(tmp_path, "recipes/tiny-sst.yaml", "--max-steps", "21", "--set", "eval.every_steps=10",
              "--set", "eval.tokens=2048")

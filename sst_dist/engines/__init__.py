@@ -161,8 +161,8 @@ def check_precision(engine: str, recipe) -> None:
 
 def cast_masters(model, dtype) -> None:
     """Every floating parameter and buffer to `dtype` (the fp32 or fp64 master), in place, but
-    frozen parameters kept in bfloat16 on purpose (sst.frozen_dtype) stay so: model.to(dtype)
-    would make an fp32 copy of the largest tensors SST holds."""
+    frozen parameters kept in bfloat16 on purpose (model.frozen_dtype) stay so: model.to(dtype)
+    would make an fp32 copy of the largest tensors a low-rank method holds."""
     for module in model.modules():
         for name, param in module._parameters.items():
             if param is None or not param.is_floating_point() or param.dtype == dtype:
