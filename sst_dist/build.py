@@ -10,7 +10,8 @@ decoder block, shards it, then the next (sst_dist.engines.fsdp), so no rank ever
 its shards and one block; each SST layer's factors are drawn on one owner rank and broadcast.
 
 Every tensor is drawn from a generator seeded by (seed, its name) on the device that holds it, so
-the torch engine and every FSDP rank build the same model.
+the torch engine and every FSDP rank build the same model; a LoRA layer's A, like SST's factors,
+by (seed, its layer index), as the dense build draws it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 
 from sst_dist.galore import GaLoreLinear  # GaLoreEmbedding is one
+from sst_dist.lowrank import LoRALinear, initial_A
 from sst_dist.sst import SSTLinear, layer_generator, sample_active
 from sst_dist.spectral_init import init_factors, init_generator
 
@@ -44,8 +46,8 @@ def is_meta(module: nn.Module) -> bool:
 
 class Materializer:
     """Called on a module (the whole model, or one block at a time), materialises every meta
-    tensor under it on `device`. Trainable tensors in `dtype`; frozen ones (SST's U and Vh, GaLore's
-    W and projector) in `frozen_dtype` (model.frozen_dtype; None: `dtype`).
+    tensor under it on `device`. Trainable tensors in `dtype`; frozen ones (SST's U and Vh, LoRA's
+    W, GaLore's W and projector) in `frozen_dtype` (model.frozen_dtype; None: `dtype`).
 
     rank, world_size: under FSDP, SST layer i's factors are computed on rank i mod world_size only
     and broadcast; every other tensor is cheap and drawn on every rank alike.
@@ -59,6 +61,8 @@ class Materializer:
         self.names = {id(m): n for n, m in model.named_modules()}
         sst_layers = [m for m in model.modules() if isinstance(m, SSTLinear)]
         self.sst_index = {id(m): i for i, m in enumerate(sst_layers)}  # apply_sst's order
+        lora_layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+        self.lora_index = {id(m): i for i, m in enumerate(lora_layers)}  # apply_lora's order
         self.seed, self.device, self.dtype, self.init = seed, torch.device(device), dtype, init
         self.frozen_dtype = frozen_dtype or dtype
         self.uniform_mix = uniform_mix
@@ -77,6 +81,8 @@ class Materializer:
             name = self.names.get(id(sub), type(sub).__name__)
             if isinstance(sub, SSTLinear):
                 self._sst(sub, drawn.pop(id(sub), None))
+            elif isinstance(sub, LoRALinear):
+                self._lora(sub, name)
             elif isinstance(sub, (nn.Linear, nn.Embedding, GaLoreLinear)):
                 self._dense(sub, name)
             elif isinstance(sub, nn.LayerNorm):
@@ -108,6 +114,15 @@ class Materializer:
             _swap_in(weight, value.to(self._storage(weight)))
         for other in ("bias", "proj", "B"):
             self._fill(module, other, 0.0)
+
+    def _lora(self, layer: LoRALinear, name):
+        """W and bias as an nn.Linear's; A Gaussian and B zero, as LoRALinear.from_linear."""
+        self._dense(layer, name)
+        self._fill(layer, "lora_B", 0.0)
+        if layer.lora_A.is_meta:
+            generator = layer_generator(self.seed, self.lora_index[id(layer)], 0)
+            A = initial_A(layer.rank, layer.in_features, generator, self.dtype)
+            _swap_in(layer.lora_A, A.to(self.device))
 
     def _draw(self, layer: SSTLinear):
         """U, s, Vh of SST layer `layer`, in their storage dtypes."""

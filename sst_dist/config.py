@@ -333,9 +333,6 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError(f"model.compile: with model.gradient_checkpointing, only method full and method sst"
                           f" with sst.path=functional compile (the {recipe.method} layers run eagerly and"
                           " break a checkpointed block's graph); turn one of the two off")
-    if recipe.model.build == "meta" and recipe.method in ("lora", "relora"):
-        raise ConfigError(f"model.build: meta is not available for method {recipe.method}; "
-                          "use model.build=dense (methods with meta: full, galore, sst, sst+galore)")
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("galore.projector", recipe.galore.projector, ("auto", "svd", "randomized"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))

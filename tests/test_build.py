@@ -1,5 +1,6 @@
 """model.build meta: the model built on the meta device and materialised module by module, SST
-layers directly as their factors, under the torch engine and FSDP2."""
+layers directly as their factors, LoRA layers as the dense build makes them, under the torch engine
+and FSDP2."""
 
 import pytest
 import torch
@@ -39,7 +40,7 @@ def layout(model):
         {n: (tuple(b.shape), b.dtype, b.device.type) for n, b in model.named_buffers()}
 
 
-@pytest.mark.parametrize("method", ["full", "galore", "sst", "sst+galore"])
+@pytest.mark.parametrize("method", ["full", "lora", "relora", "galore", "sst", "sst+galore"])
 @pytest.mark.parametrize("frozen", ["float32", "bfloat16"])
 def test_meta_build_has_the_normal_builds_tensors(method, frozen):
     overrides = ("sst.init=haar", f"model.frozen_dtype={frozen}")
@@ -88,6 +89,27 @@ def test_meta_build_draws_the_factors_a_dense_haar_build_draws():
             assert torch.equal(x, y), name
 
 
+@pytest.mark.parametrize("method", ["lora", "relora"])
+@pytest.mark.parametrize("frozen", ["float32", "bfloat16"])
+def test_meta_built_lora_layers_are_the_dense_builds(method, frozen):
+    """A by (seed, layer) as apply_lora draws it, B zero, W an nn.Linear's N(0, init_std²), bias
+    zero: the same layers as the dense build, but W, which each build draws from its own stream."""
+    meta, meta_method, recipe = meta_model(method, f"model.frozen_dtype={frozen}", "seed=3")
+    dense, dense_method, _ = dense_model(method, f"model.frozen_dtype={frozen}", "seed=3")
+    assert len(meta_method.layers) == len(dense_method.layers) == 2 * len(recipe.targets)
+    for (name, a), (dense_name, b) in zip(meta_method.layers.items(), dense_method.layers.items()):
+        assert name == dense_name
+        assert torch.equal(a.lora_A, b.lora_A), name
+        assert a.lora_A.dtype == torch.float32 and a.lora_A.std() > 0
+        assert torch.count_nonzero(a.lora_B) == 0 and torch.count_nonzero(a.bias) == 0
+        assert a.weight.dtype == getattr(torch, frozen) and not a.weight.requires_grad
+        std = a.weight.float().std().item()
+        assert abs(std - meta.config.init_std) < 0.1 * meta.config.init_std, name
+    other, _, _ = meta_model(method, f"model.frozen_dtype={frozen}", "seed=4")
+    first = next(iter(meta_method.layers))
+    assert not torch.equal(other.get_submodule(first).lora_A, meta.get_submodule(first).lora_A)
+
+
 class Recorder(TorchDispatchMode):
     def __init__(self):
         super().__init__()
@@ -121,7 +143,7 @@ def test_materialising_never_forms_a_dense_weight_of_a_targeted_layer():
     assert svd  # the check sees the SVD route
 
 
-@pytest.mark.parametrize("method", ["sst", "full"])
+@pytest.mark.parametrize("method", ["sst", "full", "relora"])
 def test_meta_build_trains_under_the_torch_engine(tmp_path, method):
     pretrain(tmp_path, f"recipes/tiny-{method}.yaml", "--max-steps", "6", "--set", "model.build=meta",
              "--set", "sst.init=haar", "--set", "sst.steps_per_iteration=2")
@@ -129,20 +151,22 @@ def test_meta_build_trains_under_the_torch_engine(tmp_path, method):
     assert len(curve) == 6 and all(map(lambda v: v == v, curve.values()))
     assert curve[6] < curve[1]
     assert "init_s" in read_metrics(tmp_path)[0]
-    if method == "sst":
-        assert any(m.get("event") == "resample" for m in read_metrics(tmp_path))
+    event = {"sst": "resample", "relora": "reset"}.get(method)
+    if event:
+        assert any(m.get("event") == event for m in read_metrics(tmp_path))
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("init", ["haar", "svd"])
-def test_meta_build_under_fsdp_matches_the_torch_engine(tmp_path, init):
+@pytest.mark.parametrize("method, init", [("sst", "haar"), ("sst", "svd"), ("relora", "auto")])
+def test_meta_build_under_fsdp_matches_the_torch_engine(tmp_path, method, init):
     """FSDP2 on 2 gloo ranks materialises block by block, the factors of each SST layer on its
-    owner rank and broadcast: the same model as the single-process meta build, so in float64 the
-    same curve through a resample."""
+    owner rank and broadcast, a LoRA layer's A on every rank from its coordinates: the same model
+    as the single-process meta build, so in float64 the same curve through a resample (a reset)."""
     args = ("--max-steps", "4", "--set", "model.build=meta", "--set", f"sst.init={init}",
-            "--set", "sst.steps_per_iteration=2", "--set", "train.dtype=float64")
-    pretrain(tmp_path / "torch", "recipes/tiny-sst.yaml", *args)
-    pretrain(tmp_path / "fsdp", "recipes/tiny-sst.yaml", *args, "--engine", "fsdp",
+            "--set", "sst.steps_per_iteration=2", "--set", "relora.reset_every=2",
+            "--set", "train.dtype=float64")
+    pretrain(tmp_path / "torch", f"recipes/tiny-{method}.yaml", *args)
+    pretrain(tmp_path / "fsdp", f"recipes/tiny-{method}.yaml", *args, "--engine", "fsdp",
              launcher="torchrun", nproc=2)
     single, sharded = losses(tmp_path / "torch"), losses(tmp_path / "fsdp")
     assert sorted(single) == sorted(sharded) == [1, 2, 3, 4]

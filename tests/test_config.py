@@ -122,10 +122,11 @@ def test_a_saved_recipe_with_a_moved_key_still_loads():
     assert _build(Recipe, upgraded).model.frozen_dtype == "bfloat16"
 
 
-def test_meta_build_is_refused_for_lora_and_relora():
-    for method in ("lora", "relora"):
-        with pytest.raises(ConfigError, match="model.build: meta is not available for method"):
-            load_recipe(f"recipes/tiny-{method}.yaml", ["model.build=meta"])
+def test_meta_build_loads_for_every_method():
+    from sst_dist.config import METHODS
+
+    for method in METHODS:
+        assert load_recipe(f"recipes/tiny-{method}.yaml", ["model.build=meta"]).model.build == "meta"
 
 
 def test_every_scale_recipe_loads():
@@ -134,10 +135,12 @@ def test_every_scale_recipe_loads():
     from pathlib import Path
 
     recipes = sorted(Path("recipes").glob("opt-*b-*.yaml"))
-    assert len(recipes) >= 20
+    assert len(recipes) >= 26
+    for size in ("1.3b", "6.7b", "13b", "30b", "66b"):
+        assert Path(f"recipes/opt-{size}-lora.yaml").is_file()
     for path in recipes:
         recipe = load_recipe(path)
-        if path.stem.split("-")[1] in ("2.7b", "6.7b", "13b", "30b", "66b"):
+        if path.stem.split("-")[1] in ("2.7b", "6.7b", "13b", "30b", "66b") or recipe.method == "lora":
             assert recipe.model.build == "meta" and recipe.model.gradient_checkpointing
             if recipe.method != "full":
                 assert recipe.model.frozen_dtype == "bfloat16", path
