@@ -73,7 +73,8 @@ def test_frozen_tensors_stay_bf16_through_training_and_its_merges(method):
 
 def test_bf16_frozen_storage_needs_bf16_compute(tmp_path):
     from sst_dist import train
-    from sst_dist.config import ConfigError, load_recipe
+    from sst_dist.config import load_recipe
+    from sst_dist.errors import ConfigError
 
     recipe = load_recipe("recipes/tiny-lora.yaml", ["model.frozen_dtype=bfloat16", "train.dtype=float32",
                                                      "wandb.mode=disabled"])
