@@ -103,6 +103,10 @@ class OptimConfig:
     beta2: float = 0.999
     eps: float = 1e-8
     grad_clip: float = 1.0  # 0 disables
+    # what a ReLoRA* restart or an SST resample resets: exact (the reset slots restart as a fresh
+    # Adam, their own age in the bias correction: sst_dist.optim) | moments (m and v zeroed under the
+    # running step count: the state-reset trap of docs/design.md §1, kept as an ablation)
+    reset: str = "exact"
 
 
 @dataclass
@@ -333,6 +337,7 @@ def validate(recipe: Recipe) -> Recipe:
         raise ConfigError(f"model.compile: with model.gradient_checkpointing, only method full and method sst"
                           f" with sst.path=functional compile (the {recipe.method} layers run eagerly and"
                           " break a checkpointed block's graph); turn one of the two off")
+    _choice("optim.reset", recipe.optim.reset, ("exact", "moments"))
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("galore.projector", recipe.galore.projector, ("auto", "svd", "randomized"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))

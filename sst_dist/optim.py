@@ -158,6 +158,10 @@ class AdamW(torch.optim.AdamW):
 def build_optimizer(param_groups: list[dict], recipe, device: torch.device) -> AdamW:
     """The AdamW of every engine, from the recipe's optim section."""
     o = recipe.optim
+    if o.reset == "moments":
+        # the ablation: a reset zeroes m and v and the tensor's step count runs on, which is torch's
+        # own AdamW on that group (the engines' reset zeroes whatever moments the state holds)
+        param_groups = [{**group, "resettable": False} for group in param_groups]
     return AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
                  fused=True if torch.device(device).type == "cuda" else None)
 

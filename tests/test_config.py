@@ -20,6 +20,7 @@ from sst_dist.errors import ConfigError
     ("galore.projector=lanczos", ["galore.projector", "svd", "randomized"]),
     ("model.frozen_dtype=float16", ["model.frozen_dtype", "bfloat16"]),
     ("model.build=lazy", ["model.build", "meta"]),
+    ("optim.reset=zero", ["optim.reset", "'zero'", "exact", "moments"]),
     ("checkpoint.save=maybe", ["checkpoint.save", "true or false"]),
     ("train.max_steps=abc", ["train.max_steps", "integer"]),
     ("optim.beta1=1.5", ["optim.beta1", "1.5", "[0, 1)"]),

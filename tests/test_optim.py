@@ -5,8 +5,9 @@ import math
 import pytest
 import torch
 
+from sst_dist.config import load_recipe
 from sst_dist.engines.torch import TorchBackend
-from sst_dist.optim import AdamW, BiasCorrection
+from sst_dist.optim import AdamW, BiasCorrection, build_optimizer
 
 SETTINGS = dict(lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.1)
 
@@ -175,3 +176,49 @@ def test_a_group_of_many_tensors_steps_each_as_if_alone(monkeypatch, batch):
             o.step()
     for p, q in zip(together, alone):
         assert torch.equal(p.detach(), q.detach())
+
+
+def test_the_reset_knob_exact_is_the_per_slot_reset_and_moments_zeroes_m_and_v_under_the_step_count():
+    """optim.reset: exact steps the group as today (per-element ages); moments as torch's AdamW
+    whose m and v of the reset slots are zeroed while its step count runs on (docs/design.md §1)."""
+    shape, T, steps = (6, 5), 40, 80
+    slots = torch.tensor([1, 3])
+    start = torch.randn(shape, dtype=torch.float64)
+    grads = _grads(steps, shape, seed=3)
+
+    def built(mode):
+        recipe = load_recipe(None, [f"optim.reset={mode}", f"optim.weight_decay={SETTINGS['weight_decay']}"])
+        param = torch.nn.Parameter(start.clone())
+        optimizer = build_optimizer([{"params": [param], "lr": SETTINGS["lr"], "name": "lowrank", "resettable": True}],
+                                    recipe, torch.device("cpu"))
+        backend = TorchBackend(optimizer)
+        return _run(optimizer, param, grads, lambda t: t == T and backend.reset_state(param, slots, 0))
+
+    # exact: what a resettable group of sst_dist.optim.AdamW computes, bit for bit
+    today = torch.nn.Parameter(start.clone())
+    optimizer = AdamW([{"params": [today], "resettable": True}], **SETTINGS)
+    backend = TorchBackend(optimizer)
+    expected = _run(optimizer, today, grads, lambda t: t == T and backend.reset_state(today, slots, 0))
+    exact = built("exact")
+    for x, y in zip(exact, expected):
+        assert torch.equal(x, y)
+
+    # moments: the float64 reference zeroes m and v of the slots and leaves torch's step count alone
+    ref = torch.nn.Parameter(start.clone())
+    plain = torch.optim.AdamW([ref], **SETTINGS)
+
+    def zero_slots(t):
+        if t == T:
+            for key in ("exp_avg", "exp_avg_sq"):
+                plain.state[ref][key].index_fill_(0, slots, 0)
+            assert float(plain.state[ref]["step"]) == T  # the count runs on
+
+    reference = _run(plain, ref, grads, zero_slots)
+    moments = built("moments")
+    for x, y in zip(moments, reference):
+        torch.testing.assert_close(x, y, rtol=0, atol=1e-13)
+    # the two knobs part at the reset, and only in the reset slots
+    torch.testing.assert_close(moments[T - 1], exact[T - 1], rtol=0, atol=1e-13)
+    kept = torch.tensor([0, 2, 4, 5])
+    torch.testing.assert_close(moments[-1].index_select(0, kept), exact[-1].index_select(0, kept), rtol=0, atol=1e-13)
+    assert (moments[-1] - exact[-1]).index_select(0, slots).abs().max() > 1e-3
