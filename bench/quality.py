@@ -2,16 +2,17 @@
 
     python bench/quality.py --size 125m --steps 20000 --gpus 6 --device cuda --out runs/quality \\
         [--methods full,lora,relora,sst,galore,sst+galore] [--set KEY=V] [--set METHOD:KEY=V] \\
-        [--sweep [METHOD:]KEY=V1,V2,...] [--eval-every E] [--eval-tokens T] [--warmup W]
+        [--sweep [METHOD:]KEY=V1,V2,...] [--seeds 0,1,2] [--eval-every E] [--eval-tokens T] [--warmup W]
     python bench/quality.py --plot-only --out runs/quality
 
 Each run is `python launch/pretrain.py` (single process) on recipes/<size>-<method>.yaml
 (`--size tiny`: recipes/tiny-<method>.yaml) in its own folder OUT/runs/<name>/ (metrics.jsonl,
 checkpoints, run.log, bench.json). With `--device cuda`, up to --gpus runs at once, one GPU each;
 on CPU one after another. A finished run is reused, an unfinished one resumed, so re-running the
-same command after an interruption only does what is left. Writes OUT/quality.csv, quality.md
-(the table and the checks below it, also printed) and eval_loss.png, train_loss.png,
-ppl_vs_memory.png. See docs/quality.md.
+same command after an interruption only does what is left. With --seeds every method and variant
+runs once per seed. Writes OUT/quality.csv, quality.md (the table, the curves across seeds, the
+gap measures and the checks, also printed) and eval_loss.png, train_loss.png, ppl_vs_memory.png.
+See docs/quality.md.
 """
 
 from __future__ import annotations
@@ -39,16 +40,19 @@ sys.path.insert(0, str(ROOT))
 from sst_dist.config import METHODS, flatten, load_recipe, upgrade_saved  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
 from size_recipe import size_recipe  # noqa: E402
-from sst_dist.plot import (RESET_EVENTS, eval_loss_panel, pyplot, read_rows, save,  # noqa: E402
-                           train_loss_panel)
+from sst_dist.plot import (RESET_EVENTS, across_runs, eval_band_panel, mean_rows, pyplot, read_rows,  # noqa: E402
+                           save, train_loss_panel)
 
 # recipe keys that do not change what a run trains: a finished or half-done folder whose recipe
 # differs from this invocation's only in these is still the same run
 NEUTRAL_KEYS = ("train.max_steps", "train.log_every", "eval.every_steps", "eval.tokens",
                 "checkpoint.every_steps", "checkpoint.keep", "wandb", "data.num_proc")
 RISE_BEFORE, RISE_AFTER, RISE_WINDOW = 10, 50, 10
-CSV_FIELDS = ("method", "variant", "eval_loss", "eval_ppl", "final_train_loss", "peak_mem_gib",
-              "tokens_per_s", "tokens", "steps", "trainable_params", "status", "run_dir")
+CSV_FIELDS = ("method", "variant", "seed", "eval_loss", "eval_ppl", "final_train_loss", "peak_mem_gib",
+              "tokens_per_s", "tokens", "steps", "trainable_params", "status", "run_dir",
+              # the summary rows (seed "mean") of a (method, variant) run at several seeds
+              "n_seeds", "eval_loss_sd", "eval_loss_min", "eval_loss_max")
+SUMMARY = "mean"  # the seed column of a summary row
 
 
 class BenchError(Exception):
@@ -64,6 +68,7 @@ class RunSpec:
     overrides: list[str]  # --set items for the launcher, in order (later wins)
     steps: int = 0  # train.max_steps of the resolved recipe
     resolved: dict = field(default_factory=dict)  # the recipe as the trainer will see it
+    seed: int = 0  # the resolved recipe's seed
 
     def folder(self, out: Path) -> Path:
         return out / "runs" / self.name
@@ -116,6 +121,19 @@ def parse_methods(text: str) -> list[str]:
     return methods
 
 
+def parse_seeds(text: str | None) -> list[int] | None:
+    """`--seeds 0,1,2` -> [0, 1, 2]; None without the flag (each recipe's own seed)."""
+    if text is None:
+        return None
+    items = [v.strip() for v in text.split(",") if v.strip()]
+    if not items or not all(v.isdigit() for v in items):
+        raise BenchError(f"--seeds {text!r}: expected a comma list of integers >= 0, e.g. 0,1,2")
+    seeds = [int(v) for v in items]
+    if len(set(seeds)) != len(seeds):
+        raise BenchError(f"--seeds {text!r}: a seed is listed twice")
+    return seeds
+
+
 def common_overrides(args) -> list[str]:
     """What every run shares besides the user's --set: the budget, warm-up, evaluation, checkpoints."""
     steps = args.steps
@@ -130,8 +148,9 @@ def common_overrides(args) -> list[str]:
 
 
 def plan(args) -> list[RunSpec]:
-    """One RunSpec per (method, sweep variant), every recipe resolved and validated up front."""
+    """One RunSpec per (method, sweep variant, seed), every recipe resolved and validated up front."""
     methods = parse_methods(args.methods)
+    seeds = parse_seeds(args.seeds)
     shared, per_method = [], {m: [] for m in methods}
     for item in args.set:
         method, kv = split_method(item, "--set")
@@ -142,6 +161,8 @@ def plan(args) -> list[RunSpec]:
         else:
             print(f"note: --set {item} ignored: {method} is not in --methods", flush=True)
     sweeps = [parse_sweep(item) for item in args.sweep]
+    if seeds is not None and any(key == "seed" for _, key, _ in sweeps):
+        raise BenchError("--sweep seed=...: use --seeds, which names the folders and summarises across seeds")
     for method, key, _ in sweeps:
         if method is not None and method not in methods:
             print(f"note: --sweep {method}:{key} ignored: {method} is not in --methods", flush=True)
@@ -156,50 +177,66 @@ def plan(args) -> list[RunSpec]:
         for combo in itertools.product(*[[(key, v) for v in values] for key, values in mine]):
             variant_sets = [f"{key}={value}" for key, value in combo]
             variant = " ".join(variant_sets)
-            name = safe_name(method) + "".join(f"__{safe_name(s)}" for s in variant_sets)
-            if name in names:
-                raise BenchError(f"--sweep: runs {names[name]!r} and {method + ' ' + variant!r} "
-                                 f"would share the folder runs/{name}; use distinguishable values")
-            names[name] = f"{method} {variant}".strip()
+            where = f"{method} {variant}".strip()
             overrides = [*base, *shared, *per_method[method], *variant_sets]
-            try:
-                resolved = load_recipe(recipe, overrides)
-            except ConfigError as err:
-                where = f"{method} {variant}".strip()
-                raise BenchError(f"{where} ({recipe.relative_to(ROOT)}): {err}") from None
-            if resolved.method != method:
-                raise BenchError(f"{recipe.relative_to(ROOT)}: method is {resolved.method!r}, "
-                                 f"expected {method!r} (do not --set method)")
-            specs.append(RunSpec(method, variant, name, recipe, overrides, resolved.train.max_steps,
-                                 resolved.to_dict()))
+            own_seed = resolve(recipe, overrides, where, method).seed
+            for seed in seeds if seeds is not None else [own_seed]:
+                # the recipe's own seed keeps the folder of a run without --seeds: adding --seeds to a
+                # finished bench reuses its runs and trains only the other seeds
+                suffix = [] if seed == own_seed else [f"seed={seed}"]
+                name = safe_name(method) + "".join(f"__{safe_name(s)}" for s in variant_sets + suffix)
+                if name in names:
+                    raise BenchError(f"--sweep: runs {names[name]!r} and {where!r} would share the folder "
+                                     f"runs/{name}; use distinguishable values")
+                names[name] = where
+                run_sets = overrides + [f"seed={seed}"] if seeds is not None else overrides
+                resolved = resolve(recipe, run_sets, where, method)
+                specs.append(RunSpec(method, variant, name, recipe, run_sets, resolved.train.max_steps,
+                                     resolved.to_dict(), resolved.seed))
     return specs
+
+
+def resolve(recipe: Path, overrides: list[str], where: str, method: str):
+    """The recipe as the trainer will see it; a BenchError (one line) if it is not valid."""
+    try:
+        resolved = load_recipe(recipe, overrides)
+    except ConfigError as err:
+        raise BenchError(f"{where} ({recipe.relative_to(ROOT)}): {err}") from None
+    if resolved.method != method:
+        raise BenchError(f"{recipe.relative_to(ROOT)}: method is {resolved.method!r}, "
+                         f"expected {method!r} (do not --set method)")
+    return resolved
 
 
 # ----------------------------------------------------------------------------- reading runs
 
 
 def best_of_each(specs: list[RunSpec], out: Path, steps: int) -> list[RunSpec]:
-    """Each method's run with the lowest final eval loss, continued to `steps` in its own folder.
+    """Each method's variant with the lowest final eval loss (its mean over the seeds), every seed
+    of it continued to `steps` in its own folder.
 
     The lr schedule is warm-up then constant (no decay), and data and resets are functions of the
     step, so a run continued from step S to N is the run N steps long would have been: a sweep at
     S steps followed by its winners at N costs one sweep, not a second one."""
-    best: dict[str, tuple[float, RunSpec]] = {}
+    losses: dict[tuple[str, str], list[float]] = {}
     for spec in specs:
         loss = summarize(read_meta(spec.folder(out)) or {"method": spec.method, "steps": spec.steps},
                          spec.folder(out), out).get("eval_loss")
-        if loss is not None and math.isfinite(loss) and (spec.method not in best or loss < best[spec.method][0]):
-            best[spec.method] = (loss, spec)
+        if loss is not None and math.isfinite(loss):
+            losses.setdefault((spec.method, spec.variant), []).append(loss)
+    best: dict[str, tuple[float, str]] = {}
+    for (method, variant), values in losses.items():
+        mean = statistics.fmean(values)
+        if method not in best or mean < best[method][0]:
+            best[method] = (mean, variant)
     winners = []
     for method in (m for m in METHODS if m in best):
-        spec = best[method][1]
-        overrides = [o for o in spec.overrides if not o.startswith("train.max_steps=")] + [f"train.max_steps={steps}"]
-        resolved = load_recipe(spec.recipe, overrides)
-        winners.append(RunSpec(spec.method, spec.variant, spec.name, spec.recipe, overrides, steps,
-                               resolved.to_dict()))
+        for spec in (s for s in specs if (s.method, s.variant) == (method, best[method][1])):
+            overrides = [o for o in spec.overrides if not o.startswith("train.max_steps=")] + [f"train.max_steps={steps}"]
+            resolved = load_recipe(spec.recipe, overrides)
+            winners.append(RunSpec(spec.method, spec.variant, spec.name, spec.recipe, overrides, steps,
+                                   resolved.to_dict(), spec.seed))
     return winners
-
-
 
 
 def last_row(folder: Path) -> dict | None:
@@ -228,6 +265,8 @@ def recipe_mismatch(spec: RunSpec, folder: Path) -> str | None:
     except ValueError:
         return None
     want = flatten(spec.resolved)
+    # a key newer than the folder's recipe ran at its default (a new key keeps the old behaviour)
+    had = {**{k: v for k, v in flatten(load_recipe(None).to_dict()).items() if k not in had}, **had}
     neutral = lambda k: any(k == n or k.startswith(n + ".") for n in NEUTRAL_KEYS)  # noqa: E731
     diff = [f"{k}: {had.get(k)!r} -> {want.get(k)!r}" for k in sorted(set(had) | set(want))
             if not neutral(k) and had.get(k) != want.get(k)]
@@ -264,8 +303,11 @@ def summarize(meta: dict, folder: Path, out: Path) -> dict:
     steps = meta["steps"]
     rows = read_rows(folder, steps)
     # run_dir relative to OUT: results copied to another machine still find their folders
-    row = {"method": meta["method"], "variant": meta.get("variant", ""), "run_dir": folder.relative_to(out).as_posix(),
-           "trainable_params": meta.get("trainable_params"), "_folder": folder, "_steps": steps}
+    resolved = meta.get("recipe_resolved") or {}
+    row = {"method": meta["method"], "variant": meta.get("variant", ""), "seed": meta_seed(meta),
+           "run_dir": folder.relative_to(out).as_posix(), "trainable_params": meta.get("trainable_params"),
+           "_folder": folder, "_steps": steps, "_rows": rows,
+           "_warmup": resolved.get("optim", {}).get("warmup_steps", 0)}
     done = bool(rows) and rows[-1]["step"] >= steps
     row["status"] = meta.get("status") if meta.get("status") == "failed" else ("ok" if done else "incomplete")
     if not rows:
@@ -283,6 +325,12 @@ def summarize(meta: dict, folder: Path, out: Path) -> dict:
     row["tokens"] = rows[-1]["tokens"]
     row["steps"] = rows[-1]["step"]
     return row
+
+
+def meta_seed(meta: dict) -> int | None:
+    """The run's seed: bench.json's, or its recipe's (folders from before the seed was recorded)."""
+    seed = meta.get("seed")
+    return seed if seed is not None else (meta.get("recipe_resolved") or {}).get("seed")
 
 
 def reset_rise(rows: list[dict]) -> tuple[float, int, int] | None:
@@ -320,20 +368,230 @@ def label(row: dict) -> str:
     return f"{row['method']} {row['variant']}".strip()
 
 
+def metrics(row: dict) -> list[dict]:
+    """The run's metrics.jsonl rows, read once per report."""
+    if "_rows" not in row:
+        row["_rows"] = read_rows(row["_folder"], row["_steps"])
+    return row["_rows"]
+
+
+def groups(results: list[dict]) -> dict[tuple[str, str], list[dict]]:
+    """(method, variant) -> its runs (one per seed), in the order of `results`."""
+    return by_setting(results, lambda row: row)
+
+
+def by_setting(items: list, row_of) -> dict[tuple[str, str], list]:
+    out: dict[tuple[str, str], list] = {}
+    for item in items:
+        row = row_of(item)
+        out.setdefault((row["method"], row["variant"]), []).append(item)
+    return out
+
+
+def several_seeds(results: list[dict]) -> bool:
+    return any(len(runs) > 1 for runs in groups(results).values())
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+def seed_summaries(results: list[dict]) -> list[dict]:
+    """One row per (method, variant) run at several seeds: its finished runs' final eval loss
+    (mean, sample sd, min, max), seed "mean"; none when every setting ran at one seed."""
+    if not several_seeds(results):
+        return []
+    summaries = []
+    for (method, variant), runs in groups(results).items():
+        done = [r for r in runs if r.get("status") == "ok" and finite(r.get("eval_loss"))]
+        if not done:
+            continue
+        losses = [r["eval_loss"] for r in done]
+
+        def same(key):  # a column every finished seed agrees on
+            values = {r.get(key) for r in done}
+            return values.pop() if len(values) == 1 else None
+
+        def mean(key):
+            values = [r[key] for r in done if finite(r.get(key))]
+            return statistics.fmean(values) if values else None
+
+        summaries.append({
+            "method": method, "variant": variant, "seed": SUMMARY, "eval_loss": statistics.fmean(losses),
+            "eval_ppl": math.exp(statistics.fmean(losses)), "final_train_loss": mean("final_train_loss"),
+            "peak_mem_gib": max((r["peak_mem_gib"] for r in done if r.get("peak_mem_gib")), default=None),
+            "tokens_per_s": mean("tokens_per_s"), "tokens": same("tokens"), "steps": same("steps"),
+            "trainable_params": same("trainable_params"), "status": "summary", "n_seeds": len(done),
+            "eval_loss_sd": statistics.stdev(losses) if len(losses) > 1 else None,
+            "eval_loss_min": min(losses), "eval_loss_max": max(losses)})
+    return summaries
+
+
+def eval_points(row: dict) -> dict[int, tuple[int | None, float]]:
+    """step -> (tokens, eval loss) of one run."""
+    return {x["step"]: (x.get("tokens"), x["eval_loss"]) for x in metrics(row) if "eval_loss" in x}
+
+
+def envelope(results: list[dict], method: str) -> dict:
+    """seed -> step -> (tokens, eval loss) of the method's best variant at that step (with no sweep:
+    its one run of that seed)."""
+    best: dict = {}
+    for row in results:
+        if row["method"] != method:
+            continue
+        curve = best.setdefault(row.get("seed"), {})
+        for step, point in eval_points(row).items():
+            if step not in curve or point[1] < curve[step][1]:
+                curve[step] = point
+    return best
+
+
+def share(lora: float, full: float, x: float) -> float | None:
+    """The share of the LoRA - full-rank eval-loss gap that x closes; None where LoRA is not behind."""
+    return (lora - x) / (lora - full) if lora > full else None
+
+
+def tokens_to_reach(curve: dict[int, tuple[int | None, float]], target: float) -> tuple[float | None, bool]:
+    """(tokens, bound): the tokens at which an eval curve first reaches `target`, linear between
+    evaluations; if its first evaluation is already there, that evaluation's tokens with bound True
+    (it got there sooner, by how much no evaluation says); (None, False) if it never does."""
+    before = None
+    for step in sorted(curve):
+        tokens, loss = curve[step]
+        if tokens is None:
+            return None, False
+        if loss <= target:
+            if before is None:
+                return float(tokens), True
+            t0, l0 = before
+            return t0 + (l0 - target) / (l0 - loss) * (tokens - t0), False
+        before = (tokens, loss)
+    return None, False
+
+
+def gap_measures(results: list[dict]) -> list[dict]:
+    """For each run but LoRA's, against LoRA and full-rank of its own seed (each seed's best variant
+    at each step): its share of the gap at every evaluation, the mean share after warm-up, and the
+    tokens it needs to reach LoRA's final eval loss. Empty when LoRA or full-rank did not run."""
+    lora, full = envelope(results, "lora"), envelope(results, "full")
+    if not lora or not full:
+        return []
+    measured = []
+    for row in results:
+        seed = row.get("seed")
+        if row["method"] == "lora" or not lora.get(seed):
+            continue
+        mine, ref = eval_points(row), lora[seed]
+        entry = {"row": row, "shares": {}}
+        if row["method"] != "full" and full.get(seed):
+            for step in sorted(set(mine) & set(ref) & set(full[seed])):
+                entry["shares"][step] = share(ref[step][1], full[seed][step][1], mine[step][1])
+            after = [v for step, v in entry["shares"].items() if step > row.get("_warmup", 0) and v is not None]
+            entry["mean_share"] = statistics.fmean(after) if after else None
+            entry["n_shares"] = len(after)
+        last = max(ref)
+        entry["lora_tokens"], entry["lora_loss"] = ref[last]
+        entry["tokens"], entry["bound"] = tokens_to_reach(mine, entry["lora_loss"])
+        entry["speedup"] = entry["lora_tokens"] / entry["tokens"] if entry["tokens"] and entry["lora_tokens"] else None
+        measured.append(entry)
+    return measured
+
+
+def spread(values: list[float], spec: str) -> str:
+    """mean ± sample sd (one value: itself)."""
+    if len(values) == 1:
+        return format(values[0], spec)
+    return f"{format(statistics.fmean(values), spec)} ± {format(statistics.stdev(values), spec)}"
+
+
+def seed_text(seed) -> str:
+    return "" if seed is None else str(seed)
+
+
+def curves_section(results: list[dict]) -> list[str]:
+    """Every setting's eval loss at every evaluation: mean ± sd over its seeds (one seed: the value)."""
+    table = [(key, len(runs), across_runs([metrics(r) for r in runs])) for key, runs in groups(results).items()]
+    steps = sorted({step for _, _, points in table for step, _, _ in points})
+    if not steps:
+        return []
+    multi = several_seeds(results)
+    what = "mean ± sample sd over the seeds that reached the step" if multi else "one seed"
+    lines = ["", f"Eval loss at every evaluation ({what}):", "",
+             "| method | variant | seeds | " + " | ".join(f"step {s}" for s in steps) + " |",
+             "|" + " --- |" * (3 + len(steps))]
+    for (method, variant), n, points in table:
+        cells = {step: spread(values, ".4f") for step, _, values in points}
+        lines.append(f"| {method} | {variant} | {n} | "
+                     + " | ".join(cells.get(s, "") for s in steps) + " |")
+    return lines
+
+
+def gap_section(results: list[dict]) -> list[str]:
+    measured = gap_measures(results)
+    if not measured:
+        return []
+    multi = several_seeds(results)
+    lines = ["", "Gap measures, each run against LoRA and full-rank of its own seed (with sweeps, each "
+             "seed's best LoRA and best full-rank variant at each step); docs/quality.md says how to read them."]
+    shared = [e for e in measured if e["shares"]]
+    steps = sorted({s for e in shared for s in e["shares"]})
+    if steps:
+        lines += ["", "Share of the LoRA - full-rank eval-loss gap closed, (lora - x) / (lora - full), at every "
+                  "evaluation (-: LoRA not behind full-rank there" + (", for some seed" if multi else "") + "):", "",
+                  "| method | variant | seed | " + " | ".join(f"step {s}" for s in steps) + " |",
+                  "|" + " --- |" * (3 + len(steps))]
+        for (method, variant), entries in by_setting(shared, lambda e: e["row"]).items():
+            for e in entries:
+                cells = {s: "-" if v is None else f"{v:.2f}" for s, v in e["shares"].items()}
+                lines.append(f"| {method} | {variant} | {seed_text(e['row'].get('seed'))} | "
+                             + " | ".join(cells.get(s, "") for s in steps) + " |")
+            if len(entries) > 1:
+                cells = []
+                for s in steps:
+                    values = [e["shares"][s] for e in entries if s in e["shares"]]
+                    cells.append("" if not values else "-" if None in values else f"**{statistics.fmean(values):.2f}**")
+                lines.append(f"| {method} | {variant} | {SUMMARY} | " + " | ".join(cells) + " |")
+    lines += ["", "Whole curve: the mean share over the evaluations after warm-up (step > optim.warmup_steps, "
+              "where LoRA is behind full-rank), and the tokens a run needs to reach LoRA's final eval loss "
+              "(linear between evaluations; <= where its first evaluation is already there), with the speed-up "
+              "over LoRA (LoRA's tokens / the run's):", "",
+              "| method | variant | seed | mean share after warm-up | evaluations | LoRA's final eval loss "
+              "| at tokens | tokens to reach it | speed-up |", "|" + " --- |" * 9]
+    for (method, variant), entries in by_setting(measured, lambda e: e["row"]).items():
+        for e in entries:
+            at, faster = ("<= ", ">= ") if e["bound"] else ("", "")
+            tokens = at + fmt(e["tokens"], ",.0f") if e["tokens"] else "not reached"
+            speedup = f"{faster}{e['speedup']:.2f}x" if e["speedup"] else "not reached"
+            lines.append(f"| {method} | {variant} | {seed_text(e['row'].get('seed'))} | {fmt(e.get('mean_share'), '.3f')} "
+                         f"| {fmt(e.get('n_shares'), 'd')} | {e['lora_loss']:.4f} | {fmt(e['lora_tokens'], ',')} "
+                         f"| {tokens} | {speedup} |")
+        if len(entries) > 1:
+            shares = [e["mean_share"] for e in entries if e.get("mean_share") is not None]
+            speedups = [e["speedup"] for e in entries if e["speedup"]]
+            if len(speedups) < len(entries):
+                reached = f"{len(speedups)} of {len(entries)} reached"
+            else:
+                mean = f"{statistics.fmean(speedups):.2f}x ± {statistics.stdev(speedups):.2f}"
+                reached = (">= " if any(e["bound"] for e in entries) else "") + f"**{mean}**"
+            lines.append(f"| {method} | {variant} | {SUMMARY} | {'**' + spread(shares, '.3f') + '**' if shares else ''} "
+                         f"|  |  |  |  | {reached} |")
+    return lines
+
+
 def checks(results: list[dict]) -> list[str]:
     lines = []
-    runs = [(row, read_rows(row["_folder"], row["_steps"])) for row in results]  # each metrics file read once
+    multi = several_seeds(results)
     rises = []
-    for row, rows in runs:
+    for row in results:
         if row["method"] not in ("relora", "sst", "sst+galore"):
             continue
-        rise = reset_rise(rows)
+        name = label(row) + (f" seed {row.get('seed')}" if multi else "")
+        rise = reset_rise(metrics(row))
         if rise is None:
-            rises.append(f"{label(row)}: no reset with {RISE_BEFORE} steps before and "
-                         f"{RISE_WINDOW} after it")
+            rises.append(f"{name}: no reset with {RISE_BEFORE} steps before and {RISE_WINDOW} after it")
         else:
             value, step, count = rise
-            rises.append(f"{label(row)}: {value:+.4f} (the reset before step {step}; "
+            rises.append(f"{name}: {value:+.4f} (the reset before step {step}; "
                          f"{count} reset{'s' if count != 1 else ''} measured)")
     if rises:
         lines.append(f"- Largest training-loss rise after a reset, in nats: the highest {RISE_WINDOW}-step "
@@ -341,68 +599,76 @@ def checks(results: list[dict]) -> list[str]:
                      f"{RISE_BEFORE} steps before it (negative: the loss kept falling):")
         lines += [f"  - {r}" for r in rises]
 
-    # Compared at one step: the last evaluation all the runs compared reached (an interrupted run
-    # would otherwise be set against finished ones); each method's best variant at that step.
-    evals = {}  # method -> the eval-loss curve of each of its runs
-    for row, rows in runs:
-        evals.setdefault(row["method"], []).append({r["step"]: r["eval_loss"] for r in rows if "eval_loss" in r})
+    # Compared at one step: the last evaluation all the runs compared reached, at every seed (an
+    # interrupted run would otherwise be set against finished ones); each method's best variant at
+    # that step, per seed; several seeds: the mean of the seeds' own shares.
+    def last_common(*curves):
+        seeds = set.intersection(*(set(c) for c in curves))
+        steps = [set.intersection(*(set(c[seed]) for c in curves)) for seed in seeds]
+        common = set.intersection(*steps) if steps else set()
+        return sorted(seeds, key=str), (max(common) if common else None)
 
-    def curves(method):
-        return evals.get(method, [])
-
-    def best_at(method_curves, step):
-        values = [c[step] for c in method_curves if step in c]
-        return min(values) if values else None
-
-    def common_steps(*method_curves):
-        steps = [{s for c in mc for s in c} for mc in method_curves]
-        return sorted(set.intersection(*steps)) if steps else []
-
-    full, lora = curves("full"), curves("lora")
+    full, lora = envelope(results, "full"), envelope(results, "lora")
     which = " (best variant of each)" if any(r["variant"] for r in results) else ""
     for method in ("sst", "sst+galore"):
-        mine = curves(method)
-        steps = common_steps(full, lora, mine)
+        mine = envelope(results, method)
         name = "SST" if method == "sst" else "SST + GaLore"
-        if not mine or not steps:
+        if not mine or not full or not lora:
             continue
-        closed = {}
-        for step in steps:
-            gap = best_at(lora, step) - best_at(full, step)
-            if gap > 0:
-                closed[step] = (best_at(lora, step) - best_at(mine, step)) / gap
-        step = steps[-1]
-        f, l, m = best_at(full, step), best_at(lora, step), best_at(mine, step)
-        if step not in closed:
-            lines.append(f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes: n/a, LoRA is not "
-                         f"behind full-rank at step {step} ({l:.4f} vs {f:.4f})")
+        seeds, step = last_common(full, lora, mine)
+        if step is None:
             continue
-        lines.append(f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes at step {step}{which}: "
-                     f"(lora - {method}) / (lora - full) = ({l:.4f} - {m:.4f}) / ({l:.4f} - {f:.4f}) = "
-                     f"**{closed[step]:.3f}**")
-        if len(closed) > 2:  # the trajectory, at up to 8 evaluations
-            shown = list(closed)[::max(1, math.ceil(len(closed) / 8))]
-            lines.append("  - over the run: " + ", ".join(f"step {s}: {closed[s]:.2f}" for s in shown))
-    sst, combined = curves("sst"), curves("sst+galore")
-    steps = common_steps(sst, combined)
-    if sst and combined and steps:
-        step = steps[-1]
-        a, b = best_at(sst, step), best_at(combined, step)
-        lines.append(f"- SST + GaLore's eval loss against SST's at step {step}{which}: {b:.4f} vs {a:.4f}, "
-                     f"**{(b - a) / a * 100:+.2f} %**")
+        head = f"- Fraction of the LoRA - full-rank eval-loss gap {name} closes"
+        if len(seeds) == 1:
+            f, l, m = (c[seeds[0]][step][1] for c in (full, lora, mine))
+            if l <= f:
+                lines.append(f"{head}: n/a, LoRA is not behind full-rank at step {step} ({l:.4f} vs {f:.4f})")
+            else:
+                lines.append(f"{head} at step {step}{which}: (lora - {method}) / (lora - full) = "
+                             f"({l:.4f} - {m:.4f}) / ({l:.4f} - {f:.4f}) = **{share(l, f, m):.3f}**")
+            continue
+        shares = {seed: share(lora[seed][step][1], full[seed][step][1], mine[seed][step][1]) for seed in seeds}
+        known = [v for v in shares.values() if v is not None]
+        each = ", ".join(f"seed {seed}: " + ("n/a" if v is None else f"{v:.3f}") for seed, v in shares.items())
+        if not known:
+            lines.append(f"{head}: n/a, LoRA is not behind full-rank at step {step} at any of {len(seeds)} seeds")
+            continue
+        lines.append(f"{head} at step {step}{which}, (lora - {method}) / (lora - full), mean over "
+                     f"{len(known)} seed{'s' if len(known) != 1 else ''}: **{statistics.fmean(known):.3f}** ({each})")
+    sst, combined = envelope(results, "sst"), envelope(results, "sst+galore")
+    if sst and combined:
+        seeds, step = last_common(sst, combined)
+        if step is not None:
+            a = [sst[seed][step][1] for seed in seeds]
+            b = [combined[seed][step][1] for seed in seeds]
+            change = statistics.fmean((y - x) / x * 100 for x, y in zip(a, b))
+            over = f", mean over {len(seeds)} seeds" if len(seeds) > 1 else ""
+            lines.append(f"- SST + GaLore's eval loss against SST's at step {step}{which}{over}: "
+                         f"{statistics.fmean(b):.4f} vs {statistics.fmean(a):.4f}, **{change:+.2f} %**")
     return lines
 
 
 def markdown(results: list[dict]) -> str:
-    head = ["method", "variant", "eval loss", "eval ppl", "final train loss", "peak GiB", "tokens/s",
+    head = ["method", "variant", "seed", "eval loss", "eval ppl", "final train loss", "peak GiB", "tokens/s",
             "tokens", "steps", "trainable", "status"]
     lines = ["| " + " | ".join(head) + " |", "|" + " --- |" * len(head)]
     for r in results:
-        cells = [r["method"], r.get("variant", ""), fmt(r.get("eval_loss"), ".4f"), fmt(r.get("eval_ppl"), ".2f"),
-                 fmt(r.get("final_train_loss"), ".4f"), fmt(r.get("peak_mem_gib"), ".2f"),
+        cells = [r["method"], r.get("variant", ""), seed_text(r.get("seed")), fmt(r.get("eval_loss"), ".4f"),
+                 fmt(r.get("eval_ppl"), ".2f"), fmt(r.get("final_train_loss"), ".4f"), fmt(r.get("peak_mem_gib"), ".2f"),
                  fmt(r.get("tokens_per_s"), ",.0f"), fmt(r.get("tokens"), ","), fmt(r.get("steps"), "d"),
                  fmt(r.get("trainable_params"), ","), r.get("status", "")]
         lines.append("| " + " | ".join(cells) + " |")
+    summaries = seed_summaries(results)
+    if summaries:
+        lines += ["", "Across seeds (the finished runs' final eval loss; sd: sample standard deviation):", "",
+                  "| method | variant | seeds | eval loss mean | sd | min | max | eval ppl of the mean |",
+                  "|" + " --- |" * 8]
+        for r in summaries:
+            lines.append(f"| {r['method']} | {r['variant']} | {r['n_seeds']} | {r['eval_loss']:.4f} | "
+                         f"{fmt(r['eval_loss_sd'], '.4f')} | {r['eval_loss_min']:.4f} | {r['eval_loss_max']:.4f} | "
+                         f"{r['eval_ppl']:.2f} |")
+    lines += curves_section(results)
+    lines += gap_section(results)
     notes = checks(results)
     if notes:
         lines += ["", "Checks:", "", *notes]
@@ -413,47 +679,52 @@ def write_csv(results: list[dict], path: Path) -> None:
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
-        for r in results:
+        for r in results + seed_summaries(results):
             writer.writerow({k: ("" if r.get(k) is None else r.get(k)) for k in CSV_FIELDS})
 
 
 def plot(results: list[dict], out: Path) -> list[Path]:
-    """eval_loss.png, train_loss.png, ppl_vs_memory.png from the run folders; returns the paths."""
+    """eval_loss.png, train_loss.png, ppl_vs_memory.png from the run folders; returns the paths. A
+    setting run at several seeds is one curve: its mean, with a min-max band for the eval loss."""
     plt = pyplot()
     if plt is None:
         return []
     colors = {m: plt.get_cmap("tab10")(i) for i, m in enumerate(METHODS)}
     styles = ["-", "--", ":", "-."]
     variant_index: dict[str, int] = {}
-    series = []
-    for r in results:
-        rows = read_rows(r["_folder"], r["_steps"])
-        n = variant_index[r["method"]] = variant_index.get(r["method"], -1) + 1
-        series.append((label(r), rows, dict(color=colors.get(r["method"]), linestyle=styles[n % len(styles)])))
+    settings = []
+    for (method, _), runs in groups(results).items():
+        n = variant_index[method] = variant_index.get(method, -1) + 1
+        settings.append((label(runs[0]), runs, dict(color=colors.get(method), linestyle=styles[n % len(styles)])))
     written = []
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    eval_loss_panel(ax, series)
+    eval_band_panel(ax, [(name, [metrics(r) for r in runs], style) for name, runs, style in settings])
     written.append(save(fig, ax, out / "eval_loss.png"))
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    train_loss_panel(ax, series)
+    train_loss_panel(ax, [(name if len(runs) == 1 else f"{name} (mean of {len(runs)} seeds)",
+                           mean_rows([metrics(r) for r in runs]), style) for name, runs, style in settings])
     written.append(save(fig, ax, out / "train_loss.png"))
 
     # on CPU no memory is measured: the trainable-parameter count stands in as the cost axis
     measured = [r for r in results if r.get("peak_mem_gib") and r.get("eval_ppl")]
-    points = measured or [r for r in results if r.get("trainable_params") and r.get("eval_ppl")]
     xkey = "peak_mem_gib" if measured else "trainable_params"
     fig, ax = plt.subplots(figsize=(7, 5))
-    for r in points:
-        ax.scatter(r[xkey], r["eval_ppl"], color=colors.get(r["method"]), s=30)
-        ax.annotate(label(r), (r[xkey], r["eval_ppl"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    for name, runs, style in settings:
+        points = [(r[xkey], r["eval_ppl"]) for r in runs if r.get(xkey) and r.get("eval_ppl")]
+        if not points:
+            continue
+        x, y = statistics.fmean(p[0] for p in points), statistics.fmean(p[1] for p in points)
+        low, high = min(p[1] for p in points), max(p[1] for p in points)  # several seeds: min to max
+        ax.errorbar(x, y, yerr=[[y - low], [high - y]], fmt="o", color=style["color"], markersize=5, capsize=3)
+        ax.annotate(name, (x, y), fontsize=8, xytext=(4, 4), textcoords="offset points")
     if measured:
         ax.set(xlabel="peak GPU memory (GiB)", title="Final eval perplexity against peak memory")
     else:
         ax.set(xlabel="trainable parameters (no GPU memory measured)",
                title="Final eval perplexity against trainable parameters")
-    ax.set_ylabel("eval perplexity")
+    ax.set_ylabel("eval perplexity" + (" (mean over seeds, bar: min to max)" if several_seeds(results) else ""))
     written.append(save(fig, ax, out / "ppl_vs_memory.png", legend=False))
     return written
 
@@ -479,7 +750,14 @@ def report(out: Path, specs: list[RunSpec] | None = None) -> str:
     else:
         folders = sorted(p.parent for p in (out / "runs").glob("*/bench.json"))
         order = {m: i for i, m in enumerate(METHODS)}
-        folders.sort(key=lambda p: (order.get((read_meta(p) or {}).get("method"), 99), p.name))
+
+        def where(folder):  # by method, then variant, then seed: a setting's seeds side by side
+            meta = read_meta(folder) or {}
+            seed = meta_seed(meta)
+            return (order.get(meta.get("method"), 99), meta.get("variant", ""), -1 if seed is None else seed,
+                    folder.name)
+
+        folders.sort(key=where)
     results = []
     for folder in folders:
         meta = read_meta(folder)
@@ -568,7 +846,7 @@ def run_all(specs: list[RunSpec], out: Path, slots: list[str | None], status_eve
             failed.append(spec.name)
             continue
         mine.append(spec)
-        meta.update({"method": spec.method, "variant": spec.variant, "name": spec.name,
+        meta.update({"method": spec.method, "variant": spec.variant, "seed": spec.seed, "name": spec.name,
                      "recipe": str(spec.recipe), "overrides": spec.overrides, "steps": spec.steps,
                      "recipe_resolved": spec.resolved})
         meta.pop("status", None)
@@ -727,6 +1005,9 @@ def parse_args(argv=None):
                    help="recipe override for every run, or with METHOD: for that method's runs (repeatable)")
     p.add_argument("--sweep", action="append", default=[], metavar="[METHOD:]KEY=V1,V2,...",
                    help="one run per value (per method, or only METHOD's); several --sweep: every combination")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="run every method and variant once per seed (the recipe key `seed`); default: the "
+                        "recipe's own seed")
     p.add_argument("--out", required=True, help="runs/<name>/, quality.csv, quality.md and the plots go here")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if a GPU is visible, else cpu")
     p.add_argument("--eval-every", type=int, help="eval.every_steps (default: steps // 10); checkpoints too")
@@ -786,8 +1067,8 @@ def main(argv=None) -> int:
             for suffix in (".csv", ".md"):
                 shutil.copyfile(out / f"quality{suffix}", out / f"sweep{suffix}")
             winners = best_of_each(specs, out, args.best_to)
-            print(f"\ncontinuing each method's best run to {args.best_to} steps: "
-                  + ", ".join(f"{w.method} {w.variant}".strip() for w in winners), flush=True)
+            chosen = dict.fromkeys(f"{w.method} {w.variant}".strip() for w in winners)  # once per seed
+            print(f"\ncontinuing each method's best run to {args.best_to} steps: " + ", ".join(chosen), flush=True)
             failed = run_and_report(winners, out, slots, args.status_every, t0)
         if failed is None:
             return 130

@@ -72,17 +72,51 @@ def save(fig, axes, path: Path, legend: bool = True) -> Path:
 
 # series: [(label, rows, style)] with style a dict of matplotlib line keywords (color, linestyle)
 
+def across_runs(runs: list[list[dict]]) -> list[tuple[int, int, list[float]]]:
+    """The eval losses of several runs of one setting (seeds), step by step: (step, tokens, the
+    losses of the runs that evaluated at that step), over every step any of them evaluated."""
+    by_step: dict[int, tuple[int, list[float]]] = {}
+    for rows in runs:
+        for x in rows:
+            if "eval_loss" in x:
+                by_step.setdefault(x["step"], (x.get("tokens"), []))[1].append(x["eval_loss"])
+    return [(step, *by_step[step]) for step in sorted(by_step)]
+
+
+def mean_rows(runs: list[list[dict]]) -> list[dict]:
+    """One run's rows standing for several (seeds): the training loss averaged step by step over the
+    runs that logged the step; tokens and events from the first that did."""
+    by_step: dict[int, list[dict]] = {}
+    for rows in runs:
+        for x in rows:
+            by_step.setdefault(x["step"], []).append(x)
+    return [{**xs[0], "loss": sum(x["loss"] for x in xs) / len(xs)} for _, xs in sorted(by_step.items())]
+
+
 def eval_loss_panel(ax, series) -> None:
-    drawn = False
-    for name, rows, style in series:
-        evals = [x for x in rows if "eval_loss" in x]
-        if evals:
-            ax.plot([x["tokens"] for x in evals], [x["eval_loss"] for x in evals], marker="o", markersize=3,
-                    label=name, **style)
-            drawn = True
+    eval_band_panel(ax, [(name, [rows], style) for name, rows, style in series])
+
+
+def eval_band_panel(ax, groups) -> None:
+    """groups: [(label, [rows of each run], style)]. One line per group, the mean over its runs (a
+    single run: its own curve), and where it has several runs a band from their min to their max."""
+    drawn = banded = False
+    for name, runs, style in groups:
+        points = across_runs(runs)
+        if not points:
+            continue
+        tokens = [t for _, t, _ in points]
+        ax.plot(tokens, [sum(v) / len(v) for _, _, v in points], marker="o", markersize=3,
+                label=name if len(runs) == 1 else f"{name} ({len(runs)} seeds)", **style)
+        if len(runs) > 1:
+            ax.fill_between(tokens, [min(v) for _, _, v in points], [max(v) for _, _, v in points],
+                            color=style.get("color"), alpha=0.18, linewidth=0)
+            banded = True
+        drawn = True
     if not drawn:
         ax.text(0.5, 0.5, "no evaluation logged (eval.every_steps: 0)", ha="center", transform=ax.transAxes)
-    ax.set(xlabel="tokens", ylabel="eval loss (nats)", title="Held-out loss")
+    title = "Held-out loss" + (" (line: mean over seeds; band: min to max)" if banded else "")
+    ax.set(xlabel="tokens", ylabel="eval loss (nats)", title=title)
 
 
 def train_loss_panel(ax, series) -> None:

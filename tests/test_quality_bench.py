@@ -5,6 +5,7 @@ import csv
 import importlib.util
 import json
 import math
+import statistics
 import subprocess
 import sys
 
@@ -87,8 +88,11 @@ def test_one_row_per_method_with_the_budget_and_finite_losses(six):
 def test_report_markdown_checks_and_plots(six):
     out, first, _, rows, _ = six
     text = (out / "quality.md").read_text()
-    assert text.splitlines()[0].startswith("| method | variant | eval loss")
-    assert len([line for line in text.splitlines() if line.startswith("| ")]) == 2 + len(METHODS)
+    assert text.splitlines()[0].startswith("| method | variant | seed | eval loss")
+    table = text.split("\n\n")[0].splitlines()
+    assert len(table) == 2 + len(METHODS) and all(line.startswith("| ") for line in table)
+    assert "Across seeds" not in text  # one seed: no summary
+    assert "Eval loss at every evaluation (one seed)" in text and "| sst |  | 1 | " in text
     assert "Largest training-loss rise after a reset" in text
     for method in ("relora", "sst", "sst+galore"):
         assert f"  - {method}: " in text
@@ -166,6 +170,10 @@ def test_a_failed_run_is_reported_with_its_log_and_the_exit_is_nonzero(tmp_path)
     (["--sweep", "optim.lr=1e-3,1e-3"], "a value is listed twice"),
     (["--size", "350m"], "no recipe recipes/opt-350m-lora.yaml"),
     (["--set", "sst:sst.steps_per_iteration=0"], "sst.steps_per_iteration: 0 must be > 0"),
+    (["--seeds", "0,1,0"], "error: --seeds '0,1,0': a seed is listed twice"),
+    (["--seeds", "0,-1"], "error: --seeds '0,-1': expected a comma list of integers >= 0"),
+    (["--seeds", "0,1", "--sweep", "seed=2,3"], "use --seeds"),
+    (["--set", "sst:optim.reset=zero"], "optim.reset: 'zero' is not one of exact, moments"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
     quality = load_bench()
@@ -268,3 +276,197 @@ def test_gap_closure_compares_every_run_at_their_last_common_evaluation(tmp_path
            "**0.500**" in text, text
     assert "gap SST + GaLore closes at step 200" in text and "**0.410**" in text, text
     assert "SST + GaLore's eval loss against SST's at step 300: 3.5700 vs 3.5000, **+2.00 %**" in text, text
+
+
+# ----------------------------------------------------------------------------- seeds
+
+
+@pytest.fixture(scope="module")
+def seeds(tmp_path_factory):
+    """full, LoRA and SST at seeds 0 and 1, 20 steps each. LoRA's lrs are lowered so that it trails
+    full-rank at every evaluation of this short run (on the tiny recipes it leads), which gives the
+    gap shares values to check."""
+    out = tmp_path_factory.mktemp("seeds")
+    args = tiny_args(out, "--seeds", "0,1", "--methods", "full,lora,sst", "--status-every", 0,
+                     "--set", "lora:optim.lr=5e-4", "--set", "lora:optim.lowrank_lr=5e-4")
+    proc = bench(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return out, proc, args
+
+
+@pytest.mark.slow
+def test_seeds_one_row_per_run_and_summary_rows_with_the_mean_and_spread(seeds):
+    out, _, _ = seeds
+    rows = read_csv(out / "quality.csv")
+    runs = [r for r in rows if r["seed"] != "mean"]
+    assert [(r["method"], r["seed"]) for r in runs] == [(m, s) for m in ("full", "lora", "sst") for s in "01"]
+    assert [r["run_dir"] for r in runs[:2]] == ["runs/full", "runs/full__seed=1"]  # seed 0 is the recipe's own
+    assert all(r["status"] == "ok" and int(r["steps"]) == STEPS for r in runs)
+    recipes = [json.loads((out / r["run_dir"] / "recipe.json").read_text()) for r in runs]
+    assert [str(r["seed"]) for r in recipes] == [r["seed"] for r in runs]
+    summaries = [r for r in rows if r["seed"] == "mean"]
+    assert [r["method"] for r in summaries] == ["full", "lora", "sst"]
+    for summary in summaries:
+        losses = [float(r["eval_loss"]) for r in runs if r["method"] == summary["method"]]
+        assert losses[0] != losses[1]  # the seed changed the run
+        assert summary["status"] == "summary" and summary["n_seeds"] == "2" and summary["run_dir"] == ""
+        assert math.isclose(float(summary["eval_loss"]), statistics.fmean(losses), rel_tol=1e-12)
+        assert math.isclose(float(summary["eval_loss_sd"]), statistics.stdev(losses), rel_tol=1e-9)
+        assert (float(summary["eval_loss_min"]), float(summary["eval_loss_max"])) == (min(losses), max(losses))
+        assert math.isclose(float(summary["eval_ppl"]), math.exp(statistics.fmean(losses)), rel_tol=1e-12)
+
+
+@pytest.mark.slow
+def test_seeds_report_gives_curves_and_per_step_gap_shares_and_draws_bands(seeds):
+    out, proc, _ = seeds
+    text = (out / "quality.md").read_text()
+    assert text in proc.stdout
+    assert "Across seeds" in text and "| sst |  | 2 | " in text
+    curves = [line for line in text.splitlines() if line.startswith("| sst |  | 2 | ") and "±" in line]
+    assert len(curves) == 1 and curves[0].count("±") == 2  # steps 10 and 20, mean ± sd
+    final = {(r["method"], r["seed"]): float(r["eval_loss"]) for r in read_csv(out / "quality.csv")}
+    shares = [(final["lora", s] - final["sst", s]) / (final["lora", s] - final["full", s]) for s in "01"]
+    table = text.split("Share of the LoRA - full-rank eval-loss gap closed")[1].split("Whole curve")[0].splitlines()
+    for seed, value in zip("01", shares):  # step 20 is the last column
+        line = next(line for line in table if line.startswith(f"| sst |  | {seed} | "))
+        assert line.endswith(f" | {value:.2f} |"), line
+    mean = next(line for line in table if line.startswith("| sst |  | mean | "))
+    assert mean.endswith(f" | **{statistics.fmean(shares):.2f}** |"), mean
+    assert f"mean over 2 seeds: **{statistics.fmean(shares):.3f}**" in text
+    assert "tokens to reach it" in text
+    data = (out / "eval_loss.png").read_bytes()
+    assert data[:8] == PNG_MAGIC and len(data) > 1000
+
+
+@pytest.mark.slow
+def test_seeds_second_invocation_reuses_the_runs(seeds):
+    out, _, args = seeds
+    proc = bench(*args)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.count("reused ") == 6 and "started" not in proc.stdout
+
+
+def test_sweeps_compose_with_seeds_and_the_recipes_own_seed_keeps_its_folder(tmp_path):
+    quality = load_bench()
+    args = quality.parse_args(tiny_args(str(tmp_path), "--methods", "full,sst", "--seeds", "1,0",
+                                        "--sweep", "sst:sst.steps_per_iteration=5,10"))
+    specs = quality.plan(args)
+    assert [(s.method, s.variant, s.seed, s.name) for s in specs] == [
+        ("full", "", 1, "full__seed=1"),
+        ("full", "", 0, "full"),
+        ("sst", "sst.steps_per_iteration=5", 1, "sst__sst.steps_per_iteration=5__seed=1"),
+        ("sst", "sst.steps_per_iteration=5", 0, "sst__sst.steps_per_iteration=5"),
+        ("sst", "sst.steps_per_iteration=10", 1, "sst__sst.steps_per_iteration=10__seed=1"),
+        ("sst", "sst.steps_per_iteration=10", 0, "sst__sst.steps_per_iteration=10"),
+    ]
+    assert all(s.resolved["seed"] == s.seed and s.overrides[-1] == f"seed={s.seed}" for s in specs)
+    assert specs[-1].resolved["sst"]["steps_per_iteration"] == 10
+    plain = quality.plan(quality.parse_args(tiny_args(str(tmp_path), "--methods", "sst")))
+    assert [(s.name, s.seed) for s in plain] == [("sst", 0)] and not any("seed=" in o for o in plain[0].overrides)
+
+
+def write_run(folder, evals, method, seed, steps=None, warmup=0, tokens_per_step=100):
+    """A run folder as the bench leaves it: metrics.jsonl with eval losses at the given steps."""
+    folder.mkdir(parents=True)
+    steps = steps or max(evals)
+    rows = [{"step": s, "loss": 1.0, "tokens": s * tokens_per_step, "tokens_per_s": 1.0,
+             **({"eval_loss": evals[s], "eval_ppl": math.exp(evals[s])} if s in evals else {})}
+            for s in range(1, steps + 1)]
+    (folder / "metrics.jsonl").write_text("\n".join(map(json.dumps, rows)) + "\n")
+    meta = {"method": method, "variant": "", "seed": seed, "steps": steps,
+            "recipe_resolved": {"seed": seed, "optim": {"warmup_steps": warmup}}}
+    (folder / "bench.json").write_text(json.dumps(meta))
+    return folder
+
+
+def test_gap_measures_per_seed_against_that_seeds_lora_and_full(tmp_path):
+    """Shares from each seed's own LoRA and full-rank; the mean share skips the warm-up and the
+    evaluations where LoRA is not behind; the tokens to LoRA's final loss are interpolated."""
+    quality = load_bench()
+    curves = {  # method, seed -> eval loss at steps 100, 200, 300, 400
+        ("full", 0): [5.0, 4.0, 3.0, 2.0], ("lora", 0): [4.9, 5.0, 4.0, 3.0], ("sst", 0): [5.0, 4.5, 3.5, 2.5],
+        ("full", 1): [5.0, 4.2, 3.2, 2.2], ("lora", 1): [5.5, 5.2, 4.2, 3.2], ("sst", 1): [5.6, 5.3, 4.3, 3.3],
+    }
+    for (method, seed), values in curves.items():
+        write_run(tmp_path / "runs" / f"{method}__seed={seed}", dict(zip((100, 200, 300, 400), values)), method,
+                  seed, warmup=100)
+    results = [quality.summarize(quality.read_meta(f), f, tmp_path)
+               for f in sorted((tmp_path / "runs").iterdir())]
+    measured = {(e["row"]["method"], e["row"]["seed"]): e for e in quality.gap_measures(results)}
+    assert sorted(measured) == [("full", 0), ("full", 1), ("sst", 0), ("sst", 1)]
+    sst0, sst1 = measured["sst", 0], measured["sst", 1]
+    assert sst0["shares"] == {100: None, 200: 0.5, 300: 0.5, 400: 0.5}  # step 100: LoRA ahead of full
+    assert sst0["mean_share"] == 0.5 and sst0["n_shares"] == 3
+    assert sst1["shares"] == pytest.approx({100: -0.2, 200: -0.1, 300: -0.1, 400: -0.1})
+    assert sst1["mean_share"] == pytest.approx(-0.1) and sst1["n_shares"] == 3  # step 100 is warm-up
+    # seed 0: LoRA ends at 3.0 (40,000 tokens); SST crosses it halfway from step 300 (3.5) to 400 (2.5)
+    assert (sst0["lora_loss"], sst0["lora_tokens"]) == (3.0, 40000)
+    assert sst0["tokens"] == pytest.approx(35000) and not sst0["bound"]
+    assert sst0["speedup"] == pytest.approx(40000 / 35000)
+    assert sst1["tokens"] is None and sst1["speedup"] is None  # never below LoRA's 3.2
+    full0 = measured["full", 0]
+    assert full0["tokens"] == pytest.approx(30000) and "mean_share" not in full0
+    text = "\n".join(quality.gap_section(results))
+    assert "| sst |  | 0 | - | 0.50 | 0.50 | 0.50 |" in text
+    assert "| sst |  | mean | - | **0.20** | **0.20** | **0.20** |" in text
+    assert "| sst |  | 1 | -0.100 | 3 | 3.2000 | 40,000 | not reached | not reached |" in text
+    assert "| sst |  | mean | **0.200 ± 0.424** |  |  |  |  | 1 of 2 reached |" in text
+    # without LoRA (or full-rank) in the run set, no gap measures
+    assert quality.gap_measures([r for r in results if r["method"] != "lora"]) == []
+    assert quality.gap_section([r for r in results if r["method"] != "full"]) == []
+
+
+def test_tokens_to_reach_interpolates_and_says_when_the_first_evaluation_is_already_there():
+    quality = load_bench()
+    curve = {10: (1000, 5.0), 20: (2000, 4.0), 30: (3000, 3.0)}
+    assert quality.tokens_to_reach(curve, 3.5) == (pytest.approx(2500), False)
+    assert quality.tokens_to_reach(curve, 6.0) == (1000.0, True)
+    assert quality.tokens_to_reach(curve, 2.0) == (None, False)
+
+
+def test_best_to_picks_the_variant_with_the_best_mean_over_seeds_and_continues_every_seed(tmp_path):
+    quality = load_bench()
+    args = quality.parse_args(tiny_args(str(tmp_path), "--methods", "sst", "--seeds", "0,1",
+                                        "--sweep", "sst:optim.lowrank_lr=1e-3,2e-3"))
+    specs = quality.plan(args)
+    finals = {"sst__optim.lowrank_lr=1e-3": 3.0, "sst__optim.lowrank_lr=1e-3__seed=1": 3.2,  # mean 3.1
+              "sst__optim.lowrank_lr=2e-3": 2.9, "sst__optim.lowrank_lr=2e-3__seed=1": 3.5}  # best run, mean 3.2
+    for spec in specs:
+        write_run(spec.folder(tmp_path), {STEPS: finals[spec.name]}, "sst", spec.seed, steps=STEPS)
+    winners = quality.best_of_each(specs, tmp_path, 40)
+    assert [(w.name, w.seed, w.steps) for w in winners] == [
+        ("sst__optim.lowrank_lr=1e-3", 0, 40), ("sst__optim.lowrank_lr=1e-3__seed=1", 1, 40)]
+    assert all(w.resolved["train"]["max_steps"] == 40 and w.resolved["seed"] == w.seed for w in winners)
+
+
+def test_a_folder_from_before_a_recipe_key_existed_is_the_same_run_at_its_default(tmp_path):
+    quality = load_bench()
+    spec = quality.plan(quality.parse_args(tiny_args(str(tmp_path), "--methods", "sst")))[0]
+    folder = spec.folder(tmp_path)
+    folder.mkdir(parents=True)
+    older = json.loads(json.dumps(spec.resolved))
+    del older["optim"]["reset"]
+    (folder / "recipe.json").write_text(json.dumps(older))
+    assert quality.recipe_mismatch(spec, folder) is None
+    older["optim"]["reset"] = "moments"
+    (folder / "recipe.json").write_text(json.dumps(older))
+    assert quality.recipe_mismatch(spec, folder) == "optim.reset: 'moments' -> 'exact'"
+
+
+def test_eval_band_panel_draws_a_band_only_for_several_seeds():
+    plt = pytest.importorskip("matplotlib.pyplot")
+    from sst_dist.plot import eval_band_panel
+
+    def run(losses):
+        return [{"step": s, "tokens": 10 * s, "eval_loss": v} for s, v in zip((1, 2, 3), losses)]
+
+    fig, ax = plt.subplots()
+    eval_band_panel(ax, [("sst", [run([5, 4, 3]), run([6, 4, 2])], {"color": "red"}),
+                         ("full", [run([4, 3, 2])], {"color": "blue"})])
+    (mean, single) = ax.get_lines()
+    assert list(mean.get_ydata()) == [5.5, 4.0, 2.5] and list(single.get_ydata()) == [4, 3, 2]
+    assert mean.get_label() == "sst (2 seeds)" and single.get_label() == "full"
+    assert len(ax.collections) == 1  # one band: the two-seed curve's
+    band = ax.collections[0].get_paths()[0].vertices
+    assert {tuple(v) for v in band} >= {(10, 5), (30, 2), (10, 6), (30, 3)}  # min and max at each end
+    plt.close(fig)
