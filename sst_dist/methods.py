@@ -7,7 +7,7 @@ bench call `Method`'s verbs only; they never name a method, a layer class or a l
     surgery             the registered builder: swaps the model's layers, before any engine wraps it
     param_groups()      the optimizer groups besides `full` (every other trainable parameter)
     learning_rates(s)   the lr of each of those groups at step s
-    attach(backend)     binds the periodic work to the engine's seam, once the engine exists
+    attach(backend, recipe)  binds the periodic work to the engine's seam, once the engine exists
     work_due(s)         whether any of those is due before step s
     before_step(s)      the resets due before step s (resample, re-SVD, ReLoRA* reset, GaLore refresh)
     before_micro_batch  told before each micro-batch whether it is the step's last

@@ -440,10 +440,3 @@ def _write_readme(out: Path, stats: dict) -> None:
     lines += ["", f"Total: {total / 1e6:.1f} MB of text."]
     (out / "README.md").write_text("\n".join(lines) + "\n")
 
-
-def iter_corpus(folder: str | Path):
-    """Yields the text of every page of a corpus folder, in a fixed order."""
-    for path in sorted(Path(folder).glob("*.jsonl.gz")):
-        with gzip.open(path, "rt", encoding="utf-8") as f:
-            for line in f:
-                yield json.loads(line)
