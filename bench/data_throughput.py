@@ -1,6 +1,6 @@
 """The data pipeline's throughput on this machine: tokenizing (prepare) and reading blocks.
 
-    python bench/data_throughput.py [--synthetic-mtok 256] [--local DIR] [--out DIR]
+    python -m bench.data_throughput [--synthetic-mtok 256] [--local DIR] [--out DIR]
 
 Rows:
   tokenize   `prepare` on the shipped sample with 1 and with all cores (bundled BPE), end to end:
@@ -21,21 +21,19 @@ import json
 import os
 import resource
 import shutil
-import sys
 import tempfile
 import time
 import zlib
 from pathlib import Path
 
+import numpy as np
+import torch
+
+from sst_dist.config import DataConfig
+from sst_dist.data import TrainData, prepare
+from sst_dist.data.shards import FORMAT, MANIFEST
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-
-from sst_dist.config import DataConfig  # noqa: E402
-from sst_dist.data import TrainData, prepare  # noqa: E402
-from sst_dist.data.shards import FORMAT, MANIFEST  # noqa: E402
 
 
 def _cpu_seconds() -> float:

@@ -2,7 +2,7 @@
 svd) against the randomized range finder (randomized), with the share of G's energy each
 projector captures, on gradient-like matrices (singular values i^-decay, Haar vectors).
 
-    python bench/galore_projector.py --sizes 1.3b,6.7b,13b --rank 64 [--device cuda]
+    python -m bench.galore_projector --sizes 1.3b,6.7b,13b --rank 64 [--device cuda]
 
 A refresh takes one projector per targeted linear (6 per decoder block); the table gives the
 seconds per refresh of the whole model beside the per-layer figures.
@@ -13,14 +13,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from sst_dist.galore import orthogonal_projector, project, projection_side, randomized_projector  # noqa: E402
-from sst_dist.models import OPT_SIZES  # noqa: E402
+from sst_dist.galore import orthogonal_projector, project, projection_side, randomized_projector
+from sst_dist.models import OPT_SIZES
 
 
 def gradient_like(rows: int, cols: int, decay: float, device) -> torch.Tensor:

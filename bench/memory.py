@@ -1,8 +1,8 @@
 """Measured peak memory and tokens/s of each method, next to the estimator's numbers.
 
-    python bench/memory.py                        # GPU: 125m, 350m, 1.3b x all methods, mb 1 and 8
-    python bench/memory.py --sizes 125m --methods full,sst --micro-batches 1 --steps 2
-    python bench/memory.py --device cpu --sizes tiny --steps 2      # the flow only, on CPU
+    python -m bench.memory                        # GPU: 125m, 350m, 1.3b x all methods, mb 1 and 8
+    python -m bench.memory --sizes 125m --methods full,sst --micro-batches 1 --steps 2
+    python -m bench.memory --device cpu --sizes tiny --steps 2      # the flow only, on CPU
 
 One engine for all: DeepSpeed (ds_configs/zero2.json unless --ds-config; bf16 with fp32 masters
 on a GPU) on one process, set up exactly as the trainer does it (sst_dist.engines.deepspeed, which
@@ -33,8 +33,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if not __package__:  # run as a file: its sibling modules import only as the package
+    print("error: run it from the repository root as a module: python -m bench.memory ...", file=sys.stderr)
+    sys.exit(2)
 
 GIB = 2**30
 ALL_METHODS = ("full", "lora", "relora", "galore", "sst", "sst+galore")
@@ -46,7 +47,7 @@ def worker(job: dict) -> dict:
     """Builds model + method + DeepSpeed once, then measures each micro-batch. Returns a report."""
     import torch
 
-    from harness import build
+    from bench.harness import build
 
     micro_batches = sorted(job["micro_batches"])
     cuda = job["device"] == "cuda"
@@ -135,7 +136,7 @@ def run_job(job: dict, out: Path, timeout: int) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each worker is its own world of one
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job),
+    cmd = [sys.executable, "-m", "bench.memory", "--worker", json.dumps(job),
            "--report", str(report_path)]
     t0 = time.perf_counter()
     with open(log_path, "w") as log:

@@ -1,8 +1,8 @@
 """Singular-value pruning at inference (the SST paper's App. G): held-out loss against the fraction
 of singular values each SST layer keeps.
 
-    python bench/prune.py --output-dir runs/opt125m-sst --out runs/opt125m-sst/prune
-    python bench/prune.py --output-dir RUN --fractions 1,0.9,0.75,0.5,0.25 --out DIR [--device cuda]
+    python -m bench.prune --output-dir runs/opt125m-sst --out runs/opt125m-sst/prune
+    python -m bench.prune --output-dir RUN --fractions 1,0.9,0.75,0.5,0.25 --out DIR [--device cuda]
 
 For each fraction F the run's checkpoint is exported as `python -m sst_dist.export --keep-singular F`
 would (each SST layer keeps its ceil(F·k) largest singular values, then is made dense) and evaluated
@@ -20,12 +20,9 @@ import math
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from sst_dist.errors import ConfigError, DataError, RunError  # noqa: E402
+from sst_dist.errors import ConfigError, DataError, RunError
 
 FIELDS = ("fraction", "kept", "of", "eval_loss", "eval_ppl", "dense_params", "factored_params")
 

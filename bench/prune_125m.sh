@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The README's pruning table of an OPT-125M SST run: 1,000 steps on the offline corpus (data/corpus:
 # python -m sst_dist.data corpus) with the bundled tokenizer, then
-# bench/prune.py on that run's held-out split.
+# python -m bench.prune on that run's held-out split.
 #
 #   bash bench/prune_125m.sh RUN_DIR [--set KEY=VALUE ...]      (table: RUN_DIR/prune/prune.md)
 #
@@ -25,4 +25,4 @@ py=${PYTHON:-python3}
 if [ -n "$export_dir" ]; then
   "$py" -m sst_dist.export --output-dir "$run" --out "$export_dir"
 fi
-"$py" bench/prune.py --output-dir "$run" --fractions 1,0.9,0.75,0.5,0.25 --out "$run/prune"
+"$py" -m bench.prune --output-dir "$run" --fractions 1,0.9,0.75,0.5,0.25 --out "$run/prune"

@@ -1,9 +1,9 @@
 """Every method on the same data, seed and token budget, through the real launcher: one command.
 
-    python bench/quality.py --size 125m --steps 20000 --gpus 6 --device cuda --out runs/quality \\
+    python -m bench.quality --size 125m --steps 20000 --gpus 6 --device cuda --out runs/quality \\
         [--methods full,lora,relora,sst,galore,sst+galore] [--set KEY=V] [--set METHOD:KEY=V] \\
         [--sweep [METHOD:]KEY=V1,V2,...] [--seeds 0,1,2] [--eval-every E] [--eval-tokens T] [--warmup W]
-    python bench/quality.py --plot-only --out runs/quality
+    python -m bench.quality --plot-only --out runs/quality
 
 Each run is `python launch/pretrain.py` (single process) on recipes/<size>-<method>.yaml
 (`--size tiny`: recipes/tiny-<method>.yaml) in its own folder OUT/runs/<name>/ (metrics.jsonl,
@@ -35,11 +35,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: its sibling modules import only as the package
+    print("error: run it from the repository root as a module: python -m bench.quality ...", file=sys.stderr)
+    sys.exit(2)
 
+from bench.size_recipe import size_recipe  # noqa: E402
 from sst_dist.config import METHODS, flatten, load_recipe, upgrade_saved  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
-from size_recipe import size_recipe  # noqa: E402
 from sst_dist.plot import (RESET_EVENTS, across_runs, eval_band_panel, mean_rows, pyplot, read_rows,  # noqa: E402
                            save, train_loss_panel)
 

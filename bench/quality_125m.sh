@@ -21,7 +21,7 @@ common=(--size 125m --device cuda --gpus "$gpus" --runs-per-gpu "$per_gpu" --war
   --set data.tokenizer=bundled --set checkpoint.keep=1)
 case "$what" in
   sweep)
-    exec "${PYTHON:-python3}" bench/quality.py "${common[@]}" --steps 300 --best-to 1000 \
+    exec "${PYTHON:-python3}" -m bench.quality "${common[@]}" --steps 300 --best-to 1000 \
       --sweep full:optim.lr=3e-4,6e-4,1.2e-3,2.4e-3 \
       --sweep lora:optim.lowrank_lr=2.5e-4,5e-4,1e-3,2e-3,4e-3 \
       --sweep relora:optim.lowrank_lr=2.5e-4,5e-4,1e-3,2e-3,4e-3 \
@@ -30,7 +30,7 @@ case "$what" in
       --sweep sst+galore:optim.lowrank_lr=5e-4,1e-3 --sweep sst+galore:galore.lr=1e-2,2e-2 \
       --sweep sst+galore:galore.rank=64,256 ;;
   long)
-    exec "${PYTHON:-python3}" bench/quality.py "${common[@]}" --steps 2400 --methods full,lora,sst,sst+galore \
+    exec "${PYTHON:-python3}" -m bench.quality "${common[@]}" --steps 2400 --methods full,lora,sst,sst+galore \
       --set checkpoint.every_steps=1200 --set sst:optim.lowrank_lr=5e-4 --set lora:optim.lowrank_lr=2.5e-4 \
       --set sst+galore:optim.lowrank_lr=5e-4 --set sst+galore:galore.lr=2e-2 --set sst+galore:galore.rank=256 ;;
   *)

@@ -1,9 +1,9 @@
 """The largest OPT each method trains on one or two GPUs: real steps through launch/pretrain.py.
 
-    python bench/scale.py --method sst --size 30b --gpus 1 --out runs/scale
-    python bench/scale.py --method sst --size 66b --gpus 2 --out runs/scale      # FSDP2 via torchrun
-    python bench/scale.py --search --method full --gpus 1 --sizes 1.3b,2.7b,6.7b,13b --out runs/scale
-    python bench/scale.py --method sst --size tiny --device cpu --out /tmp/scale  # the CPU check
+    python -m bench.scale --method sst --size 30b --gpus 1 --out runs/scale
+    python -m bench.scale --method sst --size 66b --gpus 2 --out runs/scale      # FSDP2 via torchrun
+    python -m bench.scale --search --method full --gpus 1 --sizes 1.3b,2.7b,6.7b,13b --out runs/scale
+    python -m bench.scale --method sst --size tiny --device cpu --out /tmp/scale  # the CPU check
 
 A run trains the recipe recipes/opt-SIZE-METHOD.yaml (recipes/tiny-METHOD.yaml for tiny) for
 --steps steps at micro-batch --micro-batch x --seq per GPU (the global batch is one micro-batch
@@ -32,9 +32,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: its sibling modules import only as the package
+    print("error: run it from the repository root as a module: python -m bench.scale ...", file=sys.stderr)
+    sys.exit(2)
 
-from size_recipe import size_recipe  # noqa: E402
+from bench.size_recipe import size_recipe  # noqa: E402
 from sst_dist.config import METHODS, load_recipe  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
 

@@ -1,13 +1,13 @@
 """Where a training step's time and memory go, phase by phase, for each method side by side.
 
-    python bench/step_profile.py --size 1.3b --methods full,sst,galore --micro-batch 8
-    python bench/step_profile.py --size 1.3b --methods galore --micro-batch 1 --set galore.update_proj_gap=3
-    python bench/step_profile.py --size 125m --methods full,sst --kernels 12     # + top operators per phase
-    python bench/step_profile.py --size 1.3b --methods galore --micro-batch 1 --steps 4 \\
+    python -m bench.step_profile --size 1.3b --methods full,sst,galore --micro-batch 8
+    python -m bench.step_profile --size 1.3b --methods galore --micro-batch 1 --set galore.update_proj_gap=3
+    python -m bench.step_profile --size 125m --methods full,sst --kernels 12     # + top operators per phase
+    python -m bench.step_profile --size 1.3b --methods galore --micro-batch 1 --steps 4 \\
         --set galore.update_proj_gap=5 --memory-sites 12      # what is live at a refresh's peak
-    python bench/step_profile.py --size 125m --methods full,sst --free 20 --ds-config fsdp  # host-bound?
-    python bench/step_profile.py --size 125m --methods full,sst --syncs 5    # what the host waited for
-    python bench/step_profile.py --device cpu --size tiny --seq 64                # the flow only
+    python -m bench.step_profile --size 125m --methods full,sst --free 20 --ds-config fsdp  # host-bound?
+    python -m bench.step_profile --size 125m --methods full,sst --syncs 5    # what the host waited for
+    python -m bench.step_profile --device cpu --size tiny --seq 64                # the flow only
 
 Same set-up as bench/memory.py (bench/harness.py: one process, DeepSpeed with ds_configs/zero2.json
 or --ds-config, or FSDP2 with --ds-config fsdp; bf16 with fp32 masters on a GPU, random tokens);
@@ -36,8 +36,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
+if not __package__:  # run as a file: its sibling modules import only as the package
+    print("error: run it from the repository root as a module: python -m bench.step_profile ...", file=sys.stderr)
+    sys.exit(2)
 
 GIB = 2**30
 PHASES = ("probe", "before_step", "forward", "backward", "step", "after_step")
@@ -126,7 +127,7 @@ def peak_sites(snapshot: dict, baseline: int, top: int) -> str:
 def worker(job: dict) -> dict:
     import torch
 
-    from harness import build
+    from bench.harness import build
 
     run = build(job["size"], job["method"], job["rank"], job["seq"], job["micro_batch"], job["device"],
                 job["ds_config"], job["set"], job["accumulation"])
@@ -279,7 +280,7 @@ def run_job(job: dict, timeout: int) -> dict:
     env = dict(os.environ, PYTHONUNBUFFERED="1", WANDB_MODE="disabled", TOKENIZERS_PARALLELISM="false")
     for key in ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)  # each worker is its own world of one
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", json.dumps(job)]
+    cmd = [sys.executable, "-m", "bench.step_profile", "--worker", json.dumps(job)]
     try:
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:

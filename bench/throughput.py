@@ -1,9 +1,9 @@
 """Each method against full-rank under each engine, on 1 and 2 GPUs, side by side in one run:
 tokens/s, MFU, peak memory, and the periodic event's seconds and share of wall time.
 
-    python bench/throughput.py --gpus 1,2 --steps 300 --engines zero2,zero3,fsdp
-    python bench/throughput.py --size 1.3b --gpus 1,2 --engines zero2,fsdp --set train.micro_batch=8
-    python bench/throughput.py --size tiny --gpus 1 --steps 8 --skip 2 --engines zero2   # CPU: the flow only
+    python -m bench.throughput --gpus 1,2 --steps 300 --engines zero2,zero3,fsdp
+    python -m bench.throughput --size 1.3b --gpus 1,2 --engines zero2,fsdp --set train.micro_batch=8
+    python -m bench.throughput --size tiny --gpus 1 --steps 8 --skip 2 --engines zero2   # CPU: the flow only
 
 Each (engine, method, GPU count) is one real `launch/pretrain.py` run through the launcher a user
 would use (deepspeed / torchrun), on the size's recipes (recipes/opt-SIZE-METHOD.yaml; tiny:
@@ -41,9 +41,11 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+if not __package__:  # run as a file: its sibling modules import only as the package
+    print("error: run it from the repository root as a module: python -m bench.throughput ...", file=sys.stderr)
+    sys.exit(2)
 
-from size_recipe import size_recipe  # noqa: E402
+from bench.size_recipe import size_recipe  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
 from sst_dist.engines import free_port  # noqa: E402
 

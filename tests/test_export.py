@@ -7,7 +7,7 @@ evaluation of the checkpoint in fp32. Single-process runs of all six methods are
 evaluation at their last step, the state the checkpoint holds, so that each costs one launch.
 """
 
-import importlib.util
+import importlib
 import json
 import math
 import subprocess
@@ -180,11 +180,10 @@ def test_single_process_export_and_prune_import_no_deepspeed_datasets_or_wandb(r
     pruning bench must not need them."""
     run, _, _ = runs("sst")
     script = (
-        "import sys, importlib.util\n"
+        "import sys\n"
         "from sst_dist import export\n"
         f"assert export.main(['--output-dir', {str(run)!r}, '--out', {str(tmp_path / 'hf')!r}]) == 0\n"
-        "spec = importlib.util.spec_from_file_location('prune', 'bench/prune.py')\n"
-        "prune = importlib.util.module_from_spec(spec); spec.loader.exec_module(prune)\n"
+        "from bench import prune\n"
         f"assert prune.main(['--output-dir', {str(run)!r}, '--out', {str(tmp_path / 'p')!r}, '--fractions', "
         "'0.5', '--eval-tokens', '512']) == 0\n"
         "print('LOADED', sorted({m.split('.')[0] for m in sys.modules} & {'deepspeed', 'datasets', 'wandb'}))\n")
@@ -246,17 +245,14 @@ def test_keep_singular_one_is_the_plain_export_and_smaller_keeps_ceil(runs):
 
 
 def load_prune_bench():
-    spec = importlib.util.spec_from_file_location("prune_bench", ROOT / "bench" / "prune.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.prune")
 
 
 def test_prune_bench_table_and_plot(runs, tmp_path):
     import csv
 
     run, _, trainer_loss = runs("sst")
-    proc = subprocess.run([sys.executable, "bench/prune.py", "--output-dir", str(run), "--out", str(tmp_path),
+    proc = subprocess.run([sys.executable, "-m", "bench.prune", "--output-dir", str(run), "--out", str(tmp_path),
                            "--fractions", "1,0.5,0.25", "--device", "cpu"], cwd=ROOT, env=quiet_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -270,7 +266,7 @@ def test_prune_bench_table_and_plot(runs, tmp_path):
     assert factored[0] > factored[1] > factored[2] and len({r["dense_params"] for r in rows}) == 1
     assert (tmp_path / "prune.png").read_bytes()[:8] == PNG_MAGIC
     assert (tmp_path / "prune.md").read_text() in proc.stdout
-    bad = subprocess.run([sys.executable, "bench/prune.py", "--output-dir", str(runs("full")[0]), "--out",
+    bad = subprocess.run([sys.executable, "-m", "bench.prune", "--output-dir", str(runs("full")[0]), "--out",
                           str(tmp_path / "x")], cwd=ROOT, env=quiet_env(), capture_output=True, text=True,
                          timeout=300)
     assert bad.returncode == 2 and "only SST" in bad.stderr and len(bad.stderr.strip().splitlines()) == 1

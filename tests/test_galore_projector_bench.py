@@ -8,7 +8,7 @@ from sst_dist.models import OPT_SIZES
 
 
 def bench(*args):
-    return subprocess.run([sys.executable, "bench/galore_projector.py", "--device", "cpu", *args],
+    return subprocess.run([sys.executable, "-m", "bench.galore_projector", "--device", "cpu", *args],
                           cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 

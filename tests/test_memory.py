@@ -265,7 +265,7 @@ def test_activation_formula_matches_what_autograd_keeps(method, path):
 @pytest.mark.slow
 def test_the_benchmark_runs_end_to_end_on_cpu(tmp_path):
     """bench/memory.py's whole flow (subprocess per method, DeepSpeed ZeRO-2 on gloo, CSV) on CPU."""
-    proc = subprocess.run([sys.executable, "bench/memory.py", "--device", "cpu", "--sizes", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "bench.memory", "--device", "cpu", "--sizes", "tiny",
                            "--methods", "full,sst,galore", "--galore-ranks", "", "--micro-batches", "1",
                            "--seq", "32", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)],
                           cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
@@ -280,7 +280,7 @@ def test_the_benchmark_runs_end_to_end_on_cpu(tmp_path):
 def test_the_step_profile_reports_every_phase_on_cpu():
     """bench/step_profile.py's flow on CPU: a phase table per method, SST's own phase (after_step)
     in it, the GaLore refresh's probe at a refresh step, and the per-phase operator listing."""
-    proc = subprocess.run([sys.executable, "bench/step_profile.py", "--device", "cpu", "--size", "tiny",
+    proc = subprocess.run([sys.executable, "-m", "bench.step_profile", "--device", "cpu", "--size", "tiny",
                            "--methods", "full,sst,galore@galore.update_proj_gap=2", "--warmup", "1",
                            "--steps", "2", "--kernels", "3", "--accumulation", "2"],
                           cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)

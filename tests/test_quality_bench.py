@@ -2,7 +2,7 @@
 finished runs, the report, and the one-line errors."""
 
 import csv
-import importlib.util
+import importlib
 import json
 import math
 import statistics
@@ -14,8 +14,6 @@ import yaml
 
 from conftest import ROOT, quiet_env
 
-BENCH = ROOT / "bench" / "quality.py"
-sys.path.insert(0, str(BENCH.parent))  # its sibling size_recipe.py, as when it runs as a script
 METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 STEPS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -23,15 +21,11 @@ PLOTS = ("eval_loss.png", "train_loss.png", "ppl_vs_memory.png")
 
 
 def load_bench():
-    spec = importlib.util.spec_from_file_location("quality_bench", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return importlib.import_module("bench.quality")
 
 
 def bench(*args, timeout=600):
-    return subprocess.run([sys.executable, str(BENCH), *map(str, args)], cwd=ROOT, env=quiet_env(),
+    return subprocess.run([sys.executable, "-m", "bench.quality", *map(str, args)], cwd=ROOT, env=quiet_env(),
                           capture_output=True, text=True, timeout=timeout)
 
 

@@ -11,12 +11,11 @@ import pytest
 
 from conftest import ROOT, quiet_env
 
-sys.path.insert(0, str(ROOT / "bench"))
-import scale  # noqa: E402
+from bench import scale
 
 
 def test_a_tiny_run_on_cpu_crosses_a_resample_and_reports(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/scale.py", "--method", "sst", "--size", "tiny", "--device", "cpu",
+    proc = subprocess.run([sys.executable, "-m", "bench.scale", "--method", "sst", "--size", "tiny", "--device", "cpu",
                            "--seq", "64", "--steps", "30", "--set", "model.build=meta", "--out", str(tmp_path)],
                           cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
@@ -34,7 +33,7 @@ def test_a_bench_killed_from_outside_leaves_the_runs_output(tmp_path):
     # the run writes stderr.txt as it goes, not after it returns: a bench killed mid-run (a job's
     # time limit) still shows how far the run got and why
     stderr_file = tmp_path / "sst-tiny-1gpu" / "stderr.txt"
-    bench = subprocess.Popen([sys.executable, "bench/scale.py", "--method", "sst", "--size", "tiny", "--device",
+    bench = subprocess.Popen([sys.executable, "-m", "bench.scale", "--method", "sst", "--size", "tiny", "--device",
                               "cpu", "--seq", "64", "--steps", "400", "--out", str(tmp_path)],
                              cwd=ROOT, env=quiet_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                              start_new_session=True)

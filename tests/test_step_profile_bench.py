@@ -11,8 +11,7 @@ import pytest
 
 from conftest import ROOT, quiet_env
 
-sys.path.insert(0, str(ROOT / "bench"))
-import step_profile  # noqa: E402
+from bench import step_profile
 
 
 def event(start, end, device="CUDA"):
@@ -42,7 +41,7 @@ def test_host_waits_are_counted_per_step_by_caller():
 
 @pytest.mark.parametrize("engine", ["ds_configs/zero2.json", "fsdp"])
 def test_the_phase_table_on_cpu_under_each_engine(engine):
-    proc = subprocess.run([sys.executable, "bench/step_profile.py", "--device", "cpu", "--size", "tiny", "--seq", "32",
+    proc = subprocess.run([sys.executable, "-m", "bench.step_profile", "--device", "cpu", "--size", "tiny", "--seq", "32",
                            "--methods", "full,sst", "--warmup", "1", "--steps", "2", "--ds-config", engine],
                           cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]

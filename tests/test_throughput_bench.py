@@ -10,13 +10,12 @@ import pytest
 
 from conftest import ROOT, quiet_env
 
-sys.path.insert(0, str(ROOT / "bench"))
-import throughput  # noqa: E402
+from bench import throughput
 
 
 @pytest.mark.slow
 def test_a_tiny_cpu_run_reports_mfu_events_and_safe_names(tmp_path):
-    proc = subprocess.run([sys.executable, "bench/throughput.py", "--size", "tiny", "--gpus", "1", "--steps", "8",
+    proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--size", "tiny", "--gpus", "1", "--steps", "8",
                            "--skip", "1", "--engines", "zero2", "--methods", "full,sst+galore",
                            "--set", "sst.steps_per_iteration=3", "--set", "galore.update_proj_gap=100",
                            "--out", str(tmp_path)],
