@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The README's pruning table of an OPT-125M SST run: 1,000 steps on the offline corpus (data/corpus:
-# python -m sst_dist.data corpus) with the bundled tokenizer, then
+# The OPT-125M pruning table (docs/benchmarks/2026-11-30-h200.md): SST trained 1,000 steps on the
+# offline corpus (data/corpus: python -m sst_dist.data corpus) with the bundled tokenizer, then
 # python -m bench.prune on that run's held-out split.
 #
 #   bash bench/prune_125m.sh RUN_DIR [--set KEY=VALUE ...]      (table: RUN_DIR/prune/prune.md)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# The OPT-125M comparison of the README and docs/quality.md, on the offline corpus (data/corpus:
-# python -m sst_dist.data corpus) with the bundled tokenizer.
+# The OPT-125M comparison of docs/benchmarks/2026-11-30-2xh200.md (the bench: docs/quality.md), on
+# the offline corpus (data/corpus: python -m sst_dist.data corpus) with the bundled tokenizer.
 #
 #   bash bench/quality_125m.sh OUT [GPUS] [RUNS_PER_GPU]         300-step lr sweep of every method,
 #                                                               each best continued to 1,000 steps
