@@ -36,7 +36,7 @@ failed=0
 
 bench() {
   local rc=0
-  "$py" bench/quality.py "${common[@]}" "$@" || rc=$?
+  "$py" -m bench.quality "${common[@]}" "$@" || rc=$?
   if [ "$rc" -eq 130 ]; then
     exit 130  # interrupted: the same command resumes
   fi
@@ -66,5 +66,5 @@ case "$what" in
     echo "error: the 3rd argument is all, methods, ablations or report, not '$what'" >&2
     exit 2 ;;
 esac
-"$py" bench/quality.py --plot-only --out "$out"
+"$py" -m bench.quality --plot-only --out "$out"
 exit "$failed"
