@@ -90,6 +90,10 @@ class GaLoreConfig:
     # how a refresh finds the top-r singular vectors of G: svd (exact, as galore-torch) |
     # randomized (a range finder: GEMMs instead of a full SVD) | auto (randomized from k = 4096 on)
     projector: str = "auto"
+    # with several micro-batches per step, a refresh sums each layer's G over them in probe passes
+    # of this many layers (null: all in one pass), holding their sums: ceil(layers / this) passes
+    # of the step's forwards and backwards. One micro-batch per step: one pass, one layer's G at a time
+    refresh_layers: int | None = None
 
 
 @dataclass
@@ -358,6 +362,7 @@ def validate(recipe: Recipe) -> Recipe:
         ("sst.iterations_per_round", recipe.sst.iterations_per_round),
         ("relora.reset_every", recipe.relora.reset_every),
         ("galore.update_proj_gap", recipe.galore.update_proj_gap),
+        ("galore.refresh_layers", recipe.galore.refresh_layers),
         ("model.seq_len", recipe.model.seq_len),
         ("train.global_batch", recipe.train.global_batch),
         ("train.micro_batch", recipe.train.micro_batch),

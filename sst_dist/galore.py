@@ -28,7 +28,8 @@ Semantics of galore-torch 1.0 that the layer form keeps:
 
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+import functools
+from typing import Callable, Iterable, Sequence
 
 import torch
 from torch import nn
@@ -283,7 +284,8 @@ class GaLoreLinear(nn.Module):
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.decay = 1.0
         self.refreshes = 0
-        self._probes: list[torch.Tensor] | None = None  # set by GradientProbe
+        # set by a GradientProbe whose pass covers this layer: makes its probe views
+        self._probe: Callable[[torch.dtype, torch.device], torch.Tensor] | None = None
 
     @classmethod
     @torch.no_grad()
@@ -308,16 +310,11 @@ class GaLoreLinear(nn.Module):
     def new_probe(self, x: torch.Tensor) -> torch.Tensor | None:
         """A zero (out, in) input that receives G in a GradientProbe pass, else None.
 
-        A zero-strided view of one scalar: no (out, in) memory until its gradient exists. At
-        least float32, so G sums over micro-batches and ranks without bf16 rounding.
+        At least float32, so G sums over micro-batches and ranks without bf16 rounding.
         """
-        if self._probes is None or not torch.is_grad_enabled():
+        if self._probe is None or not torch.is_grad_enabled():
             return None
-        dtype = torch.promote_types(x.dtype, torch.float32)
-        probe = torch.zeros((), dtype=dtype, device=x.device, requires_grad=True).expand(
-            self.out_features, self.in_features)
-        self._probes.append(probe)
-        return probe
+        return self._probe(torch.promote_types(x.dtype, torch.float32), x.device)
 
     def refresh_due(self, step: int) -> bool:
         """Whether a new projector is due before optimizer step `step` (0-based, steps taken so
@@ -336,10 +333,6 @@ class GaLoreLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         """W_eff (out, in), from this process's tensors (single-process use)."""
         return merged_weight(self.weight, self.proj, self.B, self.decay, self.scale, self.side)
-
-    def galore_parameters(self) -> list[nn.Parameter]:
-        """The parameters that stand for W in the optimizer (bias is ordinary)."""
-        return [self.B]
 
     def get_extra_state(self) -> dict:
         return {"decay": self.decay, "refreshes": self.refreshes}
@@ -415,101 +408,183 @@ class GaLoreTiedHead(nn.Module):
 
 # ----------------------------------------------------------------------------- refresh
 
+def refresh_groups(indices: Iterable[int], micro_batches: int,
+                   refresh_layers: int | None = None) -> list[list[int]]:
+    """The probe passes of a refresh, as the layer indices each covers (galore.refresh_layers).
+
+    One micro-batch per step: one pass over every layer, each layer's G taken as the backward
+    makes it. Several: a layer's G is its sum over the step's micro-batches, so a pass keeps a
+    running sum for every layer it covers; passes of `refresh_layers` consecutive layers (None:
+    all in one) bound that to a group's sums, at the price of one pass per group, each of them
+    every micro-batch's forward and a backward down to the group's first layer.
+    """
+    indices = list(indices)
+    size = len(indices) if micro_batches == 1 or refresh_layers is None else refresh_layers
+    return [indices[i:i + size] for i in range(0, len(indices), max(size, 1))]
+
+
 class GradientProbe:
-    """Captures the full weight gradients G = ∂L/∂W_eff of GaLore layers, for their refresh.
+    """Takes the full weight gradients G = ∂L/∂W_eff of GaLore layers, for their refresh, one
+    layer at a time.
 
     GaLore takes the new projector from the gradient of the step that will use it, so at a refresh
-    step the trainer runs this probe pass on the step's batch first, refreshes, then runs the
-    step as usual: B's gradient is then P_newᵀ G exactly. The probe uses torch.autograd.grad on
-    zero views fed to each layer, so no parameter's gradient accumulator runs (.grad untouched,
-    and an engine's reduce hooks on those accumulators stay idle); it costs one extra forward and
-    backward every update_proj_gap steps.
+    step the trainer runs a probe pass on the step's batch first, refreshes, then runs the step as
+    usual: B's gradient is then P_newᵀ G exactly. Each covered layer's forward gets, as its probe
+    input, a zero-strided (out, in) view of a scalar leaf; `backward` runs torch.autograd.grad
+    over those scalars alone, so no parameter's gradient accumulator runs (.grad untouched, and an
+    engine's reduce hooks on them stay idle) and autograd returns nothing large. A hook on each
+    view takes G as the backward makes it and hands autograd a zero view instead, keeping no
+    reference to G once the layer is done with.
 
-        with GradientProbe(layers, step) as probe:
+    A layer's G is its sum over the pass's `micro_batches` backward calls (this rank's share of
+    the step). In the last of them each layer's final G goes to `on_gradient(index, G)` as soon
+    as the backward has made it, before the next layer's G exists (autograd runs a probe's node
+    right after its layer's, ahead of anything earlier in the forward): with one micro-batch a
+    pass holds one layer's G at a time. What else it holds, bounded: a tied embedding's G is its
+    head's (which arrives first) plus its lookup's (which arrives last), so that one layer's
+    head G is held across the pass; with several micro-batches every covered layer keeps a
+    running sum until the last one (refresh_groups bounds how many layers a pass covers).
+
+    `on_gradient` runs inside the backward, so a collective it issues (refresh_projector's reduce)
+    is issued in backward order, which is the same on every rank as long as every rank's forward
+    reaches the same layers; an engine's own collectives in that backward (ZeRO-3's and FSDP2's
+    gathers) are issued in that same order too.
+
+        with GradientProbe(layers, micro_batches=len(batch), on_gradient=take) as probe:
             for micro_batch in batch:
                 probe.backward(loss_fn(model, micro_batch))
-        refresh_galore_layers(layers, backend, probe.gradients)
 
-    gradients[i] is G of layers[i] summed over the micro-batches on this rank, or None for a
-    layer not due at `step` (step None: all layers). The overall scale of G does not matter: the
-    projector is its top singular vectors. Randomness in the model (dropout) makes the probe's G
-    differ from the step's; the OPT recipes train without dropout.
+    group: the layer indices this pass covers (default: every layer due at `step`; step None: all).
+    Without `on_gradient`, each final G is kept in gradients[index] (None for a layer not covered).
+    The overall scale of G does not matter: the projector is its top singular vectors. Randomness
+    in the model (dropout) makes the probe's G differ from the step's; the OPT recipes train
+    without dropout.
     """
 
-    def __init__(self, layers: Iterable[GaLoreLinear], step: int | None = None):
+    def __init__(self, layers: Iterable[GaLoreLinear], step: int | None = None, *, micro_batches: int = 1,
+                 group: Iterable[int] | None = None,
+                 on_gradient: Callable[[int, torch.Tensor], None] | None = None):
         self.layers = list(layers)
-        self.due = [step is None or layer.refresh_due(step) for layer in self.layers]
+        if group is None:
+            group = [i for i, layer in enumerate(self.layers) if step is None or layer.refresh_due(step)]
+        self.group, self.micro_batches = list(group), micro_batches
         self.gradients: list[torch.Tensor | None] = [None] * len(self.layers)
+        self.on_gradient = on_gradient or self.gradients.__setitem__
+        self._leaves: dict[int, list[torch.Tensor]] = {i: [] for i in self.group}  # since the last backward
+        self._waiting: dict[int, int] = {}  # probes of this backward yet to send their G, by layer
+        self._parts: dict[int, torch.Tensor] = {}  # this backward's G of a layer with probes still to come
+        self._sums: dict[int, torch.Tensor] = {}  # G summed over the earlier backward calls
+        self._calls = 0
+        self._taken: set[int] = set()
 
     def __enter__(self) -> "GradientProbe":
-        for layer, due in zip(self.layers, self.due):
-            layer._probes = [] if due else None
+        for index in self.group:
+            self.layers[index]._probe = functools.partial(self._view, index)
         return self
 
     def __exit__(self, exc_type, *exc) -> None:
         for layer in self.layers:
-            layer._probes = None
-        missed = [i for i, (due, grad) in enumerate(zip(self.due, self.gradients))
-                  if due and grad is None]
+            layer._probe = None
+        missed = [i for i in self.group if i not in self._taken]
         if exc_type is None and missed:
             # a silent skip would leave those layers on a stale (or, at step 0, zero) projector
             raise RuntimeError(
-                f"no gradient reached GaLore layers {missed} in the probe pass; run it with "
-                f"probe.backward(loss) and without reentrant activation checkpointing, whose "
-                f"forward runs under no_grad")
+                f"no gradient reached GaLore layers {missed} in the probe pass ({self._calls} of "
+                f"{self.micro_batches} micro-batches ran probe.backward(loss)); run probe.backward(loss) "
+                f"once per micro-batch, without reentrant activation checkpointing, whose forward "
+                f"runs under no_grad")
+
+    def _view(self, index: int, dtype: torch.dtype, device) -> torch.Tensor:
+        layer = self.layers[index]
+        leaf = torch.zeros((), dtype=dtype, device=device, requires_grad=True)
+        view = leaf.expand(layer.out_features, layer.in_features)  # no (out, in) memory
+        view.register_hook(functools.partial(self._arrived, index))
+        self._leaves[index].append(leaf)
+        return view
+
+    def _arrived(self, index: int, grad: torch.Tensor) -> torch.Tensor:
+        # what autograd gets instead of G (it only sums it into the scalar leaf): G is then ours
+        zero = grad.new_zeros(()).expand(grad.shape)
+        part = self._parts.pop(index, None)
+        part = grad if part is None else part.add_(grad)
+        self._waiting[index] -= 1
+        if self._waiting[index]:
+            self._parts[index] = part
+        else:
+            self._add(index, part)
+        return zero
+
+    def _add(self, index: int, this_pass: torch.Tensor) -> None:
+        # one backward's G first (a tied embedding's head and lookup), then the running sum: the
+        # grouping a data-parallel reduce of per-rank sums has too
+        total = self._sums.pop(index, None)
+        total = this_pass if total is None else total.add_(this_pass)
+        if self._calls == self.micro_batches:
+            self._taken.add(index)
+            self.on_gradient(index, total)
+        else:
+            self._sums[index] = total
 
     def backward(self, loss: torch.Tensor) -> None:
-        owners, probes = [], []
-        for index, layer in enumerate(self.layers):
-            if layer._probes is not None:
-                owners += [index] * len(layer._probes)
-                probes += layer._probes
-                layer._probes = []
-        if not probes:
-            return
-        # allow_unused: a probe from a forward that did not reach this loss contributes nothing
-        grads = torch.autograd.grad(loss, probes, allow_unused=True)
-        # this backward's G per layer first (a tied embedding has two probes: lookup and head),
-        # then the running sum: the grouping a data-parallel reduce of per-rank sums has too
-        this_pass: dict[int, torch.Tensor] = {}
-        for index, grad in zip(owners, grads):
-            if grad is not None:
-                this_pass[index] = grad if index not in this_pass else this_pass[index] + grad
-        for index, grad in this_pass.items():
-            total = self.gradients[index]
-            self.gradients[index] = grad if total is None else total + grad
+        if self._calls == self.micro_batches:
+            raise RuntimeError(f"probe.backward ran more often than the {self.micro_batches} "
+                               f"micro-batches this GradientProbe was made for")
+        self._calls += 1
+        leaves = []
+        for index in self.group:
+            self._waiting[index] = len(self._leaves[index])
+            leaves += self._leaves[index]
+            self._leaves[index] = []
+        if leaves:
+            # allow_unused: a probe from a forward that did not reach this loss sends nothing
+            torch.autograd.grad(loss, leaves, allow_unused=True)
+        for index in self.group:
+            # views a checkpointed block's recomputation made in this backward: never reached
+            self._leaves[index] = []
+            part = self._parts.pop(index, None)
+            if part is not None:  # a probe of this layer sent nothing
+                self._add(index, part)
+        if self._calls == self.micro_batches:  # layers the last micro-batch did not reach
+            for index in self.group:
+                if index in self._sums:
+                    self._taken.add(index)
+                    self.on_gradient(index, self._sums.pop(index))
 
 
 @torch.no_grad()
-def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
-                          gradients: Sequence[torch.Tensor | None], projector: str = "svd") -> None:
-    """Merges B into W, zeroes B and loads a new projector from the SVD of G (exact, or randomized
-    where `projector`, galore.projector, says so: uses_randomized), for every layer with
-    a gradient (None: not due, left alone). Collective: every rank calls it with the same layers
-    and the same None pattern; `gradients` are this rank's (e.g. GradientProbe.gradients).
+def refresh_projector(layer: GaLoreLinear, index: int, grad: torch.Tensor, backend,
+                      projector: str = "svd", *, own: bool = False) -> torch.Tensor:
+    """Layer `index`'s next projector from this rank's G (out, in). Collective (a reduce).
 
-    Layer i's G is summed onto rank backend.owner(i), which alone runs the SVD and broadcasts the
-    projector. W, P and B are read and written only through the backend, so the fp32 masters of
-    an engine hold the new values. The Adam state of B is kept, as galore-torch keeps its
-    projected moments across a projector change. The function the network computes is unchanged.
+    G is summed onto rank backend.owner(index), which alone takes the projector from it (exact, or
+    randomized where `projector`, galore.projector, says so: uses_randomized); any other rank gets a
+    receive buffer for load_projectors' broadcast. own: the caller gives G up (a GradientProbe's
+    G), so the reduce may sum into it rather than into a copy.
     """
-    backend_device = backend.compute_device
-    projectors: dict[int, torch.Tensor] = {}
-    for index, (layer, grad) in enumerate(zip(layers, gradients)):
-        if grad is None:
-            continue
-        owner = backend.owner(index)
-        grad = backend.reduce_sum_to(grad.detach().to(backend_device), owner)
-        if backend.rank != owner:  # a receive buffer for the broadcast below
-            projectors[index] = grad.new_empty(layer.proj_shape)
-        elif uses_randomized(projector, grad.shape):
+    owner = backend.owner(index)
+    grad = backend.reduce_sum_to(grad.detach().to(backend.compute_device), owner, in_place=own)
+    if backend.rank != owner:
+        return grad.new_empty(layer.proj_shape)
+    # called from inside a probe's backward too: an autocast region there must not make it bf16
+    with full_precision(grad):
+        if uses_randomized(projector, grad.shape):
             generator = projector_generator(index, layer.refreshes, grad.device)
-            projectors[index] = randomized_projector(grad, layer.rank, layer.side, generator)
-        else:
-            projectors[index] = orthogonal_projector(grad, layer.rank, layer.side)
-    for index, layer in enumerate(layers):
-        if index not in projectors:
-            continue
+            return randomized_projector(grad, layer.rank, layer.side, generator)
+        return orthogonal_projector(grad, layer.rank, layer.side)
+
+
+@torch.no_grad()
+def load_projectors(layers: Sequence[GaLoreLinear], backend, projectors: dict[int, torch.Tensor]) -> None:
+    """Merges B into W, zeroes B and loads the new projector of every layer index in `projectors`
+    (refresh_projector's: the owner's projector, a receive buffer elsewhere). Collective: every
+    rank calls it with the same keys.
+
+    W, P and B are read and written only through the backend, so the fp32 masters of an engine
+    hold the new values. The Adam state of B is kept, as galore-torch keeps its projected moments
+    across a projector change. The function the network computes is unchanged.
+    """
+    for index in sorted(projectors):
+        layer = layers[index]
         P = backend.broadcast(projectors[index], backend.owner(index))
         # float32 at least: a bf16 W (model.frozen_dtype) is rounded once, where it is written
         W = backend.read(layer.weight)
@@ -521,6 +596,41 @@ def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
         backend.write(layer.B, torch.zeros(layer.B_shape, dtype=W.dtype, device=W.device))
         layer.decay = 1.0
         layer.refreshes += 1
+
+
+def refresh_galore_layers(layers: Sequence[GaLoreLinear], backend,
+                          gradients: Sequence[torch.Tensor | None], projector: str = "svd") -> None:
+    """The refresh from gradients at hand: a new projector (refresh_projector) for every layer with
+    a gradient (None: not due, left alone), then load_projectors. Collective: every rank calls it
+    with the same layers and the same None pattern; `gradients` are this rank's."""
+    projectors = {index: refresh_projector(layer, index, grad, backend, projector)
+                  for index, (layer, grad) in enumerate(zip(layers, gradients)) if grad is not None}
+    load_projectors(layers, backend, projectors)
+
+
+def refresh_from_probe(layers: Sequence[GaLoreLinear], backend, probe_pass: Callable[[GradientProbe], None],
+                       micro_batches: int, *, step: int | None = None, projector: str = "svd",
+                       refresh_layers: int | None = None) -> int:
+    """The refresh as the trainer runs it, for the layers due at `step` (None: all): probe passes
+    (refresh_groups) in which each layer's projector is taken as its G is made, then
+    load_projectors. `probe_pass(probe)` runs the step's `micro_batches` forwards, calling
+    probe.backward(loss) on each; it runs once per group. Returns the number of passes.
+
+    Held at once, beside the model: one layer's G (one micro-batch per step), or a group's running
+    sums and the G arriving (several); and every layer's projector, (out, r) or (r, in).
+    """
+    due = [i for i, layer in enumerate(layers) if step is None or layer.refresh_due(step)]
+    projectors: dict[int, torch.Tensor] = {}
+
+    def take(index: int, grad: torch.Tensor) -> None:
+        projectors[index] = refresh_projector(layers[index], index, grad, backend, projector, own=True)
+
+    groups = refresh_groups(due, micro_batches, refresh_layers)
+    for group in groups:
+        with GradientProbe(layers, micro_batches=micro_batches, group=group, on_gradient=take) as probe:
+            probe_pass(probe)
+    load_projectors(layers, backend, projectors)
+    return len(groups)
 
 
 def apply_weight_decay(layers: Iterable[GaLoreLinear], lr: float, weight_decay: float) -> None:
@@ -605,7 +715,8 @@ def apply_galore_embedding(model, rank: int, *, scale: float = DEFAULT_SCALE,
     return layers
 
 
-__all__ = ["GaLoreLinear", "GaLoreEmbedding", "GaLoreTiedHead", "apply_galore_embedding", "GradientProbe", "apply_galore", "refresh_galore_layers",
-           "apply_weight_decay", "projection_side", "orthogonal_projector", "randomized_projector",
-           "uses_randomized", "project",
-           "project_back", "merged_weight", "projector_shape", "low_rank_shape"]
+__all__ = ["GaLoreLinear", "GaLoreEmbedding", "GaLoreTiedHead", "GradientProbe", "apply_galore",
+           "apply_galore_embedding", "refresh_groups", "refresh_projector", "load_projectors",
+           "refresh_galore_layers", "refresh_from_probe", "apply_weight_decay", "projection_side",
+           "orthogonal_projector", "randomized_projector", "uses_randomized", "project", "project_back",
+           "merged_weight", "projector_shape", "low_rank_shape"]

@@ -19,6 +19,7 @@ bench call `Method`'s verbs only; they never name a method, a layer class or a l
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Callable
 
 import torch
@@ -26,14 +27,20 @@ from torch import nn
 
 from sst_dist.config import Recipe
 from sst_dist.galore import (GradientProbe, apply_galore, apply_galore_embedding, apply_weight_decay,
-                             refresh_galore_layers)
+                             refresh_from_probe)
 from sst_dist.lowrank import ReLoRAController, apply_lora
 from sst_dist.schedule import Schedule
 from sst_dist.sst import apply_sst
 from sst_dist.sst_controller import SSTController
 
-# ProbePass(probe) runs the step's forward passes, calling probe.backward(loss) on each micro-batch
-ProbePass = Callable[[GradientProbe], None]
+@dataclass
+class ProbePass:
+    """The step's batch, for work that needs the step's own gradient before the step (a GaLore
+    refresh): run(probe) runs the forward of each of the step's `micro_batches` micro-batches and
+    calls probe.backward(loss) on it. The work may run it more than once (galore.refresh_layers)."""
+
+    micro_batches: int
+    run: Callable[[GradientProbe], None]
 
 
 class Hooks:
@@ -177,9 +184,10 @@ class SSTPart(LowRankPart):
 class GaLorePart(Hooks):
     """GaLore layers: their B at the galore lr, refreshed from the step's own gradient."""
 
-    def __init__(self, layers: dict, schedule: Schedule, lr: float, weight_decay: float, projector: str):
+    def __init__(self, layers: dict, schedule: Schedule, lr: float, weight_decay: float, projector: str,
+                 refresh_layers: int | None):
         self.layers, self.schedule, self.lr, self.weight_decay = layers, schedule, lr, weight_decay
-        self.projector = projector  # galore.projector
+        self.projector, self.refresh_layers = projector, refresh_layers  # galore.projector, galore.refresh_layers
         self.backend = None
 
     def param_groups(self) -> list[dict]:
@@ -202,12 +210,10 @@ class GaLorePart(Hooks):
         does), so it needs `probe_pass` to run the step's batch through a GradientProbe first."""
         if not self.work_due(step):
             return []
-        layers = list(self.layers.values())
         if probe_pass is None:
             raise ValueError(f"step {step}: a GaLore refresh is due; pass probe_pass")
-        with GradientProbe(layers, step) as probe:
-            probe_pass(probe)
-        refresh_galore_layers(layers, self.backend, probe.gradients, self.projector)
+        refresh_from_probe(list(self.layers.values()), self.backend, probe_pass.run, probe_pass.micro_batches,
+                           step=step, projector=self.projector, refresh_layers=self.refresh_layers)
         return ["refresh"]
 
     def after_step(self, lrs: dict[str, float]) -> None:
@@ -259,6 +265,11 @@ def _galore_kw(recipe: Recipe) -> dict:
                 frozen_dtype=frozen_dtype(recipe))
 
 
+def _galore_part(recipe: Recipe, layers: dict, schedule: Schedule) -> GaLorePart:
+    g = recipe.galore
+    return GaLorePart(layers, schedule, g.lr, recipe.optim.weight_decay, g.projector, g.refresh_layers)
+
+
 @register("full")
 def _full(recipe: Recipe, model: nn.Module) -> Method:
     return Method("full", _schedule(recipe))
@@ -284,8 +295,7 @@ def _relora(recipe: Recipe, model: nn.Module) -> Method:
 def _galore(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_galore(model, recipe.galore.rank or recipe.rank, recipe.targets, **_galore_kw(recipe))
     schedule = _schedule(recipe)
-    part = GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay, recipe.galore.projector)
-    return Method("galore", schedule, [part])
+    return Method("galore", schedule, [_galore_part(recipe, layers, schedule)])
 
 
 def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
@@ -311,5 +321,4 @@ def _sst_galore(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
     # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
     layers = apply_galore_embedding(model, recipe.galore.rank or recipe.rank, **_galore_kw(recipe))
-    galore = GaLorePart(layers, schedule, recipe.galore.lr, recipe.optim.weight_decay, recipe.galore.projector)
-    return Method("sst+galore", schedule, [sst, galore])
+    return Method("sst+galore", schedule, [sst, _galore_part(recipe, layers, schedule)])

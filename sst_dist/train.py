@@ -23,7 +23,7 @@ from sst_dist.data import evaluate, lm_loss, open_data, prepare
 from sst_dist.engines import build_engine, distributed_context, leave_distributed
 from sst_dist.errors import ConfigError, RunError
 from sst_dist.build import Materializer, build_on_meta
-from sst_dist.methods import Method, build_method, frozen_dtype
+from sst_dist.methods import Method, ProbePass, build_method, frozen_dtype
 from sst_dist.models import (OPT_VOCAB, build_model, check_attn_implementation, compile_blocks,
                              enable_activation_checkpointing)
 
@@ -132,7 +132,7 @@ def train_step(engine, method: Method, step: int, chunks, mark: Callable[[str], 
                     probe.backward(lm_loss(model, chunk))
         mark("probe")
 
-    event = method.before_step(step, probe_pass)
+    event = method.before_step(step, ProbePass(len(chunks), probe_pass))
     lrs = method.learning_rates(step)
     engine.set_learning_rates(lrs)
     mark("before_step")

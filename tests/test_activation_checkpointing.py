@@ -6,7 +6,7 @@ import torch
 
 from sst_dist.config import METHODS, load_recipe
 from sst_dist.engines.torch import TorchBackend
-from sst_dist.methods import build_method
+from sst_dist.methods import ProbePass, build_method
 from sst_dist.models import build_model, enable_activation_checkpointing
 
 VOCAB, SEQ = 97, 16
@@ -33,7 +33,7 @@ def gradients(method: str, checkpointing: bool, *overrides: str):
         for block in batches:
             probe.backward(loss_of(block))
 
-    meth.before_step(0, probe_pass)
+    meth.before_step(0, ProbePass(len(batches), probe_pass))
     for i, block in enumerate(batches):
         meth.before_micro_batch(last=i == len(batches) - 1)
         loss_of(block).backward()

@@ -18,6 +18,7 @@ from sst_dist.errors import ConfigError
     ("sst.path=fast", ["sst.path", "factored"]),
     ("sst.init=qr", ["sst.init", "auto", "haar"]),
     ("galore.projector=lanczos", ["galore.projector", "svd", "randomized"]),
+    ("galore.refresh_layers=0", ["galore.refresh_layers", "> 0"]),
     ("model.frozen_dtype=float16", ["model.frozen_dtype", "bfloat16"]),
     ("model.build=lazy", ["model.build", "meta"]),
     ("optim.reset=zero", ["optim.reset", "'zero'", "exact", "moments"]),

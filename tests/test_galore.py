@@ -8,7 +8,9 @@ Heavy imports (transformers, galore-torch) stay inside the tests that need them,
 test's spawned workers start quickly.
 """
 
+import copy
 import os
+import weakref
 import socket
 
 import pytest
@@ -21,7 +23,8 @@ from sst_dist.engines.torch import TorchBackend
 from galore_reference import GaLoreAdamW
 from sst_dist.galore import (GaLoreLinear, GradientProbe, apply_galore, apply_weight_decay,
                              orthogonal_projector, projection_side, projector_generator,
-                             randomized_projector, refresh_galore_layers, uses_randomized)
+                             randomized_projector, refresh_from_probe, refresh_galore_layers,
+                             refresh_projector, uses_randomized)
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -149,6 +152,14 @@ def batches(n, seed=2):
 def mse(model, batch):
     x, y = batch
     return (model(x) - y).pow(2).mean()
+
+
+def dense_gradients(model, data):
+    """G of each of mlp()'s three weights, summed over `data`'s batches, by plain autograd: the
+    all-at-once reference for the probe."""
+    weights = [model[i].weight for i in (0, 2, 4)]
+    per_batch = [torch.autograd.grad(mse(model, batch), weights) for batch in data]
+    return [sum(grads) for grads in zip(*per_batch)]
 
 
 def lr_at(step):
@@ -488,9 +499,8 @@ def _two_rank_worker(rank, port, out_dir):
         backend = TorchBackend(None)
         backend.rank, backend.world_size = rank, 2
         x, y = batches(2)[rank]  # each rank its own data: G must be summed before the SVD
-        with GradientProbe(layers) as probe:
-            probe.backward(mse(model, (x, y)))
-        refresh_galore_layers(layers, backend, probe.gradients)
+        # the trainer's streamed refresh: each layer's reduce issued from inside the backward
+        refresh_from_probe(layers, backend, lambda probe: probe.backward(mse(model, (x, y))), 1)
         torch.save([layer.proj.detach() for layer in layers], os.path.join(out_dir, f"{rank}.pt"))
     finally:
         torch.distributed.destroy_process_group()
@@ -502,13 +512,10 @@ def test_two_ranks_split_svd_and_agree(tmp_path):
         port = s.getsockname()[1]
     mp.spawn(_two_rank_worker, args=(port, str(tmp_path)), nprocs=2, join=True)
     results = [torch.load(tmp_path / f"{rank}.pt") for rank in range(2)]
-    model = mlp()
-    layers = galore_layers(model, "right")
-    with GradientProbe(layers) as probe:
-        for batch in batches(2):
-            probe.backward(mse(model, batch))
+    G = dense_gradients(mlp(), batches(2))
+    layers = galore_layers(mlp(), "right")
     for index, layer in enumerate(layers):
-        expected = orthogonal_projector(probe.gradients[index], layer.rank, layer.side)
+        expected = orthogonal_projector(G[index], layer.rank, layer.side)
         assert torch.equal(results[0][index], results[1][index])
         torch.testing.assert_close(results[0][index], expected, rtol=0, atol=1e-5)
 
@@ -573,3 +580,140 @@ def test_tied_embedding_layer_form_follows_galore_on_the_tied_weight(proj_type):
                 assert rel_err(p.detach(), reference[name].detach()) < 1e-6, (step, name)
     assert emb.refreshes == 3
     assert rel_err(opt.state[emb.B]["exp_avg"], ref.state[tied]["exp_avg"]) < 1e-6
+
+
+# ----------------------------------------------------------------------------- the streamed refresh
+
+class LiveGradients:
+    """The most dense probe gradients G alive at once: each time a layer's backward makes one,
+    the earlier ones still alive are counted (weakrefs), the running sums a refresh keeps among
+    them (a sum is the first micro-batch's G, added into)."""
+
+    def __init__(self, monkeypatch):
+        from sst_dist import galore
+        self.alive, self.most, self.made = [], 0, 0
+        for function in (galore._GaLoreMatmul, galore._GaLoreLookup):
+            monkeypatch.setattr(function, "backward", staticmethod(self._counted(function.backward)))
+
+    def _counted(self, backward):
+        def counted(ctx, *grads):
+            out = backward(ctx, *grads)
+            if out[4] is not None:
+                self.alive = [ref for ref in self.alive if ref() is not None] + [weakref.ref(out[4])]
+                self.most = max(self.most, len(self.alive))
+                self.made += 1
+            return out
+        return counted
+
+
+def opt_loss(model, ids):
+    return model(input_ids=ids, labels=ids).loss
+
+
+def perturbed(layers, seed=6):
+    """A projector, B and unfolded decay in every layer, for the refresh to merge."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers:
+            layer.proj.copy_(torch.randn(layer.proj.shape, generator=g, dtype=torch.float64))
+            layer.B.copy_(torch.randn(layer.B.shape, generator=g, dtype=torch.float64) * 0.01)
+            layer.decay = 0.9
+
+
+def streamed_against_all_at_once(monkeypatch, make, micro_batches, refresh_layers, projector):
+    """`make()` -> (galore model, its layers, the dense twin, the twin's weights for each layer).
+    The streamed refresh (refresh_from_probe) of one copy against refresh_galore_layers of
+    another, given G by plain autograd on the dense twin summed over the micro-batches."""
+    ids = torch.randint(3, 256, (micro_batches, 2, 16), generator=torch.Generator().manual_seed(7))
+    reference, ref_layers, dense, weights = make()
+    per_batch = [torch.autograd.grad(opt_loss(dense, block), weights) for block in ids]
+    refresh_galore_layers(ref_layers, TorchBackend(None), [sum(g) for g in zip(*per_batch)], projector)
+
+    model, layers, _, _ = make()
+    live = LiveGradients(monkeypatch)
+    runs = []
+
+    def probe_pass(probe):
+        runs.append(1)
+        for block in ids:
+            probe.backward(opt_loss(model, block))
+
+    passes = refresh_from_probe(layers, TorchBackend(None), probe_pass, micro_batches, projector=projector,
+                                refresh_layers=refresh_layers)
+    assert passes == len(runs)
+    for index, (layer, ref) in enumerate(zip(layers, ref_layers)):
+        torch.testing.assert_close(layer.proj, ref.proj, rtol=0, atol=1e-5, msg=f"layer {index}")
+        torch.testing.assert_close(layer.weight, ref.weight, rtol=0, atol=1e-12, msg=f"layer {index}")
+        assert torch.count_nonzero(layer.B) == 0 and layer.decay == 1.0 and layer.refreshes == 1
+        assert layer.proj.abs().max() > 0
+    return passes, live
+
+
+@pytest.mark.parametrize("projector", ["svd", "randomized"])
+@pytest.mark.parametrize("micro_batches, refresh_layers, passes, most", [
+    (1, None, 1, 1), (1, 5, 1, 1),  # one micro-batch: one pass, one layer's G at a time
+    (3, None, 1, 13), (3, 5, 3, 6)])  # several: a pass holds its layers' sums and the G arriving
+def test_streamed_refresh_is_the_all_at_once_refresh(monkeypatch, projector, micro_batches, refresh_layers,
+                                                     passes, most):
+    def make():
+        torch.manual_seed(0)
+        model = tiny_opt()
+        dense = copy.deepcopy(model)
+        layers = list(apply_galore(model, 8, OPT_TARGETS, scale=0.5, update_proj_gap=5).values())
+        perturbed(layers)
+        names = [n for n, m in dense.named_modules() if n.rsplit(".", 1)[-1] in OPT_TARGETS]
+        weights = [dense.get_submodule(n).weight for n in names]
+        with torch.no_grad():
+            for layer, weight in zip(layers, weights):
+                weight.copy_(layer.dense_weight())
+        return model, layers, dense, weights
+
+    ran, live = streamed_against_all_at_once(monkeypatch, make, micro_batches, refresh_layers, projector)
+    assert ran == passes and live.most == most
+    assert live.made == 12 * micro_batches  # each layer's G made once per micro-batch, in one pass
+
+
+@pytest.mark.parametrize("micro_batches, most", [(1, 2), (3, 3)])
+def test_streamed_refresh_of_a_tied_embedding(monkeypatch, micro_batches, most):
+    """GaLore on the tied embedding (sst+galore's): the head's G arrives first and waits for the
+    lookup's, the last of the backward; their sum is the tied weight's G."""
+    from sst_dist.galore import apply_galore_embedding
+
+    def make():
+        torch.manual_seed(0)
+        model = tiny_opt()
+        dense = copy.deepcopy(model)
+        layers = list(apply_galore_embedding(model, 8, scale=0.5, update_proj_gap=5).values())
+        perturbed(layers)
+        tied = dense.model.decoder.embed_tokens.weight
+        with torch.no_grad():
+            tied.copy_(layers[0].dense_weight())
+        return model, layers, dense, [tied]
+
+    ran, live = streamed_against_all_at_once(monkeypatch, make, micro_batches, None, "svd")
+    # one pass: the held head G and the lookup's (and with several micro-batches the sum beside)
+    assert ran == 1 and live.most == most and live.made == 2 * micro_batches
+
+
+def test_the_projector_is_float32_inside_an_autocast_backward():
+    """The streamed refresh takes projectors inside the probe's backward, which the trainer runs
+    in its autocast region: the randomized projector's GEMMs must not run in bf16 there."""
+    layer = GaLoreLinear(48, 64, 8, proj_type="left")
+    G = decaying_matrix(64, 48, decay=1.0).float()
+    outside = refresh_projector(layer, 0, G, TorchBackend(None), "randomized")
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside = refresh_projector(layer, 0, G, TorchBackend(None), "randomized")
+    assert torch.equal(inside, outside)
+
+
+def test_the_probe_counts_its_micro_batches():
+    model = mlp()
+    layers = galore_layers(model, "left")
+    data = batches(2)
+    with pytest.raises(RuntimeError, match=r"1 of 2 micro-batches"):
+        with GradientProbe(layers, micro_batches=2) as probe:
+            probe.backward(mse(model, data[0]))
+    with pytest.raises(RuntimeError, match="more often than the 1 micro-batches"):
+        with GradientProbe(layers) as probe:
+            for batch in data:
+                probe.backward(mse(model, batch))

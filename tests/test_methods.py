@@ -5,9 +5,10 @@ import pytest
 import torch
 
 from sst_dist.config import METHODS, load_recipe
+from sst_dist.data import lm_loss
 from sst_dist.engines.torch import TorchBackend
 from sst_dist.methods import METHODS as REGISTRY
-from sst_dist.methods import Hooks, Method, build_method
+from sst_dist.methods import Hooks, Method, ProbePass, build_method
 from sst_dist.models import build_model
 from sst_dist.sst import SSTLinear
 
@@ -82,3 +83,26 @@ def test_parts_run_in_order_and_name_their_events():
     method.after_step({"full": 0.5})
     assert calls == [("a", "before", 0), ("b", "before", 0), ("a", "before", 1), ("b", "before", 1),
                      ("a", "after", 0.5), ("b", "after", 0.5)]
+
+
+def test_galore_refresh_in_groups_takes_the_one_pass_projectors():
+    """galore.refresh_layers: with several micro-batches, a refresh sums each layer's G over them
+    in one probe pass per group of layers: more passes, the same projectors."""
+    blocks = torch.randint(0, 256, (2, 2, 17), generator=torch.Generator().manual_seed(1))
+    projectors, passes = {}, {}
+    for group in ("null", "5"):
+        _, model, built = _built("galore", f"galore.refresh_layers={group}")
+        runs = []
+
+        def run(probe):
+            runs.append(probe)
+            for block in blocks:
+                probe.backward(lm_loss(model, block))
+
+        assert built.before_step(0, ProbePass(len(blocks), run)) == "refresh"
+        projectors[group] = {n: p.detach().clone() for n, p in model.named_parameters() if n.endswith(".proj")}
+        passes[group] = [len(probe.group) for probe in runs]
+    assert passes == {"null": [12], "5": [5, 5, 2]}
+    for name, P in projectors["null"].items():
+        assert P.abs().max() > 0
+        torch.testing.assert_close(projectors["5"][name], P, rtol=0, atol=1e-6, msg=name)

@@ -73,11 +73,12 @@ class Backend(ABC):
             torch.distributed.all_reduce(tensor)
         return tensor
 
-    def reduce_sum_to(self, tensor: torch.Tensor, dst: int) -> torch.Tensor:
-        """The sum of `tensor` over ranks, on rank `dst` (other ranks get a partial sum); the
-        caller's tensor is left as it was."""
+    def reduce_sum_to(self, tensor: torch.Tensor, dst: int, *, in_place: bool = False) -> torch.Tensor:
+        """The sum of `tensor` over ranks, on rank `dst` (other ranks get a partial sum). The
+        caller's tensor is left as it was, unless `in_place`: then the sum is made in it, with no
+        copy (for a caller that gives the tensor up)."""
         if self.world_size > 1:
-            tensor = tensor.clone()
+            tensor = tensor if in_place else tensor.clone()
             torch.distributed.reduce(tensor, dst)
         return tensor
 
