@@ -115,6 +115,17 @@ def test_fsdp_follows_the_single_process_curve(tmp_path, single_process_curves, 
     assert_events_crossed(recipe, read_metrics(tmp_path))
 
 
+def test_fsdp_galore_refresh_in_groups_with_accumulation_follows_the_curve(tmp_path, single_process_curves):
+    """Two micro-batches per rank: a refresh in one probe pass per group of 5 layers (3 passes),
+    each backward stopping at its group's first layer while FSDP2 gathers in the same backward; the
+    single process runs 4 micro-batches of the same shape, in one pass."""
+    recipe = "recipes/tiny-galore.yaml"
+    extra = (*engine_parity_overrides(recipe), "--set", "train.micro_batch=2")
+    fsdp_run(tmp_path, recipe, "--set", "galore.refresh_layers=5", *extra)
+    assert_curves_match(reference(single_process_curves, recipe, *extra), losses(tmp_path), rel=1e-4, steps=40)
+    assert_events_crossed(recipe, read_metrics(tmp_path))
+
+
 def test_fsdp_trains_under_bf16_on_cpu(tmp_path, single_process_curves):
     """train.dtype: bfloat16 gathers and computes in bf16 (MixedPrecisionPolicy) on CPU ranks too."""
     recipe = "recipes/tiny-sst.yaml"
