@@ -98,7 +98,9 @@ class ParamCounts:
     # per token, summed over all layers: what method layers keep for backward beyond nn.Linear's
     # input (LoRA x·Aᵀ: r; factored SST x·Vhᵀ: k; GaLoreLinear with a right projector x·Qᵀ: r)
     extra_saved_width: int
-    refresh_grad: int  # GaLoreLinear: elements of the full gradients its refresh probe holds
+    # GaLore's layer form: per layer, in model order, (elements of its full G, probe views per
+    # forward: 2 for a tied embedding, whose head and lookup each send a G), for refresh_bytes
+    refresh_grads: tuple[tuple[int, int], ...]
     # SST materialized: elements of every layer's W (kept) and G (summed); functional: its W, which
     # autograd keeps from the forward to the backward
     kept_weight: int = 0
@@ -139,7 +141,8 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     def bias(linear):
         return linear.bias is not None
 
-    extra_width = refresh_grad = kept_weight = ages = 0
+    extra_width = kept_weight = ages = 0
+    refresh_grads: tuple[tuple[int, int], ...] = ()
     largest_target = max((m.in_features * m.out_features for n, m in net.named_modules()
                           if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets), default=0)
     galore_params: list[nn.Parameter] = []
@@ -164,16 +167,18 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
             lin.in_features, lin.out_features, galore_rank, bias(lin), proj_type=GALORE_PROJ_TYPE,
             device="meta"))
         extra_width += sum(layer.rank for layer in made if layer.side == "right")
-        refresh_grad = sum(layer.weight.numel() for layer in made)
+        refresh_grads = tuple((layer.weight.numel(), 1) for layer in made)
     elif method == "galore":
         galore_params = [net.get_submodule(name).weight for name in _target_names(net, targets)]
     elif method == "sst+galore" and galore_form == "layer":
-        from sst_dist.galore import apply_galore_embedding
+        from sst_dist.galore import GaLoreEmbedding, GaLoreTiedHead, apply_galore_embedding
 
         made = list(apply_galore_embedding(net, galore_rank, proj_type=GALORE_PROJ_TYPE).values())
         # the tied head keeps x·Qᵀ (right projector) or nothing extra (left) for its backward
         extra_width += sum(layer.rank for layer in made if layer.side == "right")
-        refresh_grad = sum(layer.weight.numel() for layer in made)
+        tied = isinstance(net.get_output_embeddings(), GaLoreTiedHead)
+        refresh_grads = tuple((layer.weight.numel(), 2 if tied and isinstance(layer, GaLoreEmbedding) else 1)
+                              for layer in made)
     elif method == "sst+galore":
         galore_params = [net.get_input_embeddings().weight]
 
@@ -199,7 +204,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
         frozen=sum(p.numel() for p in params if not p.requires_grad), moments=moments, ages=ages,
         projectors=projectors, largest_module=largest,
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
-        extra_saved_width=extra_width, refresh_grad=refresh_grad, kept_weight=kept_weight,
+        extra_saved_width=extra_width, refresh_grads=refresh_grads, kept_weight=kept_weight,
         block=sum(p.numel() for p in block.parameters()),
         block_trainable=sum(p.numel() for p in block.parameters() if p.requires_grad),
         largest_target=largest_target)
@@ -223,6 +228,23 @@ def _validate_method(size, method, rank, galore_rank, sst_path, galore_form, tar
     for key, value in (("--rank", rank), ("--galore-rank", galore_rank)):
         if value is not None and (not isinstance(value, int) or not 0 < value <= limit):
             raise ConfigError(f"{key}: {value!r} must be in 1..{limit} for opt-{size}")
+
+
+def refresh_bytes(counts: ParamCounts, micro_batches: int = 1, refresh_layers: int | None = None) -> int:
+    """The dense G (fp32 at least: GaLoreLinear.new_probe) that a GaLore refresh in the layer form
+    holds at its peak, as galore.GradientProbe holds it: one micro-batch per step, each layer's G
+    while it is turned into a projector (a tied embedding's head G waits for its lookup's: two);
+    several, in each probe pass (galore.refresh_groups) its layers' running sums and the G
+    arriving. Unsharded under every engine; the owner's reduce sums in place."""
+    from sst_dist.galore import refresh_groups
+
+    sizes = counts.refresh_grads
+    peak = 0
+    for group in refresh_groups(range(len(sizes)), micro_batches, refresh_layers):
+        arriving = max(sizes[i][0] * sizes[i][1] for i in group)
+        held = sum(sizes[i][0] for i in group) if micro_batches > 1 else 0
+        peak = max(peak, held + arriving)
+    return 4 * peak
 
 
 # ----------------------------------------------------------------------------- activations
@@ -275,7 +297,7 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
              precision: str = "bf16", offload: bool = False, galore_rank: int | None = None,
              sst_path: str = "dense", *, galore_form: str = "optimizer", grad_accum: int = 1,
              reduce_bucket_size: int = REDUCE_BUCKET_SIZE, vocab_size: int | None = None,
-             checkpointing: bool = False) -> dict:
+             checkpointing: bool = False, refresh_layers: int | None = None) -> dict:
     """Bytes per GPU by category (CATEGORIES), plus 'cpu': bytes per GPU's process kept in host
     memory when the optimizer is offloaded (masters, Adam moments, fp32 gradient copy).
 
@@ -307,10 +329,10 @@ def estimate(model: str, method: str, rank: int, zero: int, gpus: int, micro_bat
     grads = shard(counts.trainable * wb, 2)
     # SST materialized: with accumulation, G summed in float32 through the step's micro-batches
     grads += counts.kept_weight * 4 if grad_accum > 1 and sst_path == "materialized" else 0
-    # GaLoreLinear's refresh probe (galore.GradientProbe) runs its own backward and holds every
-    # targeted layer's full gradient G, unsharded, until the new projectors are taken from them;
-    # in float32 at least (GaLoreLinear.new_probe), so G sums without bf16 rounding
-    refresh = counts.refresh_grad * 4
+    # GaLoreLinear's refresh probe runs its own backward and holds full gradients G, unsharded,
+    # while projectors are taken from them: galore.refresh_layers (refresh_layers) bounds how many
+    # with accumulation
+    refresh = refresh_bytes(counts, grad_accum, refresh_layers)
     # The step: ZeRO flattens this rank's gradient partition into a new buffer and, under bf16,
     # casts that to fp32 for the optimizer; the gradients, both copies and the optimizer live together.
     step_copies = shard(counts.trainable * wb, 1) + (shard(counts.trainable * 4, 1) if bf16 else 0.0)
@@ -376,7 +398,8 @@ def autocast_activation_bytes(model: str, micro_batch: int, seq: int, *, extra_s
 
 def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, micro_batch: int, seq: int, *,
                     frozen_dtype: str = "float32", checkpointing: bool = False, sst_path: str = "dense",
-                    galore_rank: int | None = None, vocab_size: int | None = None) -> dict:
+                    galore_rank: int | None = None, vocab_size: int | None = None, grad_accum: int = 1,
+                    refresh_layers: int | None = None) -> dict:
     """Bytes per GPU by category (CATEGORIES) under the torch engine (one GPU: fp32 weights,
     gradients and AdamW, bf16 autocast) or FSDP2 (every tensor sharded over `gpus`, bf16 gathers
     of a block and its prefetched successor, fp32 sharded gradients and AdamW) - what
@@ -384,12 +407,15 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
     GaLore is the layer form the trainer uses (frozen W, trainable B).
 
     frozen_dtype: model.frozen_dtype, the storage of every method's frozen tensors (SST's U and Vh,
-    LoRA's W, GaLore's W and projector). checkpointing: model.gradient_checkpointing.
+    LoRA's W, GaLore's W and projector). checkpointing: model.gradient_checkpointing. grad_accum:
+    micro-batches per step on a GPU, and refresh_layers: galore.refresh_layers, for what a GaLore
+    refresh holds (refresh_bytes).
     """
     size = resolve_model(model)
     _choice("--engine", engine, ENGINES[1:])
     _choice("--frozen-dtype", frozen_dtype, FROZEN_DTYPES)
-    for key, value, low in (("--gpus", gpus, 1), ("--micro-batch", micro_batch, 1), ("--seq", seq, 1)):
+    for key, value, low in (("--gpus", gpus, 1), ("--micro-batch", micro_batch, 1), ("--seq", seq, 1),
+                            ("--grad-accum", grad_accum, 1)):
         _at_least(key, value, low)
     if engine == "torch" and gpus != 1:
         raise ConfigError(f"--gpus: the torch engine runs on one GPU, got {gpus}; use --engine fsdp")
@@ -432,8 +458,8 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
         activations + gathered + transient,  # the forward's end, the backward's start
         grads + left_at_backward_end + transient,  # the backward's end: every gradient made
         grads,  # the optimizer step (torch's fused / foreach AdamW adds a little)
-        # GaLoreLinear's refresh: its probe pass holds every targeted layer's full fp32 G, unsharded
-        c.refresh_grad * 4 + activations + gathered,
+        # GaLoreLinear's refresh: its probe pass holds full fp32 G, unsharded (refresh_bytes)
+        refresh_bytes(c, grad_accum, refresh_layers) + activations + gathered,
     )
     result = {"weights": weights + kept, "gradients": grads, "masters": 0, "optimizer": optimizer,
               "buffers": gathered + transient, "activations": activations,
@@ -507,7 +533,7 @@ def format_table(model: str, methods, args) -> str:
             "activ: estimated, Hugging Face OPT with SDPA, fp32 logits and loss"
             + (", activation checkpointing." if args.checkpointing else "."),
             "galore: the layer form the trainer uses (frozen W and projector, trainable B); at its "
-            "refresh steps the probe holds every targeted layer's full fp32 G (in total, not in grads)."])
+            "refresh steps the probe holds one layer's full fp32 G at a time (in total, not in grads)."])
     lines += [
         "grads: the gradients plus the copies ZeRO makes of its partition for the step (flattened, "
         "and under bf16 cast to fp32).",
@@ -523,7 +549,8 @@ def format_table(model: str, methods, args) -> str:
                      "projector in the rank-r space, as GaLoreAdamW keeps them.")
     elif any("galore" in m for m in methods):
         lines.append("galore (layer form): GaLoreLinear's frozen W and projector, trainable B; at refresh "
-                     "steps its probe holds the targets' full gradients (in total, not in grads).")
+                     "steps its probe holds one target's full gradient at a time, with --grad-accum > 1 "
+                     "every target's running sum (in total, not in grads).")
     return "\n".join(lines)
 
 

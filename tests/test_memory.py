@@ -80,7 +80,8 @@ def test_sst_galore_layer_form_counts_the_real_embedding():
     assert c.trainable == c.moments == sst.trainable - V * H + V * R
     assert c.frozen == sst.frozen + V * H + R * H
     assert c.total == sst.total + V * R + R * H  # the head shares the embedding's tensors
-    assert c.refresh_grad == V * H and c.extra_saved_width == R  # the head keeps x·Qᵀ
+    assert c.extra_saved_width == R  # the head keeps x·Qᵀ
+    assert c.refresh_grads == ((V * H, 2),)  # one G (V, H), sent by the lookup and the tied head
 
 
 def test_galore_layer_form_counts_the_real_layer():
@@ -88,7 +89,35 @@ def test_galore_layer_form_counts_the_real_layer():
     B = L * (4 * H * R + F * R + R * F)  # B has the projected gradient's shape
     assert c.trainable == c.moments == FULL_RANK_REST + B
     assert c.frozen == DENSE + L * (4 * R * H + R * H + H * R)  # W and the projector
-    assert c.refresh_grad == DENSE
+    assert c.refresh_grads == tuple((out * inp, 1) for out, inp in SHAPES) * L  # model order
+
+
+def test_galore_refresh_holds_one_layer_or_a_group():
+    """What a refresh holds (galore.GradientProbe): one micro-batch per step, the largest layer's
+    G (fc1 / fc2), the tied embedding's twice (its head's G waits for its lookup's); several, a
+    pass's running sums and the G arriving: every layer's (galore.refresh_layers null), or a
+    group's (6 consecutive layers: a decoder block)."""
+    from sst_dist.memory import estimate_engine, refresh_bytes
+
+    c = count_parameters("125m", "galore", R, galore_form="layer")
+    block = sum(out * inp for out, inp in SHAPES)
+    assert refresh_bytes(c) == refresh_bytes(c, 1, 6) == 4 * F * H
+    assert refresh_bytes(c, 4) == 4 * (DENSE + F * H)
+    assert refresh_bytes(c, 4, 6) == 4 * (block + F * H)
+    tied = count_parameters("125m", "sst+galore", R, galore_form="layer")
+    assert refresh_bytes(tied) == 4 * 2 * V * H and refresh_bytes(tied, 4) == 4 * 3 * V * H
+    assert refresh_bytes(count_parameters("125m", "sst", R, galore_form="layer"), 4) == 0
+    # the estimates count it at their refresh phase, which is the peak of GaLore at 13B
+    kw = dict(checkpointing=True, frozen_dtype="bfloat16")
+    one, every = (estimate_engine("13b", "galore", R, "torch", 1, 1, 2048, grad_accum=a, **kw) for a in (1, 512))
+    big = count_parameters("13b", "galore", R, galore_form="layer")
+    assert every["total"] - one["total"] == refresh_bytes(big, 512) - refresh_bytes(big)
+    grouped = estimate_engine("13b", "galore", R, "torch", 1, 1, 2048, grad_accum=512, refresh_layers=6, **kw)
+    assert one["total"] < grouped["total"] < every["total"]
+    for accum in (1, 512):  # DeepSpeed's: at 512 micro-batches every layer's sum tops the persistent tensors
+        est = estimate("13b", "galore", R, 0, 1, 1, 2048, galore_form="layer", grad_accum=accum, checkpointing=True)
+        persistent = est["weights"] + est["masters"] + est["optimizer"]
+        assert (est["total"] >= persistent + refresh_bytes(big, 512)) == (accum == 512)
 
 
 SST_FROZEN = L * sum(out * min(out, inp) + min(out, inp) * inp for out, inp in SHAPES)  # U, Vh
