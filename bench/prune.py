@@ -6,7 +6,7 @@ of singular values each SST layer keeps.
 
 For each fraction F the run's checkpoint is exported as `python -m sst_dist.export --keep-singular F`
 would (each SST layer keeps its ceil(F·k) largest singular values, then is made dense) and evaluated
-by the trainer's own evaluation (sst_dist.train.run_eval: the first eval.tokens of the run's
+by the trainer's own evaluation (sst_dist.evaluate.run_eval: the first eval.tokens of the run's
 held-out split). Beside the dense parameter count stands that of a factored export, which keeps
 U[:, :n], s[:n], Vh[:n] per SST layer instead of the dense matrix. Writes prune.csv, prune.md and
 prune.png into --out and prints the table.
@@ -46,7 +46,7 @@ def measure(output_dir: Path, fractions: list[float], device: torch.device, step
     from sst_dist.data import open_data
     from sst_dist.export import (build_hf_model, check_prunable, dense_state_dict, engine_state_dict,
                                  read_checkpoint)
-    from sst_dist.train import run_eval
+    from sst_dist.evaluate import run_eval
 
     ckpt = read_checkpoint(output_dir, step)
     check_prunable(ckpt)

@@ -8,6 +8,8 @@ folder that is ignored and removed by the next save; the previous good checkpoin
 Resuming never goes backwards silently: `latest` if it is complete, else the newest complete
 checkpoint with a warning naming what was skipped; never a fresh start while a `step_N` folder
 exists. Pruning keeps the newest by step number, the checkpoint just written and the one resumed from.
+
+The trainer calls the functions at the end: claim_output_dir, load_newest (with restore) and save.
 """
 
 from __future__ import annotations
@@ -15,8 +17,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import sys
 from pathlib import Path
 
+import torch
+
+from sst_dist import rundir
 from sst_dist.config import flatten, upgrade_saved
 from sst_dist.errors import RunError
 from sst_dist.rundir import write_atomic
@@ -201,3 +207,82 @@ def check_resume(path: Path, saved: dict, current: dict) -> list[str]:
 
 def _show(value) -> str:
     return ",".join(map(str, value)) if isinstance(value, list) else str(value)
+
+
+# The trainer's side, collective where it takes `ctx`: the folder claimed, the newest loadable
+# checkpoint loaded, and a checkpoint written.
+
+
+def claim_output_dir(out: Path, lock: rundir.RunLock) -> dict:
+    """Rank 0: the output folder checked and locked, and the checkpoints to try, newest first; or
+    the one-line reason not to start ({"error": ...})."""
+    try:
+        rundir.prepare(out)
+        took_over = lock.acquire()
+        checkpoints, warning = resolve(out)
+    except RunError as err:
+        return {"error": str(err)}
+    for line in (took_over, warning):
+        if line:
+            print(line, file=sys.stderr, flush=True)
+    return {"checkpoints": [str(p) for p in checkpoints]}
+
+
+def load_newest(engine, checkpoints, settings: dict, ctx, out: Path) -> tuple[Path | None, dict | None, list]:
+    """The newest of `checkpoints` whose engine state loads: (its folder, its trainer state, the
+    settings that changed since it), or (None, None, []) to start fresh. Each is checked against
+    this run's settings before loading, and one the engine cannot read gives way to the next older
+    one; if none loads, the run stops with one line."""
+    failures = []
+    for path in map(Path, checkpoints):
+        saved = read_trainer_state(path)
+        changed = check_resume(path, saved, settings)
+        failure = load_engine_state(engine, path, ctx)
+        if failure is None:
+            return path, saved, changed
+        failures.append(f"{path.name}: {failure}")
+        if ctx.rank == 0:
+            print(f"warning: cannot load {path} ({failure}); trying the next older checkpoint",
+                  file=sys.stderr, flush=True)
+    if failures:
+        raise RunError(f"no checkpoint in {checkpoint_root(out)} could be loaded "
+                       f"({'; '.join(failures)}); to start fresh, move or delete that folder")
+    return None, None, []
+
+
+def load_engine_state(engine, path: Path, ctx) -> str | None:
+    """Loads a checkpoint's engine state; None, or why it failed on any rank (all ranks agree)."""
+    try:
+        engine.load(path)
+        failure = None
+    except Exception as err:  # a damaged file surfaces as anything from EOFError to RuntimeError
+        lines = str(err).strip().splitlines()
+        failure = f"{type(err).__name__}: {lines[0][:200] if lines else ''}"
+    if ctx.any(failure is not None):
+        return failure or "failed on another rank"
+    return None
+
+
+def save(engine, data, state, step, out, recipe, ctx, settings, resumed_from) -> Path:
+    """A checkpoint of `step` (collective); returns its folder."""
+    path = partial_dir(out, step) if ctx.rank == 0 else checkpoint_root(out) / (
+        step_name(step) + ".partial")
+    ctx.barrier()
+    engine.save(path)
+    ctx.barrier()
+    if ctx.rank == 0:
+        trainer_state = {**state, "step": step, "data": data.state_dict(),
+                         "torch_rng": torch.get_rng_state().tolist(), "method": recipe.method,
+                         "settings": settings}
+        commit(out, step, trainer_state, recipe.checkpoint.keep, resumed_from)
+    ctx.barrier()
+    return checkpoint_root(out) / step_name(step)
+
+
+def restore(saved: dict, data) -> dict:
+    """Puts back what `save` wrote beside the engine's state (the data position, the torch RNG) and
+    returns the trainer's counters: step, tokens, elapsed_s."""
+    data.load_state_dict(saved["data"])
+    if "torch_rng" in saved:
+        torch.set_rng_state(torch.tensor(saved["torch_rng"], dtype=torch.uint8))
+    return {key: saved[key] for key in ("step", "tokens", "elapsed_s")}

@@ -13,9 +13,10 @@ import torch
 
 import sst_dist.data.shards as prep
 from sst_dist.config import DataConfig
-from sst_dist.data import TrainData, evaluate, open_data, prepare, prepared_dir
+from sst_dist.data import TrainData, open_data, prepare, prepared_dir
 from sst_dist.data.tokenizer import load_bundled, load_tokenizer
 from sst_dist.errors import DataError
+from sst_dist.evaluate import evaluate
 
 WORDS = ("the of and a to in is it that for on with as by alpha beta gamma delta sample "
          "shard block token rank epoch").split()

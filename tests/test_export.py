@@ -280,7 +280,7 @@ def test_init_from_an_export_reproduces_its_loss_at_step_0(runs, tmp_path, metho
     so its first training loss is the exported model's loss on that batch."""
     from transformers import AutoModelForCausalLM
 
-    from sst_dist.train import lm_loss
+    from sst_dist.evaluate import lm_loss
 
     source, folder, _ = runs("full")
     pretrain(tmp_path, recipe_of(method), "--max-steps", "1", "--set", f"model.init_from={folder}")

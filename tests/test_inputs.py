@@ -136,7 +136,7 @@ class FakeWandb(types.ModuleType):
 
 
 def test_wandb_gets_every_log_every_th_step_and_the_environment_mode(tmp_path, monkeypatch):
-    from sst_dist.train import MetricsLogger
+    from sst_dist.metrics import MetricsLogger
 
     fake = FakeWandb()
     monkeypatch.setitem(sys.modules, "wandb", fake)

@@ -195,7 +195,8 @@ def test_a_readout_gives_the_mean_loss_and_marks_a_masked_norm_not_finite(norm, 
     """DeepSpeed masks a non-finite gradient norm to -1 where its own overflow check is off (the
     trainer turns it off): the divergence guard must see it as not finite."""
     from sst_dist.engines import DistributedContext
-    from sst_dist.train import StepReadout, StepResult
+    from sst_dist.metrics import StepReadout
+    from sst_dist.train import StepResult
 
     result = StepResult(event=None, lrs={}, loss=torch.tensor(4.25, dtype=torch.float64), grad_norm=norm)
     loss, read = StepReadout(result, DistributedContext()).read()

@@ -1,9 +1,9 @@
-"""The data pipeline: sources -> token shards (prepare) -> blocks per rank (TrainData) -> eval.
+"""The data pipeline: sources -> token shards (prepare) -> blocks per rank (TrainData) and held-out blocks.
 
     folder = prepare(recipe.data)                       # once; idempotent and resumable
     data = open_data(recipe.data, seq_len=..., global_batch=..., seed=..., rank=r, world_size=w)
     batch = data.next_batch()                           # (global_batch // w, seq_len + 1)
-    loss = evaluate(model, data.eval_batches(tokens, batch_size))
+    held_out = data.eval_batches(tokens, batch_size)    # sst_dist.evaluate.evaluate reads them
 
 Command line: `python -m sst_dist.data {prepare,info,corpus,sample,tokenizer} --help`.
 """
@@ -14,13 +14,13 @@ from pathlib import Path
 
 from sst_dist.data.shards import MANIFEST, candidate_folders, prepare
 
-__all__ = ["TrainData", "evaluate", "lm_loss", "open_data", "prepare", "prepared_dir", "epoch_order"]
+__all__ = ["TrainData", "open_data", "prepare", "prepared_dir", "epoch_order"]
 
 
 def __getattr__(name):
     # torch is imported only by whoever reads blocks: the tokenizer worker processes that
     # prepare() spawns import this package too, and start faster without it.
-    if name in ("TrainData", "evaluate", "lm_loss", "epoch_order"):
+    if name in ("TrainData", "epoch_order"):
         from sst_dist.data import blocks
 
         return getattr(blocks, name)

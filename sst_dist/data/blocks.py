@@ -218,32 +218,3 @@ class TrainData:
             ids = np.arange(lo, min(lo + batch_size, have), dtype=np.int64)
             yield self.val.gather(ids, self.vocab_size)
 
-
-def lm_loss(model, block: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """Next-token cross-entropy of a (b, seq_len + 1) block, computed in fp32: the training loss
-    (mean) and the evaluation's (sum over labels)."""
-    # no KV cache: it would copy every layer's keys and values (torch.cat) for nothing, and its
-    # per-layer state makes torch.compile recompile each block (model.compile)
-    logits = model(input_ids=block[:, :-1], use_cache=False).logits
-    return torch.nn.functional.cross_entropy(logits.float().reshape(-1, logits.shape[-1]),
-                                             block[:, 1:].reshape(-1), reduction=reduction)
-
-
-@torch.no_grad()
-def evaluate(model, batches, device=None) -> float:
-    """Mean next-token cross-entropy (nats) over every label of every batch; model(input_ids=x).logits."""
-    if device is None:
-        device = next(model.parameters()).device
-    was_training = model.training
-    model.eval()
-    total, count = 0.0, 0
-    try:
-        for batch in batches:
-            batch = batch.to(device, non_blocking=True)
-            total += float(lm_loss(model, batch, reduction="sum"))
-            count += batch[:, 1:].numel()
-    finally:
-        model.train(was_training)
-    if count == 0:
-        raise DataError("evaluate: no batches to evaluate")
-    return total / count
