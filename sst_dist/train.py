@@ -17,8 +17,9 @@ import torch
 
 from sst_dist import checkpoint, rundir
 from sst_dist.config import Recipe
-from sst_dist.data import open_data, prepare
-from sst_dist.engines import build_engine, distributed_context, leave_distributed
+from sst_dist.data import TrainData, open_data, prepare
+from sst_dist.engines import DistributedContext, build_engine, distributed_context, leave_distributed
+from sst_dist.engines.base import Engine
 from sst_dist.errors import ConfigError, RunError
 from sst_dist.build import Materializer, build_on_meta
 from sst_dist.evaluate import evaluate_checkpoint, lm_loss, run_eval
@@ -196,12 +197,12 @@ def main(run: Run) -> dict:
 class Setup:
     """What a run builds before its first step."""
     run: Run
-    ctx: object  # engines.DistributedContext
+    ctx: DistributedContext
     device: torch.device
     micro: int  # sequences per forward on this rank
-    data: object  # data.TrainData: this rank's batches and the held-out blocks
+    data: TrainData  # this rank's batches and the held-out blocks
     method: Method
-    engine: object
+    engine: Engine
     settings: dict  # what a checkpoint records of this run (checkpoint.run_settings)
     checkpoints: list[str]  # those to resume from, newest first (rank 0's pick)
     init_s: float  # the model built and, under an engine, placed (the slowest rank)
