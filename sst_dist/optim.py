@@ -11,8 +11,8 @@ So a parameter group marked `resettable` keeps one more state tensor, `age`: the
 each element has taken since its last reset, and its bias correction uses that age. A reset
 (engines' `reset_state`) zeroes exp_avg, exp_avg_sq *and* age of the chosen elements, after which
 they compute exactly what a new AdamW on those elements alone would. Every other group is plain
-torch.optim.AdamW (fused on a GPU). The update is elementwise, so it is the same on a whole tensor,
-a ZeRO flat partition or an FSDP shard.
+torch.optim.AdamW, fused on a GPU and on the CPU alike (ZeRO-Offload steps there). The update is
+elementwise, so it is the same on a whole tensor, a ZeRO flat partition or an FSDP shard.
 """
 
 from __future__ import annotations
@@ -155,15 +155,22 @@ class AdamW(torch.optim.AdamW):
                 torch._foreach_addcdiv_(params, torch._foreach_div(exp_avgs, bc1), denom, value=-lr)
 
 
+# the devices whose plain groups step with torch's fused AdamW: one pass over each tensor. On the
+# CPU (ZeRO-Offload's step; 50M fp32 parameters, 2 cores) it takes 36 ms where foreach takes 235:
+# foreach makes a pass over memory per operation. Both kernels take every floating dtype.
+FUSED_DEVICES = ("cuda", "cpu")
+
+
 def build_optimizer(param_groups: list[dict], recipe, device: torch.device) -> AdamW:
-    """The AdamW of every engine, from the recipe's optim section."""
+    """The AdamW of every engine, from the recipe's optim section; `device` is where it steps (the
+    CPU under ZeRO-Offload). Elsewhere torch picks its foreach path."""
     o = recipe.optim
     if o.reset == "moments":
         # the ablation: a reset zeroes m and v and the tensor's step count runs on, which is torch's
         # own AdamW on that group (the engines' reset zeroes whatever moments the state holds)
         param_groups = [{**group, "resettable": False} for group in param_groups]
     return AdamW(param_groups, lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps, weight_decay=o.weight_decay,
-                 fused=True if torch.device(device).type == "cuda" else None)
+                 fused=True if torch.device(device).type in FUSED_DEVICES else None)
 
 
 def set_learning_rates(optimizer: torch.optim.Optimizer, lrs: dict[str, float]) -> None:

@@ -54,6 +54,46 @@ def test_plain_groups_step_exactly_as_torch_adamw():
     assert torch.equal(ours.detach(), ref.detach())  # the same torch code path, bit for bit
 
 
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-6), (torch.float64, 1e-14)])
+def test_fused_plain_groups_on_the_cpu_step_as_foreach_and_float64(dtype, tol):
+    """The CPU's fused kernel (ZeRO-Offload's step) beside a resettable group: the plain group takes
+    foreach's steps within rounding, and both stay within it of float64 from the same start."""
+    start = torch.randn(7, 9, dtype=torch.float64)
+    grads = _grads(12, (7, 9), seed=3)
+    fused, foreach, low = (torch.nn.Parameter(start.to(dtype).clone()) for _ in range(3))
+    exact = torch.nn.Parameter(start.to(dtype).double().clone())
+    optimizers = [AdamW([{"params": [fused]}, {"params": [low], "resettable": True}], fused=True, **SETTINGS),
+                  AdamW([foreach], foreach=True, **SETTINGS), torch.optim.AdamW([exact], **SETTINGS)]
+    for grad in grads:
+        fused.grad, foreach.grad, low.grad = (grad.to(dtype) for _ in range(3))
+        exact.grad = grad.to(dtype).double()
+        for optimizer in optimizers:
+            optimizer.step()
+        torch.testing.assert_close(fused.detach(), foreach.detach(), rtol=tol, atol=tol)
+        torch.testing.assert_close(fused.detach().double(), exact.detach(), rtol=tol, atol=tol)
+    assert not torch.equal(fused.detach(), start.to(dtype))  # the steps moved it (wd and lr 1e-2)
+
+
+def test_the_optimizer_steps_plain_groups_fused_on_the_cpu(monkeypatch):
+    """build_optimizer on the CPU: the plain group goes through torch's fused kernel, the resettable
+    group through its own per-element-age update, never the fused kernel."""
+    plain, low = torch.nn.Parameter(torch.randn(4, 3)), torch.nn.Parameter(torch.randn(5))
+    optimizer = build_optimizer([{"params": [plain], "name": "full"},
+                                 {"params": [low], "name": "lowrank", "resettable": True}],
+                                load_recipe(), torch.device("cpu"))
+    fused_kernel, stepped = torch._fused_adamw_, []
+
+    def spy(params, *args, **kwargs):
+        stepped.extend(params)
+        return fused_kernel(params, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adamw_", spy)
+    plain.grad, low.grad = torch.ones(4, 3), torch.ones(5)
+    optimizer.step()
+    assert [p is plain for p in stepped] == [True]
+    assert optimizer.state[low]["age"].eq(1).all()
+
+
 @pytest.mark.parametrize("dim", [0, 1])
 def test_reset_slots_continue_as_a_fresh_adamw(dim):
     """Slots reset at step T take, from then on, exactly the steps of a new AdamW started at T on
