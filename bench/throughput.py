@@ -3,6 +3,7 @@ tokens/s, MFU, peak memory, and the periodic event's seconds and share of wall t
 
     python -m bench.throughput --gpus 1,2 --steps 300 --engines zero2,zero3,fsdp
     python -m bench.throughput --size 1.3b --gpus 1,2 --engines zero2,fsdp --set train.micro_batch=8
+    python -m bench.throughput --gpus 1 --steps 300 --engines zero2 --repeat 3   # ratios with their spread
     python -m bench.throughput --size tiny --gpus 1 --steps 8 --skip 2 --engines zero2   # CPU: the flow only
 
 Each (engine, method, GPU count) is one real `launch/pretrain.py` run through the launcher a user
@@ -12,8 +13,16 @@ side with the per-GPU efficiency, and writes throughput.csv; each run's folder a
 ENGINE-METHOD-NgpuS with no commas or plus signs (sst+galore -> sst-galore). ZeRO-3 runs take
 model.compile=false (it compiles nothing there). Measures; asserts nothing.
 
+--repeat N runs each (engine, GPU count) N times over, the methods interleaved (full, sst, full,
+sst, ...), so a drift of the machine (clocks, a neighbour's load) falls on every method alike; the
+runs are named ...-rK (K = 1..N). The table gives each cell's median over its runs, and x full
+with its spread: the ratio of each repeat to full-rank's run of the same repeat, median and
+min-max. throughput.csv keeps one row per run (its `repeat`, its own x full) and then one summary
+row per cell (repeat `summary`, `runs` that gave figures, medians, tokens_x_full_min/_max).
+
 Columns:
   tokens/s   median over the steps after --skip that ran no periodic event (the whole job's tokens)
+  x full     tokens/s over full-rank's of the same repeat (median over repeats), and its min-max
   MFU        model FLOPs per second per GPU over --peak-tflops: the full-rank model's FLOPs per token,
              6N + 12·L·d·T (N: the dense model's matmul parameters, the tied embedding once, no
              position table; L layers of width d, T = seq_len: PaLM's attention term, Chowdhery et
@@ -59,8 +68,9 @@ def safe_name(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", text).strip("-")
 
 
-def run_name(engine: str, method: str, gpus: int) -> str:
-    return safe_name(f"{engine}-{method}-{gpus}gpu")
+def run_name(engine: str, method: str, gpus: int, repeat: int | None = None) -> str:
+    """A run's folder and log name; `repeat` (1..N) only when the bench repeats runs."""
+    return safe_name(f"{engine}-{method}-{gpus}gpu" + (f"-r{repeat}" if repeat else ""))
 
 
 def flops_per_token(size: str, seq_len: int) -> float:
@@ -161,6 +171,52 @@ def summarize(out: Path, skip: int, gpus: int, peak_tflops: float) -> dict | Non
     return summary
 
 
+# the columns that name a cell of the table (a run adds its repeat): never averaged
+CELL_KEYS = ("engine", "method", "gpus")
+
+
+def add_ratios(results: list[dict]) -> None:
+    """Each run's tokens/s over full-rank's run of the same (engine, GPU count, repeat):
+    `tokens_x_full`, on the runs that both gave figures."""
+    full = {(r["engine"], r["gpus"], r.get("repeat")): r.get("tokens_per_s") for r in results
+            if r["method"] == "full"}
+    for r in results:
+        base = full.get((r["engine"], r["gpus"], r.get("repeat")))
+        if r.get("tokens_per_s") and base:
+            r["tokens_x_full"] = r["tokens_per_s"] / base
+
+
+def summarize_repeats(results: list[dict]) -> list[dict]:
+    """One row per (engine, GPU count, method), in the order of first appearance: the median of each
+    numeric figure over the runs that gave figures, a text figure where every run agrees, and the
+    x full ratio's median, min and max (add_ratios first). Every cell keeps its worst exit code and,
+    where a run failed, the first failed run's name (its log: NAME.log)."""
+    cells: dict[tuple, list[dict]] = {}
+    for r in results:
+        cells.setdefault(tuple(r[k] for k in CELL_KEYS), []).append(r)
+    summary = []
+    for key, runs in cells.items():
+        row = dict(zip(CELL_KEYS, key), repeat="summary", exit=max(r["exit"] for r in runs))
+        measured = [r for r in runs if r.get("tokens_per_s")]
+        row["runs"] = len(measured)
+        failed = [r["run"] for r in runs if r["exit"] or not r.get("tokens_per_s")]
+        if failed:
+            row["failed_run"] = failed[0]
+        # a run's own: its name, repeat and exit code, and the phases of its last event
+        names = {k for r in measured for k in r} - set(CELL_KEYS) - {"run", "repeat", "exit", "event_phases_s"}
+        for name in sorted(names):
+            values = [r[name] for r in measured if name in r]
+            if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+                row[name] = statistics.median(values)
+            elif len(set(values)) == 1 and len(values) == len(measured):
+                row[name] = values[0]
+        ratios = [r["tokens_x_full"] for r in measured if "tokens_x_full" in r]
+        if ratios:
+            row.update(tokens_x_full_min=min(ratios), tokens_x_full_max=max(ratios))
+        summary.append(row)
+    return summary
+
+
 def side_by_side(results: list[dict]) -> list[dict]:
     """Per (engine, method): tokens/s at each GPU count and the per-GPU efficiency of each count
     over the smallest, tokens/s(n) / (n / n0 · tokens/s(n0)), 1.0 for linear scaling."""
@@ -176,24 +232,28 @@ def side_by_side(results: list[dict]) -> list[dict]:
     return table
 
 
-HEADER = (f"{'engine':7} {'method':11} {'GPUs':>4} {'tokens/s':>10} {'x full':>6} {'MFU':>6} {'peak GiB':>8} "
-          f"{'x full':>6} {'events':>15} {'1st s':>7} {'event s':>8} {'event %':>7} {'loss':>7}")
+HEADER = (f"{'engine':7} {'method':11} {'GPUs':>4} {'runs':>4} {'tokens/s':>10} {'x full':>6} {'min-max':>11} "
+          f"{'MFU':>6} {'peak GiB':>8} {'x full':>6} {'events':>15} {'1st s':>7} {'event s':>8} {'event %':>7} "
+          f"{'loss':>7}")
 
 
 def format_row(r: dict, full: dict) -> str:
+    """A summary row (summarize_repeats) as a table line; `full` is full-rank's in the same cell."""
     tps, mem = r.get("tokens_per_s"), r.get("peak_mem_gib")
-    if not tps:  # a run with no steady step has no figures: say so, not a row of zeros
+    if not tps:  # a cell with no steady step has no figures: say so, not a row of zeros
         return (f"{r['engine']:7} {r['method']:11} {r['gpus']:4d} failed (exit {r.get('exit')}): see "
-                f"{run_name(r['engine'], r['method'], r['gpus'])}.log")
-    ratio_t = f"{tps / full['tokens_per_s']:.3f}" if tps and full.get("tokens_per_s") else "-"
+                f"{r['failed_run']}.log")
+    ratio_t = f"{r['tokens_x_full']:.3f}" if "tokens_x_full" in r else "-"
+    spread = (f"{r['tokens_x_full_min']:.3f}-{r['tokens_x_full_max']:.3f}"
+              if r["runs"] > 1 and "tokens_x_full_min" in r else "-")
     ratio_m = f"{mem / full['peak_mem_gib']:.3f}" if mem and full.get("peak_mem_gib") else "-"
     mfu = f"{100 * r['mfu']:.1f}%" if "mfu" in r else "-"
     event_s = f"{r['event_s']:.2f}" if "event_s" in r else "-"
     first = f"{r['first_event_s']:.2f}" if "first_event_s" in r else "-"
     share = f"{100 * r['event_share']:.2f}%" if "event_share" in r else "-"
-    return (f"{r['engine']:7} {r['method']:11} {r['gpus']:4d} {tps or 0:10.0f} {ratio_t:>6} {mfu:>6} "
-            f"{mem or 0:8.2f} {ratio_m:>6} {r.get('events', '')[:15]:>15} {first:>7} {event_s:>8} {share:>7} "
-            f"{r.get('final_loss', 0):7.3f}")
+    return (f"{r['engine']:7} {r['method']:11} {r['gpus']:4d} {r['runs']:4d} {tps:10.0f} {ratio_t:>6} {spread:>11} "
+            f"{mfu:>6} {mem or 0:8.2f} {ratio_m:>6} {r.get('events', '')[:15]:>15} {first:>7} {event_s:>8} "
+            f"{share:>7} {r.get('final_loss', 0):7.3f}")
 
 
 def main(argv=None) -> int:
@@ -201,14 +261,21 @@ def main(argv=None) -> int:
     parser.add_argument("--gpus", default="2", help="comma list of GPU counts, e.g. 1,2 (side by side)")
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--size", default="125m", help="recipes/opt-SIZE-METHOD.yaml (tiny: recipes/tiny-METHOD.yaml)")
-    parser.add_argument("--methods", default="full,sst", help="comma list; full first gives the x full ratios")
+    parser.add_argument("--methods", default="full,sst",
+                        help="comma list; with full among them, each gets its x full ratio")
     parser.add_argument("--engines", default="zero2,zero3", help="comma list of zero1,zero2,zero3,fsdp")
     parser.add_argument("--skip", type=int, default=20, help="warm-up steps left out of the median")
+    parser.add_argument("--repeat", type=int, default=1,
+                        help="runs per (engine, GPU count, method), the methods interleaved; the table "
+                             "gives medians and x full's min-max")
     parser.add_argument("--peak-tflops", type=float, default=H200_BF16_TFLOPS,
                         help="the GPU's dense bf16 peak, TFLOP/s, for MFU (default: H200, 989)")
     parser.add_argument("--out", default="runs/bench-throughput")
     parser.add_argument("--set", action="append", default=[], help="recipe overrides for every run")
     args = parser.parse_args(argv)
+    if args.repeat < 1:
+        print(f"error: --repeat {args.repeat}: give 1 or more runs per cell", file=sys.stderr)
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     extra = [x for kv in args.set for x in ("--set", kv)]
@@ -222,23 +289,29 @@ def main(argv=None) -> int:
     results = []
     for engine in args.engines.split(","):
         for gpus in gpu_counts:
-            for method in methods:
-                run_dir = out / run_name(engine, method, gpus)
-                shutil.rmtree(run_dir, ignore_errors=True)
-                wall, code = launch(engine, gpus, recipes[method], run_dir, args.steps, extra)
-                # a run that stopped early keeps its figures (up to where it stopped) and its exit code
-                summary = summarize(run_dir, args.skip, gpus, args.peak_tflops) or {}
-                results.append({"engine": engine, "method": method, "gpus": gpus, "wall_s": round(wall, 1),
-                                "exit": code, **summary})
-                print(f"  done {engine} {method} x{gpus}: {summary}", flush=True)
-                write_csv(out / "throughput.csv", results)  # after each run: a bench cut short keeps its rows
-    print(f"\nOPT-{args.size}, {args.steps} steps, median tokens/s after {args.skip} steps (all GPUs); "
-          f"MFU per GPU at {args.peak_tflops:g} TFLOP/s peak")
+            # repeats outermost: each method's runs interleave with the others' (see the module doc)
+            for repeat in range(1, args.repeat + 1):
+                for method in methods:
+                    name = run_name(engine, method, gpus, repeat if args.repeat > 1 else None)
+                    run_dir = out / name
+                    shutil.rmtree(run_dir, ignore_errors=True)
+                    wall, code = launch(engine, gpus, recipes[method], run_dir, args.steps, extra)
+                    # a run that stopped early keeps its figures (up to where it stopped) and its exit code
+                    summary = summarize(run_dir, args.skip, gpus, args.peak_tflops) or {}
+                    results.append({"engine": engine, "method": method, "gpus": gpus, "repeat": repeat,
+                                    "run": name, "wall_s": round(wall, 1), "exit": code, **summary})
+                    print(f"  done {name}: {summary}", flush=True)
+                    add_ratios(results)
+                    # after each run: a bench cut short keeps its rows
+                    write_csv(out / "throughput.csv", results + summarize_repeats(results))
+    cells = summarize_repeats(results)
+    print(f"\nOPT-{args.size}, {args.steps} steps, median tokens/s after {args.skip} steps (all GPUs), "
+          f"median of {args.repeat} run(s) per cell; MFU per GPU at {args.peak_tflops:g} TFLOP/s peak")
     print(HEADER)
-    by = {(r["engine"], r["gpus"], r["method"]): r for r in results}
-    for r in results:
+    by = {(r["engine"], r["gpus"], r["method"]): r for r in cells}
+    for r in cells:
         print(format_row(r, by.get((r["engine"], r["gpus"], "full"), {})))
-    scaling = side_by_side(results)
+    scaling = side_by_side(cells)
     if len(gpu_counts) > 1 and scaling:
         counts = sorted(gpu_counts)
         print(f"\nscaling: tokens/s at {', '.join(map(str, counts))} GPUs; per-GPU efficiency over {counts[0]} GPU(s)")

@@ -14,28 +14,80 @@ from bench import throughput
 
 
 @pytest.mark.slow
-def test_a_tiny_cpu_run_reports_mfu_events_and_safe_names(tmp_path):
+def test_a_tiny_cpu_run_reports_mfu_events_ratios_and_safe_names(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "bench.throughput", "--size", "tiny", "--gpus", "1", "--steps", "8",
-                           "--skip", "1", "--engines", "zero2", "--methods", "full,sst+galore",
+                           "--skip", "1", "--engines", "zero2", "--methods", "full,sst+galore", "--repeat", "2",
                            "--set", "sst.steps_per_iteration=3", "--set", "galore.update_proj_gap=100",
                            "--out", str(tmp_path)],
-                          cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=600)
+                          cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
     names = {p.name for p in tmp_path.iterdir()}
-    assert {"zero2-full-1gpu", "zero2-sst-galore-1gpu", "zero2-sst-galore-1gpu.log", "throughput.csv"} <= names
-    assert not any("+" in n or "," in n for n in names)
-    rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "throughput.csv"))}
-    full, sst = rows["full"], rows["sst+galore"]
-    for row in (full, sst):
+    order = ["zero2-full-1gpu-r1", "zero2-sst-galore-1gpu-r1", "zero2-full-1gpu-r2", "zero2-sst-galore-1gpu-r2"]
+    assert set(order) | {f"{n}.log" for n in order} | {"throughput.csv"} == names
+    # interleaved: a log is last written when its run ends, and the runs run one after another
+    assert sorted(order, key=lambda n: (tmp_path / f"{n}.log").stat().st_mtime_ns) == order
+    rows = list(csv.DictReader(open(tmp_path / "throughput.csv")))
+    runs = [r for r in rows if r["repeat"] != "summary"]
+    assert [r["run"] for r in runs] == order and [r["repeat"] for r in runs] == ["1", "1", "2", "2"]
+    flops = throughput.flops_per_token("tiny", 128)
+    for row in runs:
         assert int(row["gpus"]) == 1 and float(row["tokens_per_s"]) > 0
-        flops = throughput.flops_per_token("tiny", 128)
         assert float(row["mfu"]) == pytest.approx(float(row["tokens_per_s"]) * flops / 989e12)
-    # resamples before steps 3 and 6 (T3 = 3): the period is read back from the log
-    assert sst["events"] == "resample" and int(sst["event_count"]) == 2 and float(sst["event_period"]) == 3
-    assert sst["event_share"] != "" and sst["first_event_s"] != "" and full["event_s"] == ""
-    header = next(line for line in proc.stdout.splitlines() if line.startswith("engine"))
-    for column in ("tokens/s", "MFU", "peak GiB", "1st s", "event s", "event %"):
-        assert column in header
+    full, sst = runs[0::2], runs[1::2]
+    for f, s in zip(full, sst):  # resamples before steps 3 and 6 (T3 = 3): the period is read from the log
+        assert s["events"] == "resample" and int(s["event_count"]) == 2 and float(s["event_period"]) == 3
+        assert s["event_share"] != "" and s["first_event_s"] != "" and f["event_s"] == ""
+        # each repeat's ratio is over full-rank's run of the same repeat
+        assert float(s["tokens_x_full"]) == pytest.approx(float(s["tokens_per_s"]) / float(f["tokens_per_s"]))
+        assert float(f["tokens_x_full"]) == 1.0
+
+    summary = {r["method"]: r for r in rows if r["repeat"] == "summary"}
+    assert [r["method"] for r in rows[len(runs):]] == ["full", "sst+galore"]
+    for method, of_method in (("full", full), ("sst+galore", sst)):
+        cell = summary[method]
+        assert int(cell["runs"]) == 2 and int(cell["exit"]) == 0 and not cell.get("failed_run")
+        for column in ("tokens_per_s", "mfu", "peak_mem_gib", "tokens_x_full"):
+            values = [float(r[column]) for r in of_method]
+            assert float(cell[column]) == pytest.approx(sum(values) / 2)  # the median of two
+        ratios = [float(r["tokens_x_full"]) for r in of_method]
+        assert float(cell["tokens_x_full_min"]) == min(ratios) and float(cell["tokens_x_full_max"]) == max(ratios)
+    assert summary["sst+galore"]["events"] == "resample" and float(summary["sst+galore"]["event_count"]) == 2
+    lines = proc.stdout.splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("engine"))
+    for column in ("runs", "tokens/s", "x full", "min-max", "MFU", "peak GiB", "1st s", "event s", "event %"):
+        assert column in lines[header]
+    # one table line per cell, the spread of the ratio on it
+    cell_lines = [line.split() for line in lines[header + 1:header + 3]]
+    assert [(c[0], c[1], c[3]) for c in cell_lines] == [("zero2", "full", "2"), ("zero2", "sst+galore", "2")]
+    low, high = (float(summary["sst+galore"][f"tokens_x_full_{end}"]) for end in ("min", "max"))
+    assert cell_lines[1][6] == f"{low:.3f}-{high:.3f}"
+
+
+def _run(method, repeat, tokens_per_s, **more):
+    row = {"engine": "zero2", "method": method, "gpus": 1, "repeat": repeat, "run": f"{method}-r{repeat}",
+           "exit": 0 if tokens_per_s else 1}
+    return {**row, **({"tokens_per_s": tokens_per_s, **more} if tokens_per_s else {})}
+
+
+def test_repeats_give_medians_and_the_spread_of_each_repeats_own_ratio():
+    full = [_run("full", i + 1, t, peak_mem_gib=2.0) for i, t in enumerate([100.0, 110.0, 90.0, 120.0])]
+    sst = [_run("sst", i + 1, t, peak_mem_gib=1.5, events="resample", event_count=2)
+           for i, t in enumerate([95.0, 100.0, 99.0])] + [_run("sst", 4, None)]  # the 4th run failed
+    results = [r for pair in zip(full, sst) for r in pair]
+    throughput.add_ratios(results)
+    assert [r.get("tokens_x_full") for r in sst] == pytest.approx([0.95, 100 / 110, 1.1, None])
+    by = {r["method"]: r for r in throughput.summarize_repeats(results)}
+    cell = by["sst"]
+    assert cell["runs"] == 3 and cell["exit"] == 1 and cell["failed_run"] == "sst-r4"
+    assert cell["tokens_per_s"] == 99.0 and cell["peak_mem_gib"] == 1.5
+    # the median of the repeats' own ratios, not median(sst) / median(full) = 99 / 105
+    assert cell["tokens_x_full"] == pytest.approx(0.95)
+    assert cell["tokens_x_full_min"] == pytest.approx(100 / 110) and cell["tokens_x_full_max"] == pytest.approx(1.1)
+    assert cell["events"] == "resample" and cell["event_count"] == 2
+    assert by["full"]["runs"] == 4 and by["full"]["tokens_per_s"] == 105.0 and "failed_run" not in by["full"]
+    assert by["full"]["tokens_x_full_min"] == by["full"]["tokens_x_full_max"] == 1.0
+    line = throughput.format_row(cell, by["full"])
+    assert " 0.950 " in line and f"{100 / 110:.3f}-1.100" in line and " 0.750 " in line  # memory: 1.5 / 2
 
 
 def test_dense_flops_count_matmul_parameters_and_attention():
@@ -57,6 +109,7 @@ def test_side_by_side_gives_per_gpu_efficiency_over_the_smallest_count():
 
 def test_run_names_have_no_commas_or_plus_signs():
     assert throughput.run_name("zero3", "sst+galore", 2) == "zero3-sst-galore-2gpu"
+    assert throughput.run_name("zero3", "sst+galore", 2, repeat=3) == "zero3-sst-galore-2gpu-r3"
     assert throughput.safe_name("a,b+c d") == "a-b-c-d"
 
 
@@ -81,11 +134,16 @@ def test_the_first_event_is_reported_apart_from_the_repeated_ones(tmp_path):
 
 
 def test_a_failed_run_is_a_failed_row_not_zeros():
-    full = {"engine": "zero2", "method": "full", "gpus": 1, "tokens_per_s": 1000.0, "peak_mem_gib": 2.0}
-    failed = {"engine": "zero2", "method": "sst+galore", "gpus": 1, "exit": 1}
+    results = [{"engine": "zero2", "method": "full", "gpus": 1, "repeat": 1, "run": "zero2-full-1gpu", "exit": 0,
+                "tokens_per_s": 1000.0, "peak_mem_gib": 2.0},
+               {"engine": "zero2", "method": "sst+galore", "gpus": 1, "repeat": 1, "run": "zero2-sst-galore-1gpu",
+                "exit": 1}]
+    throughput.add_ratios(results)
+    full, failed = throughput.summarize_repeats(results)
     line = throughput.format_row(failed, full)
     assert "failed (exit 1)" in line and "zero2-sst-galore-1gpu.log" in line and " 0 " not in line
-    assert "1.000" in throughput.format_row(full, full)
+    line = throughput.format_row(full, full)
+    assert "1.000" in line and "1.000-1.000" not in line  # one run: no spread to give
 
 
 def test_deepspeed_runs_on_the_visible_gpus():
