@@ -254,7 +254,7 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
                      checkpointing: bool = False) -> int:
     """Bytes autograd holds at the peak of one micro-batch: Hugging Face OPT, SDPA (flash or
     memory-efficient kernels, which keep no s x s matrix), no activation checkpointing, no dropout
-    (the recipes train without it), then sst_dist.data.lm_loss's fp32 cross-entropy.
+    (the recipes train without it), then sst_dist.evaluate.lm_loss's fp32 cross-entropy.
 
     Each term was checked against torch.autograd.graph.saved_tensors_hooks and a profiled peak on
     CPU; on a GPU the caching allocator adds rounding and fragmentation on top.
