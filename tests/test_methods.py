@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from sst_dist.config import METHODS, load_recipe
-from sst_dist.data import lm_loss
+from sst_dist.evaluate import lm_loss
 from sst_dist.engines.torch import TorchBackend
 from sst_dist.methods import METHODS as REGISTRY
 from sst_dist.methods import Hooks, Method, ProbePass, build_method
