@@ -37,8 +37,9 @@ if not __package__:  # run as a file: its sibling modules import only as the pac
     print("error: run it from the repository root as a module: python -m bench.memory ...", file=sys.stderr)
     sys.exit(2)
 
+from sst_dist.registry import METHODS, OPT_TARGETS  # noqa: E402
+
 GIB = 2**30
-ALL_METHODS = ("full", "lora", "relora", "galore", "sst", "sst+galore")
 
 
 # ----------------------------------------------------------------------------- the worker
@@ -253,7 +254,7 @@ CSV_FIELDS = ["size", "method", "rank", "micro_batch", "seq", "status", "note", 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sizes", default="125m,350m,1.3b")
-    p.add_argument("--methods", default=",".join(ALL_METHODS))
+    p.add_argument("--methods", default=",".join(METHODS))
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--galore-ranks", default="512", help="extra ranks for GaLore alone ('' for none)")
     p.add_argument("--micro-batches", default=None, help="default 1,8 (cpu: 1,2)")
@@ -273,15 +274,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def plan(args) -> tuple[list[dict], dict[str, str]]:
     """The jobs of the sweep and, per method, why it is skipped. Raises ConfigError on bad flags."""
-    from sst_dist.config import OPT_TARGETS
     from sst_dist.errors import ConfigError
     from sst_dist.memory import resolve_model
     from sst_dist.models import min_target_dim
 
     methods = [m for m in args.methods.split(",") if m]
-    unknown = [m for m in methods if m not in ALL_METHODS]
+    unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
-        raise ConfigError(f"--methods: {', '.join(unknown) or 'empty'}; choose from {', '.join(ALL_METHODS)}")
+        raise ConfigError(f"--methods: {', '.join(unknown) or 'empty'}; choose from {', '.join(METHODS)}")
     sizes = [resolve_model(s) for s in args.sizes.split(",") if s]
     ds_config = Path(args.ds_config)
     if not ds_config.is_absolute() and not ds_config.exists():

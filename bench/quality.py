@@ -40,7 +40,8 @@ if not __package__:  # run as a file: its sibling modules import only as the pac
     sys.exit(2)
 
 from bench.size_recipe import size_recipe  # noqa: E402
-from sst_dist.config import METHODS, flatten, load_recipe, upgrade_saved  # noqa: E402
+from sst_dist.config import flatten, load_recipe, upgrade_saved  # noqa: E402
+from sst_dist.registry import METHODS  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
 from sst_dist.plot import (RESET_EVENTS, across_runs, eval_band_panel, mean_rows, pyplot, read_rows,  # noqa: E402
                            save, train_loss_panel)

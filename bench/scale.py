@@ -37,7 +37,8 @@ if not __package__:  # run as a file: its sibling modules import only as the pac
     sys.exit(2)
 
 from bench.size_recipe import size_recipe  # noqa: E402
-from sst_dist.config import METHODS, load_recipe  # noqa: E402
+from sst_dist.config import load_recipe  # noqa: E402
+from sst_dist.registry import METHODS  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
 
 COLUMNS = ("method", "size", "gpus", "engine", "status", "steps", "init_s", "wall_s", "tokens_per_s",

@@ -17,9 +17,7 @@ from pathlib import Path
 import yaml
 
 from sst_dist.errors import ConfigError
-
-METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
-OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+from sst_dist.registry import METHODS, OPT_TARGETS  # noqa: F401 (re-exported: a recipe's choices)
 SST_PATHS = ("dense", "materialized", "factored", "functional")  # how an SSTLinear computes (SSTConfig.path)
 WANDB_MODES = ("offline", "online", "disabled")
 FROZEN_DTYPES = ("float32", "bfloat16")  # model.frozen_dtype
@@ -317,30 +315,14 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("model.attn_implementation", recipe.model.attn_implementation, attn_implementations())
     for t in recipe.targets:
         _choice("targets", t, OPT_TARGETS)
-    if not recipe.targets and recipe.method != "full":
-        raise ConfigError(f"targets: empty; choose from {', '.join(OPT_TARGETS)}")
     if recipe.rank <= 0:
         raise ConfigError(f"rank: {recipe.rank} must be a positive integer")
-    if recipe.method != "full":
-        limit = min_target_dim(recipe.model.size, recipe.targets)
-        if recipe.rank > limit:
-            raise ConfigError(
-                f"rank: {recipe.rank} exceeds min(out, in) = {limit} of model '{recipe.model.size}';"
-                f" use 1..{limit}"
-            )
-        if recipe.galore.rank is not None and not 0 < recipe.galore.rank <= limit:
-            raise ConfigError(f"galore.rank: {recipe.galore.rank} must be in 1..{limit}")
     _choice("sst.path", recipe.sst.path, SST_PATHS)
     _choice("sst.init", recipe.sst.init, ("auto", "svd", "haar"))
     _choice("model.frozen_dtype", recipe.model.frozen_dtype, FROZEN_DTYPES)
     _choice("model.build", recipe.model.build, ("dense", "meta"))
-    traced = recipe.method == "full" or (recipe.method == "sst" and recipe.sst.path == "functional")
-    if recipe.model.compile and recipe.model.gradient_checkpointing and not traced:
-        # a checkpointed block is traced as one graph, which the method's own layers (kept eager:
-        # sst_dist.models.compile_blocks) break, so torch.compile would leave every block eager
-        raise ConfigError(f"model.compile: with model.gradient_checkpointing, only method full and method sst"
-                          f" with sst.path=functional compile (the {recipe.method} layers run eagerly and"
-                          " break a checkpointed block's graph); turn one of the two off")
+    # the method's own checks (targets, rank, what it supports): sst_dist.registry
+    METHODS[recipe.method].check(recipe, lambda: min_target_dim(recipe.model.size, recipe.targets))
     _choice("optim.reset", recipe.optim.reset, ("exact", "moments"))
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("galore.projector", recipe.galore.projector, ("auto", "svd", "randomized"))

@@ -36,10 +36,10 @@ from torch import nn
 from torch.nn import functional as F
 
 from sst_dist.precision import autocast_backward, autocast_forward, full_precision
+from sst_dist.registry import OPT_TARGETS
 from sst_dist.surgery import store_frozen, swap_modules
 
 PROJ_TYPES = ("std", "reverse_std", "left", "right")
-OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
 
 # galore-torch's GaLoreProjector defaults, used when a `rank` group leaves a key out
 DEFAULT_UPDATE_PROJ_GAP = 200

@@ -36,7 +36,8 @@ from functools import lru_cache
 import torch
 from torch import nn
 
-from sst_dist.config import FROZEN_DTYPES, METHODS, OPT_TARGETS, SST_PATHS
+from sst_dist.config import FROZEN_DTYPES, SST_PATHS
+from sst_dist.registry import METHODS, OPT_TARGETS, galore_rank as resolve_galore_rank
 from sst_dist.errors import ConfigError
 
 GIB = 2**30
@@ -133,7 +134,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
 
     size = resolve_model(model)
     _validate_method(size, method, rank, galore_rank, sst_path, galore_form, targets)
-    galore_rank = galore_rank or rank
+    galore_rank = resolve_galore_rank(galore_rank, rank)
     targets = set(targets)
     with torch.device("meta"):
         net = build_model(size, vocab_size=vocab_size or OPT_VOCAB, seq_len=seq)
@@ -481,7 +482,7 @@ def _gib(nbytes: int) -> str:
 
 def format_table(model: str, methods, args) -> str:
     size = resolve_model(model)
-    galore_rank = args.galore_rank or args.rank
+    galore_rank = resolve_galore_rank(args.galore_rank, args.rank)
     columns = ("weights", "gradients", "masters", "optimizer", "buffers", "activations", "total")
     heads = ("weights", "grads", "masters", "optim", "buffers", "activ", "total")
     if args.offload:

@@ -29,6 +29,7 @@ from sst_dist.config import Recipe
 from sst_dist.galore import (GradientProbe, apply_galore, apply_galore_embedding, apply_weight_decay,
                              refresh_from_probe)
 from sst_dist.lowrank import ReLoRAController, apply_lora
+from sst_dist.registry import METHODS, galore_rank, spec  # noqa: F401 (METHODS: the registry, re-exported)
 from sst_dist.schedule import Schedule
 from sst_dist.sst import apply_sst
 from sst_dist.sst_controller import SSTController
@@ -227,19 +228,20 @@ class GaLorePart(Hooks):
 # ----------------------------------------------------------------------------- the registry
 
 Builder = Callable[[Recipe, nn.Module], Method]
-METHODS: dict[str, Builder] = {}
 
 
 def register(name: str) -> Callable[[Builder], Builder]:
+    """Sets the builder of the method `name`, whose entry (what it supports, its checks) is in
+    sst_dist.registry.METHODS."""
     def add(builder: Builder) -> Builder:
-        METHODS[name] = builder
+        METHODS[name].builder = builder
         return builder
     return add
 
 
 def build_method(recipe: Recipe, model: nn.Module) -> Method:
     """Applies `recipe.method` to `model` in place (before any engine wraps it)."""
-    builder = METHODS.get(recipe.method)
+    builder = spec(recipe.method).builder
     if builder is None:
         raise NotImplementedError(f"method: {recipe.method!r} is not available in this build")
     return builder(recipe, model)
@@ -293,7 +295,7 @@ def _relora(recipe: Recipe, model: nn.Module) -> Method:
 
 @register("galore")
 def _galore(recipe: Recipe, model: nn.Module) -> Method:
-    layers = apply_galore(model, recipe.galore.rank or recipe.rank, recipe.targets, **_galore_kw(recipe))
+    layers = apply_galore(model, galore_rank(recipe.galore.rank, recipe.rank), recipe.targets, **_galore_kw(recipe))
     schedule = _schedule(recipe)
     return Method("galore", schedule, [_galore_part(recipe, layers, schedule)])
 
@@ -320,5 +322,5 @@ def _sst(recipe: Recipe, model: nn.Module) -> Method:
 def _sst_galore(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
     # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
-    layers = apply_galore_embedding(model, recipe.galore.rank or recipe.rank, **_galore_kw(recipe))
+    layers = apply_galore_embedding(model, galore_rank(recipe.galore.rank, recipe.rank), **_galore_kw(recipe))
     return Method("sst+galore", schedule, [sst, _galore_part(recipe, layers, schedule)])

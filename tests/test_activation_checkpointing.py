@@ -4,7 +4,8 @@ autograd functions and GaLore's gradient probe included), in float64 on the tiny
 import pytest
 import torch
 
-from sst_dist.config import METHODS, load_recipe
+from sst_dist.config import load_recipe
+from sst_dist.registry import METHODS
 from sst_dist.engines.torch import TorchBackend
 from sst_dist.methods import ProbePass, build_method
 from sst_dist.models import build_model, enable_activation_checkpointing

@@ -125,7 +125,7 @@ def test_a_saved_recipe_with_a_moved_key_still_loads():
 
 
 def test_meta_build_loads_for_every_method():
-    from sst_dist.config import METHODS
+    from sst_dist.registry import METHODS
 
     for method in METHODS:
         assert load_recipe(f"recipes/tiny-{method}.yaml", ["model.build=meta"]).model.build == "meta"

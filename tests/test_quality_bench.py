@@ -13,8 +13,8 @@ import pytest
 import yaml
 
 from conftest import ROOT, quiet_env
+from sst_dist.registry import METHODS
 
-METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
 STEPS = 20
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 PLOTS = ("eval_loss.png", "train_loss.png", "ppl_vs_memory.png")
