@@ -74,13 +74,26 @@ class Hooks:
     def first_event_step(self) -> int | None:
         return None
 
+    def materializer_kwargs(self) -> dict:
+        """What build.Materializer needs to initialise this part's layers on the meta build."""
+        return {}
+
 
 class Method:
     """What the trainer sees: a method's parts behind one set of verbs (see the module docstring)."""
 
-    def __init__(self, name: str, schedule: Schedule, parts: list[Hooks] = ()):
+    def __init__(self, name: str, schedule: Schedule, parts: list[Hooks] = (), *,
+                 frozen_dtype: torch.dtype | None = None):
         self.name, self.schedule, self.parts = name, schedule, list(parts)
+        self.frozen_dtype = frozen_dtype  # model.frozen_dtype, where the meta build stores frozen tensors
         self.layers = {name: layer for part in self.parts for name, layer in part.layers.items()}
+
+    def materializer_kwargs(self) -> dict:
+        """The settings of build.Materializer for this method's layers (model.build: meta)."""
+        kwargs = {"frozen_dtype": self.frozen_dtype}
+        for part in self.parts:
+            kwargs.update(part.materializer_kwargs())
+        return kwargs
 
     def param_groups(self, model: nn.Module) -> list[dict]:
         """The optimizer's groups, named for set_learning_rates: `full` first, then the parts'."""
@@ -95,6 +108,12 @@ class Method:
         for part in self.parts:
             lrs.update(part.learning_rates(step))
         return lrs
+
+    @staticmethod
+    def lr_fields(lrs: dict[str, float]) -> dict[str, float]:
+        """learning_rates' groups as metrics.jsonl names them: `lr` the full group's, `<group>_lr`
+        each other's, in the groups' order."""
+        return {("lr" if group == "full" else f"{group}_lr"): lr for group, lr in lrs.items()}
 
     def attach(self, backend, recipe: Recipe) -> None:
         for part in self.parts:
@@ -159,6 +178,14 @@ class ReLoRAPart(LowRankPart):
 
 
 class SSTPart(LowRankPart):
+    def __init__(self, layers: dict, params: list[nn.Parameter], schedule: Schedule, *, init: str,
+                 uniform_mix: bool):
+        super().__init__(layers, params, schedule, resettable=True)
+        self.init, self.uniform_mix = init, uniform_mix  # sst.init, sst.uniform_mix
+
+    def materializer_kwargs(self) -> dict:
+        return {"init": self.init, "uniform_mix": self.uniform_mix}
+
     def attach(self, backend, recipe: Recipe) -> None:
         self.controller = SSTController(
             self.layers, backend, seed=recipe.seed, renormalize=recipe.sst.renormalize,
@@ -274,7 +301,7 @@ def _galore_part(recipe: Recipe, layers: dict, schedule: Schedule) -> GaLorePart
 
 @register("full")
 def _full(recipe: Recipe, model: nn.Module) -> Method:
-    return Method("full", _schedule(recipe))
+    return Method("full", _schedule(recipe), frozen_dtype=frozen_dtype(recipe))
 
 
 @register("lora")
@@ -282,7 +309,8 @@ def _lora(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
                         frozen_dtype=frozen_dtype(recipe))
     schedule = _schedule(recipe)
-    return Method("lora", schedule, [LowRankPart(layers, _lowrank(layers), schedule, resettable=False)])
+    return Method("lora", schedule, [LowRankPart(layers, _lowrank(layers), schedule, resettable=False)],
+                  frozen_dtype=frozen_dtype(recipe))
 
 
 @register("relora")
@@ -290,14 +318,15 @@ def _relora(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
                         frozen_dtype=frozen_dtype(recipe))
     schedule = _schedule(recipe, steps_per_iteration=recipe.relora.reset_every)
-    return Method("relora", schedule, [ReLoRAPart(layers, _lowrank(layers), schedule, resettable=True)])
+    return Method("relora", schedule, [ReLoRAPart(layers, _lowrank(layers), schedule, resettable=True)],
+                  frozen_dtype=frozen_dtype(recipe))
 
 
 @register("galore")
 def _galore(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_galore(model, galore_rank(recipe.galore.rank, recipe.rank), recipe.targets, **_galore_kw(recipe))
     schedule = _schedule(recipe)
-    return Method("galore", schedule, [_galore_part(recipe, layers, schedule)])
+    return Method("galore", schedule, [_galore_part(recipe, layers, schedule)], frozen_dtype=frozen_dtype(recipe))
 
 
 def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
@@ -309,13 +338,13 @@ def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
     schedule = _schedule(recipe, steps_per_iteration=recipe.sst.steps_per_iteration,
                          iterations_per_round=recipe.sst.iterations_per_round or max(1, k // recipe.rank))
     params = [p for layer in layers.values() for p in layer.sst_parameters()]
-    return schedule, SSTPart(layers, params, schedule, resettable=True)
+    return schedule, SSTPart(layers, params, schedule, init=recipe.sst.init, uniform_mix=recipe.sst.uniform_mix)
 
 
 @register("sst")
 def _sst(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
-    return Method("sst", schedule, [sst])
+    return Method("sst", schedule, [sst], frozen_dtype=frozen_dtype(recipe))
 
 
 @register("sst+galore")
@@ -323,4 +352,5 @@ def _sst_galore(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
     # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
     layers = apply_galore_embedding(model, galore_rank(recipe.galore.rank, recipe.rank), **_galore_kw(recipe))
-    return Method("sst+galore", schedule, [sst, _galore_part(recipe, layers, schedule)])
+    return Method("sst+galore", schedule, [sst, _galore_part(recipe, layers, schedule)],
+                  frozen_dtype=frozen_dtype(recipe))

@@ -23,10 +23,11 @@ from sst_dist.engines.base import Engine
 from sst_dist.errors import ConfigError, RunError
 from sst_dist.build import Materializer, build_on_meta
 from sst_dist.evaluate import evaluate_checkpoint, lm_loss, run_eval
-from sst_dist.methods import Method, ProbePass, build_method, frozen_dtype
+from sst_dist.methods import Method, ProbePass, build_method
 from sst_dist.metrics import MetricsLogger, PhaseClock, StepReadout
 from sst_dist.models import (OPT_VOCAB, build_model, check_attn_implementation, compile_blocks,
                              enable_activation_checkpointing)
+from sst_dist.registry import spec
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -76,6 +77,7 @@ def build_run(recipe: Recipe, engine_name: str, ctx, *, device, dtype, vocab_siz
     on the GPU); None, the CPU, so a run's initial weights do not depend on the machine.
     model.build meta: the model is built on the meta device and materialised on `device` (SST
     layers directly as their factors), by the fsdp engine block by block as it shards."""
+    spec(recipe.method).check_engine(engine_name)
     torch.manual_seed(recipe.seed)
     model_kwargs = dict(vocab_size=vocab_size, seq_len=recipe.model.seq_len,
                         attn_implementation=recipe.model.attn_implementation)
@@ -94,9 +96,9 @@ def build_run(recipe: Recipe, engine_name: str, ctx, *, device, dtype, vocab_siz
     materialize = None
     if meta:
         sharded = engine_name == "fsdp"
-        materialize = Materializer(model, seed=recipe.seed, device=device, dtype=master, init=recipe.sst.init,
-                                   frozen_dtype=frozen_dtype(recipe), uniform_mix=recipe.sst.uniform_mix,
-                                   rank=ctx.rank if sharded else 0, world_size=ctx.world_size if sharded else 1)
+        materialize = Materializer(model, seed=recipe.seed, device=device, dtype=master,
+                                   rank=ctx.rank if sharded else 0, world_size=ctx.world_size if sharded else 1,
+                                   **method.materializer_kwargs())
         if not sharded:
             materialize(model)
             materialize = None
@@ -359,8 +361,7 @@ def step_record(s: Setup, step: int, result: StepResult, state: dict, elapsed: f
     state["tokens"] += tokens_per_step
     state["elapsed_s"] += elapsed
     lrs = result.lrs
-    record = {"step": step, "loss": None, "lr": lrs["full"], "lowrank_lr": lrs["lowrank"],
-              **({"galore_lr": lrs["galore"]} if "galore" in lrs else {}),
+    record = {"step": step, "loss": None, **Method.lr_fields(lrs),
               "tokens": state["tokens"], "elapsed_s": round(state["elapsed_s"], 4),
               "tokens_per_s": round(tokens_per_step / elapsed, 1)}
     if result.event:

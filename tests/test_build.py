@@ -10,7 +10,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import losses, pretrain, read_metrics
 from sst_dist.build import Materializer, build_on_meta, is_meta
 from sst_dist.config import load_recipe
-from sst_dist.methods import build_method, frozen_dtype
+from sst_dist.methods import build_method
 from sst_dist.models import build_model
 from sst_dist.sst import SSTLinear
 
@@ -23,8 +23,7 @@ def meta_model(method, *overrides, materialize=True):
     meth = build_method(recipe, model)
     assert all(p.is_meta for p in model.parameters())  # shapes only so far
     if materialize:
-        Materializer(model, seed=recipe.seed, device="cpu", init=recipe.sst.init,
-                     frozen_dtype=frozen_dtype(recipe), uniform_mix=recipe.sst.uniform_mix)(model)
+        Materializer(model, seed=recipe.seed, device="cpu", **meth.materializer_kwargs())(model)
     return model, meth, recipe
 
 

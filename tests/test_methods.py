@@ -106,3 +106,33 @@ def test_galore_refresh_in_groups_takes_the_one_pass_projectors():
     for name, P in projectors["null"].items():
         assert P.abs().max() > 0
         torch.testing.assert_close(projectors["5"][name], P, rtol=0, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("method, fields", [
+    ("full", ["lr", "lowrank_lr"]), ("sst", ["lr", "lowrank_lr"]), ("galore", ["lr", "lowrank_lr", "galore_lr"]),
+    ("sst+galore", ["lr", "lowrank_lr", "galore_lr"]),
+])
+def test_lr_fields_keep_the_metrics_names(method, fields):
+    _, _, built = _built(method)
+    lrs = built.learning_rates(3)
+    logged = Method.lr_fields(lrs)
+    assert list(logged) == fields
+    assert logged["lr"] == lrs["full"] and logged["lowrank_lr"] == lrs["lowrank"]
+
+
+def test_materializer_settings_come_from_the_method():
+    _, _, sst = _built("sst", "sst.init=haar", "sst.uniform_mix=true", "model.frozen_dtype=bfloat16",
+                       "train.dtype=bfloat16")
+    assert sst.materializer_kwargs() == {"frozen_dtype": torch.bfloat16, "init": "haar", "uniform_mix": True}
+    _, _, lora = _built("lora")
+    assert lora.materializer_kwargs() == {"frozen_dtype": None}
+
+
+def test_an_engine_the_method_does_not_support_is_one_line(monkeypatch):
+    from sst_dist.errors import ConfigError
+    from sst_dist.registry import spec
+
+    monkeypatch.setattr(spec("lora"), "engines", ("torch",))
+    with pytest.raises(ConfigError, match="--engine fsdp: method lora runs on torch; use one of those"):
+        spec("lora").check_engine("fsdp")
+    spec("lora").check_engine("torch")
