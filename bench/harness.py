@@ -69,13 +69,14 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
     from sst_dist.config import load_recipe
     from sst_dist.engines import distributed_context
     from sst_dist.models import OPT_VOCAB
+    from sst_dist.registry import METHODS
     from sst_dist.train import build_run
 
     cuda = device_kind == "cuda"
     sets = [f"method={method}", f"rank={rank}", f"model.size={size}", f"model.seq_len={seq}",
             f"train.global_batch={micro_batch * accumulation}", f"train.micro_batch={micro_batch}",
             f"train.device={device_kind}", "wandb.mode=disabled"]
-    if "galore" in method:
+    if METHODS[method].uses_galore:
         sets.append(f"galore.rank={rank}")
     recipe = load_recipe(None, sets + list(overrides))
     engine_name = "deepspeed" if ds_config else "fsdp"

@@ -164,7 +164,7 @@ def estimates(job: dict, report: dict, mb: int) -> dict:
     bf16 = report.get("bf16", job["device"] == "cuda")
     est = estimate(job["size"], job["method"], job["rank"], report.get("zero_stage", job["zero"]), 1, mb,
                    job["seq"], precision="bf16" if bf16 else "fp32",
-                   galore_rank=job["rank"] if "galore" in job["method"] else None,
+                   galore_rank=job["rank"] if METHODS[job["method"]].uses_galore else None,
                    sst_path=report.get("sst_path", "dense"),
                    galore_form=report.get("galore_form", "optimizer"))
     states = est["weights"] + est["gradients"] + est["masters"] + est["optimizer"]

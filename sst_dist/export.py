@@ -29,6 +29,7 @@ import torch
 from sst_dist import checkpoint
 from sst_dist.config import Recipe, _build, upgrade_saved, validate
 from sst_dist.errors import ConfigError, RunError
+from sst_dist.registry import METHODS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXTRA_STATE = "_extra_state"
@@ -292,7 +293,7 @@ class Exported:
 
 
 def check_prunable(ckpt: RunCheckpoint) -> None:
-    if ckpt.recipe.method not in ("sst", "sst+galore"):
+    if not METHODS[ckpt.recipe.method].prunable:
         raise ConfigError(f"{ckpt.path}: trained with method {ckpt.recipe.method}; only SST layers have "
                           "singular values to prune")
 

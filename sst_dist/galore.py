@@ -287,6 +287,13 @@ class GaLoreLinear(nn.Module):
         # set by a GradientProbe whose pass covers this layer: makes its probe views
         self._probe: Callable[[torch.dtype, torch.device], torch.Tensor] | None = None
 
+    def meta_init(self, m, name: str, drawn=None) -> None:
+        """model.build meta (build.Materializer `m`): W and bias as the nn.Linear's (an
+        embedding's, its padding row zero), the projector and B zero, as after from_linear."""
+        m.dense(self, name)
+        m.fill(self, "proj", 0.0)
+        m.fill(self, "B", 0.0)
+
     @classmethod
     @torch.no_grad()
     def from_linear(cls, linear: nn.Linear, rank: int, scale: float = DEFAULT_SCALE,

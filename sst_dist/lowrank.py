@@ -42,6 +42,15 @@ class LoRALinear(nn.Module):
         layer.lora_A.copy_(initial_A(rank, linear.in_features, generator, w.dtype))
         return layer
 
+    def meta_init(self, m, name: str, drawn=None) -> None:
+        """model.build meta (build.Materializer `m`): W and bias as an nn.Linear's; A Gaussian
+        and B zero, as from_linear, A seeded by the layer's index as apply_lora seeds it."""
+        m.dense(self, name)
+        m.fill(self, "lora_B", 0.0)
+        if self.lora_A.is_meta:
+            A = initial_A(self.rank, self.in_features, layer_generator(m.seed, m.index(self), 0), m.dtype)
+            m.swap_in(self.lora_A, A.to(m.device))
+
     def forward(self, x):
         return F.linear(x, self.weight, self.bias) + (x @ self.lora_A.T @ self.lora_B.T) * self.scaling
 

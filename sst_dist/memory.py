@@ -545,10 +545,11 @@ def format_table(model: str, methods, args) -> str:
         "total: the peak, not the sum: weights + masters + optim + the largest of activations, "
         "grads and bucket at the end of the backward, grads in the step.",
     ]
-    if any("galore" in m for m in methods) and args.galore_form == "optimizer":
+    galore = any(METHODS[m].uses_galore for m in methods)
+    if galore and args.galore_form == "optimizer":
         lines.append("galore (optimizer form): full weights, gradients and masters, Adam moments and "
                      "projector in the rank-r space, as GaLoreAdamW keeps them.")
-    elif any("galore" in m for m in methods):
+    elif galore:
         lines.append("galore (layer form): GaLoreLinear's frozen W and projector, trainable B; at refresh "
                      "steps its probe holds one target's full gradient at a time, with --grad-accum > 1 "
                      "every target's running sum (in total, not in grads).")

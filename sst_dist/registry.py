@@ -37,6 +37,7 @@ class MethodSpec:
     uses_galore: bool = False  # galore.* keys apply
     meta_build: bool = True  # model.build: meta (sst_dist.build.Materializer) initialises its layers
     engines: tuple[str, ...] = ENGINES
+    prunable: bool = False  # its layers have singular values that export --keep-singular prunes
     # whether torch.compile can trace a checkpointed block (its layers are not kept eager)
     compiles_checkpointed: Callable[[object], bool] = _never
     builder: Callable | None = None
@@ -79,9 +80,9 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("full", adapts=False, compiles_checkpointed=lambda recipe: True),
     MethodSpec("lora"),
     MethodSpec("relora"),
-    MethodSpec("sst", compiles_checkpointed=_functional_sst),
+    MethodSpec("sst", compiles_checkpointed=_functional_sst, prunable=True),
     MethodSpec("galore", uses_galore=True),
-    MethodSpec("sst+galore", uses_galore=True),
+    MethodSpec("sst+galore", uses_galore=True, prunable=True),
 )}
 # what compiles_checkpointed allows, in words, for the message that refuses the rest
 COMPILES_CHECKPOINTED = ("method full", "method sst with sst.path=functional")

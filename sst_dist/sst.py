@@ -21,6 +21,7 @@ from torch import nn
 
 from sst_dist.config import SST_PATHS as PATHS
 from sst_dist.precision import autocast_backward, autocast_forward
+from sst_dist.spectral_init import init_factors, init_generator
 from sst_dist.surgery import swap_modules, target_linears
 
 
@@ -299,6 +300,31 @@ class SSTLinear(nn.Module):
         self.spectral = nn.Parameter(torch.empty(k + out_features * rank + rank * in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer("active_indices", torch.arange(rank, device=device))
+
+    def meta_draw(self, m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """model.build meta (build.Materializer `m`): U, s, Vh drawn on the device, in their
+        storage dtypes; on the layer's owner rank only."""
+        # float32 at least for the QR / SVD, whatever the storage
+        work = torch.float64 if m.dtype == torch.float64 else torch.float32
+        U, s, Vh = init_factors(self.out_features, self.in_features, m.std,
+                                init_generator(m.seed, m.index(self), m.device), m.init, device=m.device, dtype=work)
+        return U.to(m.frozen_dtype), s.to(m.dtype), Vh.to(m.frozen_dtype)
+
+    def meta_init(self, m, name: str, drawn) -> None:
+        """model.build meta: the factors `drawn` (meta_draw's, None where another rank drew them)
+        shared over the ranks, the active slots sampled as apply_sst samples them."""
+        if drawn is None:
+            shapes = [(self.out_features, self.k), (self.k,), (self.k, self.in_features)]
+            dtypes = [m.frozen_dtype, m.dtype, m.frozen_dtype]
+            drawn = [torch.empty(shape, device=m.device, dtype=dt) for shape, dt in zip(shapes, dtypes)]
+        U, s, Vh = m.share(self, drawn)
+        idx = sample_active(s.cpu(), self.rank, layer_generator(m.seed, m.index(self), 0), m.uniform_mix)
+        spectral = self.pack(s.to(m.dtype), U[:, idx.to(U.device)].to(m.dtype), Vh[idx.to(Vh.device)].to(m.dtype))
+        m.swap_in(self.U, U)
+        m.swap_in(self.Vh, Vh)
+        m.swap_in(self.spectral, spectral)
+        self.active_indices = idx.to(m.device)
+        m.fill(self, "bias", 0.0)
 
     def regions(self) -> tuple[tuple[int, int], ...]:
         """(offset, numel) of s, u_active and vh_active in `spectral`."""
