@@ -26,10 +26,11 @@ from pathlib import Path
 
 import torch
 
-from sst_dist import checkpoint
+from sst_dist import checkpoint, methods  # noqa: F401 (methods: registers each method's layer classes)
 from sst_dist.config import Recipe, _build, upgrade_saved, validate
 from sst_dist.errors import ConfigError, RunError
-from sst_dist.registry import METHODS
+from sst_dist.registry import METHODS, spec
+from sst_dist.sst import kept_count  # noqa: F401 (export --keep-singular's count, re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 EXTRA_STATE = "_extra_state"
@@ -144,49 +145,6 @@ class Pruning:
         return dense_total + sum(n * (out + inp + 1) - out * inp for _, n, (out, inp) in self.layers.values())
 
 
-def kept_count(fraction: float, k: int) -> int:
-    """Singular values kept of k at fraction F: ceil(F·k), at least 1 (F·k rounded to 6 decimals
-    first, so that 0.1 · 30 keeps 3, not 4)."""
-    return max(1, math.ceil(round(fraction * k, 6)))
-
-
-def sst_dense(prefix: str, state: dict, keep_singular: float | None, pruning: Pruning) -> torch.Tensor:
-    from sst_dist.sst import SSTLinear, dense_from_factors, merged_factors
-
-    U, Vh = state.pop(f"{prefix}.U"), state.pop(f"{prefix}.Vh")
-    idx = state.pop(f"{prefix}.active_indices").long()
-    (out, k), inp = U.shape, Vh.shape[1]
-    shell = SSTLinear(inp, out, idx.numel(), bias=False, device="meta")  # its packing of `spectral`
-    s, u_active, vh_active = shell.split(state.pop(f"{prefix}.spectral").double())
-    U, Vh = merged_factors(U.double(), Vh.double(), u_active, vh_active, idx)
-    n = k if keep_singular is None else kept_count(keep_singular, k)
-    if n < k:
-        keep = torch.topk(s.abs(), n).indices.sort().values
-        U, s, Vh = U[:, keep], s[keep], Vh[keep]
-    pruning.layers[prefix] = (k, n, (out, inp))
-    return dense_from_factors(U, s, Vh)
-
-
-def lora_dense(prefix: str, state: dict, recipe: Recipe) -> torch.Tensor:
-    from sst_dist.lowrank import LoRALinear, merged
-
-    A, B = state.pop(f"{prefix}.lora_A").double(), state.pop(f"{prefix}.lora_B").double()
-    weight = state.pop(f"{prefix}.weight").double()
-    scaling = LoRALinear(A.shape[1], B.shape[0], A.shape[0], alpha=recipe.lora.alpha, device="meta").scaling
-    return merged(weight, A, B, scaling)
-
-
-def galore_dense(prefix: str, state: dict, recipe: Recipe) -> torch.Tensor:
-    from sst_dist.galore import merged_weight, projection_side
-
-    weight = state.pop(f"{prefix}.weight").double()
-    proj, B = state.pop(f"{prefix}.proj").double(), state.pop(f"{prefix}.B").double()
-    extra = state.pop(f"{prefix}.{EXTRA_STATE}", None)
-    decay = float(extra["decay"]) if isinstance(extra, dict) else 1.0
-    side = projection_side(tuple(weight.shape), recipe.galore.proj_type)
-    return merged_weight(weight, proj, B, decay, recipe.galore.scale, side)
-
-
 def dense_state_dict(state: dict, recipe: Recipe, keep_singular: float | None = None) -> tuple[dict, Pruning]:
     """An OPTForCausalLM state dict (float64) from a training model's: every method layer merged."""
     state = {k: v for k, v in state.items()}
@@ -196,14 +154,14 @@ def dense_state_dict(state: dict, recipe: Recipe, keep_singular: float | None = 
     for key in [k for k in state if k.startswith("lm_head.")]:
         del state[key]
     prefixes = sorted({key.rsplit(".", 1)[0] for key in state if "." in key})
+    layers = spec(recipe.method).layer_classes  # each merges its own entries (dense_from_state)
     dense = {}
     for prefix in prefixes:
-        if f"{prefix}.spectral" in state:
-            dense[f"{prefix}.weight"] = sst_dense(prefix, state, keep_singular, pruning)
-        elif f"{prefix}.lora_A" in state:
-            dense[f"{prefix}.weight"] = lora_dense(prefix, state, recipe)
-        elif f"{prefix}.proj" in state and f"{prefix}.B" in state:
-            dense[f"{prefix}.weight"] = galore_dense(prefix, state, recipe)
+        layer = next((cls for cls in layers if cls.owns_state(prefix, state)), None)
+        if layer is not None:
+            dense[f"{prefix}.weight"], pruned = layer.dense_from_state(prefix, state, recipe, keep_singular)
+            if pruned is not None:
+                pruning.layers[prefix] = pruned
     for key, value in state.items():
         if key.endswith(EXTRA_STATE):
             continue

@@ -287,6 +287,22 @@ class GaLoreLinear(nn.Module):
         # set by a GradientProbe whose pass covers this layer: makes its probe views
         self._probe: Callable[[torch.dtype, torch.device], torch.Tensor] | None = None
 
+    @staticmethod
+    def owns_state(prefix: str, state: dict) -> bool:
+        """Whether `prefix` in a checkpoint's state dict is a GaLoreLinear or GaLoreEmbedding (export)."""
+        return f"{prefix}.proj" in state and f"{prefix}.B" in state
+
+    @staticmethod
+    def dense_from_state(prefix: str, state: dict, recipe, keep_singular: float | None = None):
+        """Export: the layer's entries popped from `state` (its decay from the extra state),
+        merged into decay·W + scale·P·B (float64); (weight, None)."""
+        weight = state.pop(f"{prefix}.weight").double()
+        proj, B = state.pop(f"{prefix}.proj").double(), state.pop(f"{prefix}.B").double()
+        extra = state.pop(f"{prefix}._extra_state", None)  # get_extra_state's
+        decay = float(extra["decay"]) if isinstance(extra, dict) else 1.0
+        side = projection_side(tuple(weight.shape), recipe.galore.proj_type)
+        return merged_weight(weight, proj, B, decay, recipe.galore.scale, side), None
+
     def meta_init(self, m, name: str, drawn=None) -> None:
         """model.build meta (build.Materializer `m`): W and bias as the nn.Linear's (an
         embedding's, its padding row zero), the projector and B zero, as after from_linear."""

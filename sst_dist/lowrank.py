@@ -42,6 +42,19 @@ class LoRALinear(nn.Module):
         layer.lora_A.copy_(initial_A(rank, linear.in_features, generator, w.dtype))
         return layer
 
+    @staticmethod
+    def owns_state(prefix: str, state: dict) -> bool:
+        """Whether `prefix` in a checkpoint's state dict is a LoRALinear (export)."""
+        return f"{prefix}.lora_A" in state
+
+    @staticmethod
+    def dense_from_state(prefix: str, state: dict, recipe, keep_singular: float | None = None):
+        """Export: the layer's entries popped from `state`, merged into W + scale·B·A (float64); (weight, None)."""
+        A, B = state.pop(f"{prefix}.lora_A").double(), state.pop(f"{prefix}.lora_B").double()
+        weight = state.pop(f"{prefix}.weight").double()
+        scaling = LoRALinear(A.shape[1], B.shape[0], A.shape[0], alpha=recipe.lora.alpha, device="meta").scaling
+        return merged(weight, A, B, scaling), None
+
     def meta_init(self, m, name: str, drawn=None) -> None:
         """model.build meta (build.Materializer `m`): W and bias as an nn.Linear's; A Gaussian
         and B zero, as from_linear, A seeded by the layer's index as apply_lora seeds it."""

@@ -26,12 +26,12 @@ import torch
 from torch import nn
 
 from sst_dist.config import Recipe
-from sst_dist.galore import (GradientProbe, apply_galore, apply_galore_embedding, apply_weight_decay,
-                             refresh_from_probe)
-from sst_dist.lowrank import ReLoRAController, apply_lora
+from sst_dist.galore import (GaLoreLinear, GradientProbe, apply_galore, apply_galore_embedding,
+                             apply_weight_decay, refresh_from_probe)
+from sst_dist.lowrank import LoRALinear, ReLoRAController, apply_lora
 from sst_dist.registry import METHODS, galore_rank, spec  # noqa: F401 (METHODS: the registry, re-exported)
 from sst_dist.schedule import Schedule
-from sst_dist.sst import apply_sst
+from sst_dist.sst import SSTLinear, apply_sst
 from sst_dist.sst_controller import SSTController
 
 @dataclass
@@ -257,11 +257,11 @@ class GaLorePart(Hooks):
 Builder = Callable[[Recipe, nn.Module], Method]
 
 
-def register(name: str) -> Callable[[Builder], Builder]:
-    """Sets the builder of the method `name`, whose entry (what it supports, its checks) is in
-    sst_dist.registry.METHODS."""
+def register(name: str, layers: tuple = ()) -> Callable[[Builder], Builder]:
+    """Sets the builder of the method `name` and the classes of the layers it puts in; its entry
+    (what it supports, its checks) is in sst_dist.registry.METHODS."""
     def add(builder: Builder) -> Builder:
-        METHODS[name].builder = builder
+        METHODS[name].builder, METHODS[name].layer_classes = builder, tuple(layers)
         return builder
     return add
 
@@ -304,7 +304,7 @@ def _full(recipe: Recipe, model: nn.Module) -> Method:
     return Method("full", _schedule(recipe), frozen_dtype=frozen_dtype(recipe))
 
 
-@register("lora")
+@register("lora", layers=(LoRALinear,))
 def _lora(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
                         frozen_dtype=frozen_dtype(recipe))
@@ -313,7 +313,7 @@ def _lora(recipe: Recipe, model: nn.Module) -> Method:
                   frozen_dtype=frozen_dtype(recipe))
 
 
-@register("relora")
+@register("relora", layers=(LoRALinear,))
 def _relora(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
                         frozen_dtype=frozen_dtype(recipe))
@@ -322,7 +322,7 @@ def _relora(recipe: Recipe, model: nn.Module) -> Method:
                   frozen_dtype=frozen_dtype(recipe))
 
 
-@register("galore")
+@register("galore", layers=(GaLoreLinear,))
 def _galore(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_galore(model, galore_rank(recipe.galore.rank, recipe.rank), recipe.targets, **_galore_kw(recipe))
     schedule = _schedule(recipe)
@@ -341,13 +341,13 @@ def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
     return schedule, SSTPart(layers, params, schedule, init=recipe.sst.init, uniform_mix=recipe.sst.uniform_mix)
 
 
-@register("sst")
+@register("sst", layers=(SSTLinear,))
 def _sst(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
     return Method("sst", schedule, [sst], frozen_dtype=frozen_dtype(recipe))
 
 
-@register("sst+galore")
+@register("sst+galore", layers=(SSTLinear, GaLoreLinear))
 def _sst_galore(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
     # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head

@@ -30,7 +30,8 @@ def _never(recipe) -> bool:
 @dataclass
 class MethodSpec:
     """One method: its name, what it supports, its recipe checks; `builder` (Recipe, model) ->
-    sst_dist.methods.Method, set by sst_dist.methods when it registers the method."""
+    sst_dist.methods.Method and `layer_classes`, set by sst_dist.methods when it registers the
+    method."""
 
     name: str
     adapts: bool = True  # replaces the target linears: `targets` and `rank` apply
@@ -41,6 +42,9 @@ class MethodSpec:
     # whether torch.compile can trace a checkpointed block (its layers are not kept eager)
     compiles_checkpointed: Callable[[object], bool] = _never
     builder: Callable | None = None
+    # its layer classes (each merges its own checkpoint entries into a dense weight for the
+    # export: owns_state, dense_from_state), set with the builder
+    layer_classes: tuple = ()
 
     def check(self, recipe, target_dim: Callable[[], int]) -> None:
         """The method's own checks of `recipe`, one line each (ConfigError). target_dim(): the

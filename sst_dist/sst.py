@@ -12,6 +12,7 @@ clamp and renormalisation) is sst_dist.sst_controller.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable
 
 import numpy as np
@@ -259,6 +260,12 @@ def _effective_factors(U, Vh, spectral, idx, shape, dtype):
 
 # ----------------------------------------------------------------------------- the layer
 
+def kept_count(fraction: float, k: int) -> int:
+    """Singular values kept of k at fraction F: ceil(F·k), at least 1 (F·k rounded to 6 decimals
+    first, so that 0.1 · 30 keeps 3, not 4)."""
+    return max(1, math.ceil(round(fraction * k, 6)))
+
+
 class SSTLinear(nn.Module):
     """A linear layer trained in its spectral form. Parameters:
 
@@ -300,6 +307,26 @@ class SSTLinear(nn.Module):
         self.spectral = nn.Parameter(torch.empty(k + out_features * rank + rank * in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer("active_indices", torch.arange(rank, device=device))
+
+    @staticmethod
+    def owns_state(prefix: str, state: dict) -> bool:
+        """Whether `prefix` in a checkpoint's state dict is an SSTLinear (export)."""
+        return f"{prefix}.spectral" in state
+
+    @staticmethod
+    def dense_from_state(prefix: str, state: dict, recipe, keep_singular: float | None = None):
+        """Export: the layer's entries popped from `state`, merged into U diag(s) Vh (float64),
+        its ceil(F·k) largest singular values kept at keep_singular F; (weight, (k, kept, (out, in)))."""
+        U, Vh = state.pop(f"{prefix}.U"), state.pop(f"{prefix}.Vh")
+        idx = state.pop(f"{prefix}.active_indices").long()
+        (out, k), inp = U.shape, Vh.shape[1]
+        s, u_active, vh_active = split_spectral(state.pop(f"{prefix}.spectral").double(), out, idx.numel(), inp)
+        U, Vh = merged_factors(U.double(), Vh.double(), u_active, vh_active, idx)
+        n = k if keep_singular is None else kept_count(keep_singular, k)
+        if n < k:
+            keep = torch.topk(s.abs(), n).indices.sort().values
+            U, s, Vh = U[:, keep], s[keep], Vh[keep]
+        return dense_from_factors(U, s, Vh), (k, n, (out, inp))
 
     def meta_draw(self, m) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """model.build meta (build.Materializer `m`): U, s, Vh drawn on the device, in their
