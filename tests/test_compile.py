@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch._dynamo.utils import counters
 
-from sst_dist.config import METHODS, load_recipe
+from sst_dist.config import load_recipe
 from sst_dist.engines import distributed_context
 from sst_dist.errors import ConfigError
 from sst_dist.models import build_model, decoder_blocks
