@@ -10,6 +10,7 @@ from sst_dist.config import load_recipe
 from sst_dist.engines import distributed_context
 from sst_dist.errors import ConfigError
 from sst_dist.models import build_model, decoder_blocks
+from sst_dist.registry import METHODS
 from sst_dist.train import build_run, train_step
 
 STEPS = 6
