@@ -287,6 +287,18 @@ class GaLoreLinear(nn.Module):
         # set by a GradientProbe whose pass covers this layer: makes its probe views
         self._probe: Callable[[torch.dtype, torch.device], torch.Tensor] | None = None
 
+    # the G a refresh probe receives per forward: 2 for an embedding whose tied head sends its own
+    probe_views = 1
+
+    def footprint(self) -> dict:
+        """What sst_dist.memory counts beyond the parameters: x·Qᵀ kept for the backward (right
+        projector); the full G a refresh holds, and its probe views; and for GaLoreAdamW's own
+        accounting (the optimizer form), W trained in full with Adam's moments in B's shape and the
+        projector in the optimizer's state: (W, B, projector)."""
+        return {"saved_width": self.rank if self.side == "right" else 0,
+                "refresh_grad": (self.weight.numel(), self.probe_views),
+                "optimizer_form": (self.weight, self.B, self.proj)}
+
     @staticmethod
     def owns_state(prefix: str, state: dict) -> bool:
         """Whether `prefix` in a checkpoint's state dict is a GaLoreLinear or GaLoreEmbedding (export)."""
@@ -401,6 +413,7 @@ class GaLoreEmbedding(GaLoreLinear):
                                    self.decay, self.scale, self.side, self.padding_idx)
 
     def tied_head(self) -> "GaLoreTiedHead":
+        self.probe_views = 2
         return GaLoreTiedHead(self)
 
     def extra_repr(self) -> str:

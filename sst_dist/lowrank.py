@@ -36,6 +36,8 @@ class LoRALinear(nn.Module):
         w = linear.weight
         layer = cls(linear.in_features, linear.out_features, rank, linear.bias is not None,
                     alpha, device=w.device, dtype=w.dtype)
+        if w.is_meta:  # shapes only: sst_dist.build draws A when it materialises the layer
+            return layer
         layer.weight.copy_(w)
         if linear.bias is not None:
             layer.bias.copy_(linear.bias)
@@ -73,6 +75,10 @@ class LoRALinear(nn.Module):
     @torch.no_grad()
     def dense_weight(self) -> torch.Tensor:
         return self.weight + self.delta_weight()
+
+    def footprint(self) -> dict:
+        """What sst_dist.memory counts beyond the parameters: x·Aᵀ, kept for the backward."""
+        return {"saved_width": self.rank}
 
     def lowrank_parameters(self) -> list[nn.Parameter]:
         return [self.lora_A, self.lora_B]

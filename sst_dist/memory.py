@@ -4,8 +4,8 @@
         --rank 64 --zero 2 --gpus 8 --micro-batch 8 --seq 2048
 
 Parameters are counted, not re-derived: the real OPT model is built on the `meta` device and the
-real method layers (SSTLinear, LoRALinear, GaLoreLinear) are put in place of its linears, so a
-change in the code changes the numbers. Bytes per parameter follow DeepSpeed's mixed precision
+method's registered builder puts its real layers in place (each says what it holds beyond its
+parameters: `footprint()`), so a change in the code changes the numbers. Bytes per parameter follow DeepSpeed's mixed precision
 (its `estimate_zero2_model_states_mem_needs` counts 2 + 18/gpus bytes per parameter for ZeRO-2):
 
     bf16   weights 2, gradients 2, fp32 master 4, Adam 4 + 4; for the step, copies of the gradient
@@ -107,14 +107,8 @@ class ParamCounts:
     kept_weight: int = 0
     block: int = 0  # parameters of one decoder block (an FSDP unit), and of them trainable
     block_trainable: int = 0
-    largest_target: int = 0  # out x in of the largest targeted linear
-
-
-def _swap_linears(model: nn.Module, targets, make) -> list[nn.Module]:
-    """Replaces every nn.Linear whose attribute name is in `targets` by make(linear)."""
-    from sst_dist.surgery import swap_modules, target_linears
-
-    return list(swap_modules(model, target_linears(model, targets), lambda _, linear: make(linear)).values())
+    formed_weight: int = 0  # out x in of the largest W a layer forms while it computes (SST dense, functional)
+    uncast: int = 0  # trainable elements autocast keeps no bf16 copy of (SST's spectral, read as stored)
 
 
 @lru_cache(maxsize=64)
@@ -122,97 +116,66 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
                      sst_path: str = "dense", galore_form: str = "optimizer",
                      targets: tuple[str, ...] = OPT_TARGETS, seq: int = 2048,
                      vocab_size: int | None = None) -> ParamCounts:
-    """Builds the model on the meta device, applies the method's real layers, and counts.
-
-    GaLore targets: method 'galore' the recipe's targets (the linears of every decoder layer, as
-    the GaLore paper); 'sst+galore' the token embedding and its tied LM head (what the trainer's
-    apply_galore_embedding converts), the full-rank matrix that holds most of SST's state.
+    """Builds the model on the meta device, applies the method's registered builder (its real
+    layers, as the trainer does), and counts. What the parameters do not say, each layer says in
+    its `footprint()`: extra width kept for the backward (saved_width), a W kept (kept_weight) or
+    formed while it computes (formed_weight), trainable elements autocast does not copy (uncast),
+    a GaLore refresh's G (refresh_grad), GaLoreAdamW's own form (optimizer_form). The ages are the
+    elements of the method's resettable optimizer groups.
     """
-    from sst_dist.lowrank import LoRALinear
+    from sst_dist.config import GaLoreConfig, Recipe, SSTConfig
+    from sst_dist.methods import build_method
     from sst_dist.models import OPT_VOCAB, build_model
-    from sst_dist.sst import SSTLinear
 
     size = resolve_model(model)
     _validate_method(size, method, rank, galore_rank, sst_path, galore_form, targets)
-    galore_rank = resolve_galore_rank(galore_rank, rank)
-    targets = set(targets)
+    recipe = Recipe(method=method, rank=rank, targets=list(targets), sst=SSTConfig(path=sst_path),
+                    galore=GaLoreConfig(rank=galore_rank, proj_type=GALORE_PROJ_TYPE))
     with torch.device("meta"):
         net = build_model(size, vocab_size=vocab_size or OPT_VOCAB, seq_len=seq)
+    built = build_method(recipe, net)
 
-    def bias(linear):
-        return linear.bias is not None
+    sums = dict(saved_width=0, kept_weight=0, uncast=0)
+    formed = 0
+    refresh_grads: list[tuple[int, int]] = []
+    full_ids, low_ids, proj_ids = set(), set(), set()  # the optimizer form: W trained, B and P not parameters
+    for layer in built.layers.values():
+        footprint = layer.footprint()
+        if galore_form == "optimizer" and "optimizer_form" in footprint:
+            weight, low, proj = footprint["optimizer_form"]
+            full_ids.add(id(weight)), low_ids.add(id(low)), proj_ids.add(id(proj))
+            continue
+        for key in sums:
+            sums[key] += footprint.get(key, 0)
+        formed = max(formed, footprint.get("formed_weight", 0))
+        if "refresh_grad" in footprint:
+            refresh_grads.append(footprint["refresh_grad"])
+    groups = built.param_groups(net)
+    ages = sum(p.numel() for group in groups if group.get("resettable") for p in group["params"])
 
-    extra_width = kept_weight = ages = 0
-    refresh_grads: tuple[tuple[int, int], ...] = ()
-    largest_target = max((m.in_features * m.out_features for n, m in net.named_modules()
-                          if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets), default=0)
-    galore_params: list[nn.Parameter] = []
-    if method in ("lora", "relora"):  # ReLoRA* holds the same tensors; its merges are transient
-        made = _swap_linears(net, targets, lambda lin: LoRALinear(
-            lin.in_features, lin.out_features, rank, bias(lin), device="meta"))
-        extra_width += sum(layer.rank for layer in made)
-        if method == "relora":
-            ages = sum(p.numel() for layer in made for p in layer.lowrank_parameters())
-    if method in ("sst", "sst+galore"):
-        made = _swap_linears(net, targets, lambda lin: SSTLinear(
-            lin.in_features, lin.out_features, rank, bias(lin), path=sst_path, device="meta"))
-        ages = sum(layer.spectral.numel() for layer in made)
-        if sst_path == "factored":
-            extra_width += sum(layer.k for layer in made)
-        if sst_path in ("materialized", "functional"):  # functional: autograd keeps W to the backward
-            kept_weight = sum(layer.out_features * layer.in_features for layer in made)
-    if method == "galore" and galore_form == "layer":
-        from sst_dist.galore import GaLoreLinear
+    def kept(p):
+        return id(p) not in low_ids and id(p) not in proj_ids
 
-        made = _swap_linears(net, targets, lambda lin: GaLoreLinear(
-            lin.in_features, lin.out_features, galore_rank, bias(lin), proj_type=GALORE_PROJ_TYPE,
-            device="meta"))
-        extra_width += sum(layer.rank for layer in made if layer.side == "right")
-        refresh_grads = tuple((layer.weight.numel(), 1) for layer in made)
-    elif method == "galore":
-        galore_params = [net.get_submodule(name).weight for name in _target_names(net, targets)]
-    elif method == "sst+galore" and galore_form == "layer":
-        from sst_dist.galore import GaLoreEmbedding, GaLoreTiedHead, apply_galore_embedding
+    def trains(p):
+        return p.requires_grad or id(p) in full_ids
 
-        made = list(apply_galore_embedding(net, galore_rank, proj_type=GALORE_PROJ_TYPE).values())
-        # the tied head keeps x·Qᵀ (right projector) or nothing extra (left) for its backward
-        extra_width += sum(layer.rank for layer in made if layer.side == "right")
-        tied = isinstance(net.get_output_embeddings(), GaLoreTiedHead)
-        refresh_grads = tuple((layer.weight.numel(), 2 if tied and isinstance(layer, GaLoreEmbedding) else 1)
-                              for layer in made)
-    elif method == "sst+galore":
-        galore_params = [net.get_input_embeddings().weight]
-
-    moments = projectors = 0
-    galore_ids = {id(p) for p in galore_params}
-    if galore_params:
-        from sst_dist.galore import low_rank_shape, projection_side, projector_shape
-
-        for p in galore_params:
-            side = projection_side(p.shape, GALORE_PROJ_TYPE)
-            low = low_rank_shape(p.shape, galore_rank, side)
-            proj = projector_shape(p.shape, galore_rank, side)
-            moments += low[0] * low[1]
-            projectors += proj[0] * proj[1]
-
-    params = list(net.parameters())  # each tensor once: the tied LM head is not counted again
-    trainable = sum(p.numel() for p in params if p.requires_grad)
-    moments += sum(p.numel() for p in params if p.requires_grad and id(p) not in galore_ids)
-    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in net.modules())
-    block = net.get_decoder().layers[0]
+    params = [p for p in net.parameters() if kept(p)]  # each tensor once: the tied LM head is not counted again
+    trainable = sum(p.numel() for p in params if trains(p))
+    # one Adam moment: every trainable element, GaLoreAdamW's targets in their projected (B's) shape
+    moments = sum(p.numel() for p in params if trains(p) and id(p) not in full_ids)
+    moments += sum(p.numel() for p in net.parameters() if id(p) in low_ids)
+    projectors = sum(p.numel() for p in net.parameters() if id(p) in proj_ids)
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False) if kept(p)) for m in net.modules())
+    block = [p for p in net.get_decoder().layers[0].parameters() if kept(p)]
     return ParamCounts(
         total=sum(p.numel() for p in params), trainable=trainable,
-        frozen=sum(p.numel() for p in params if not p.requires_grad), moments=moments, ages=ages,
+        frozen=sum(p.numel() for p in params if not trains(p)), moments=moments, ages=ages,
         projectors=projectors, largest_module=largest,
         buffer_bytes=sum(b.numel() * b.element_size() for b in net.buffers()),
-        extra_saved_width=extra_width, refresh_grads=refresh_grads, kept_weight=kept_weight,
-        block=sum(p.numel() for p in block.parameters()),
-        block_trainable=sum(p.numel() for p in block.parameters() if p.requires_grad),
-        largest_target=largest_target)
-
-
-def _target_names(net: nn.Module, targets) -> list[str]:
-    return [n for n, m in net.named_modules() if isinstance(m, nn.Linear) and n.rsplit(".", 1)[-1] in targets]
+        extra_saved_width=sums["saved_width"], refresh_grads=tuple(refresh_grads),
+        kept_weight=sums["kept_weight"], block=sum(p.numel() for p in block),
+        block_trainable=sum(p.numel() for p in block if trains(p)), formed_weight=formed,
+        uncast=sums["uncast"])
 
 
 def _validate_method(size, method, rank, galore_rank, sst_path, galore_form, targets) -> None:
@@ -431,7 +394,7 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
                                                 vocab_size=vocab_size, checkpointing=checkpointing)
         # autocast keeps a bf16 copy of every trainable dense weight its matmuls used, through the
         # backward (SST's own function casts nothing: its frozen factors are read as stored)
-        gathered = 2 * (c.trainable - (c.ages if method in ("sst", "sst+galore") else 0))
+        gathered = 2 * (c.trainable - c.uncast)
     else:
         activations = activation_bytes(size, micro_batch, seq, extra_saved_width=c.extra_saved_width,
                                        vocab_size=vocab_size, checkpointing=checkpointing)
@@ -442,9 +405,7 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
         # a block's unsharded bf16 gradients and their fp32 cast for the reduce-scatter
         gathered += 6 * c.block_trainable
     # SST's dense path forms one layer's W (bf16) from an fp32 U·diag(s), and in the backward its G
-    transient = 0
-    if method in ("sst", "sst+galore") and sst_path in ("dense", "functional"):
-        transient = (4 + 2 + 2) * c.largest_target
+    transient = (4 + 2 + 2) * c.formed_weight
     kept = c.kept_weight * 2
     persistent = weights + optimizer + kept
     # The backward frees each block's saved activations (and, under the torch engine, the bf16

@@ -467,6 +467,17 @@ class SSTLinear(nn.Module):
     def dense_weight(self) -> torch.Tensor:
         return spectral_weight(*self._factors())
 
+    def footprint(self) -> dict:
+        """What sst_dist.memory counts beyond the parameters: x·Vhᵀ kept for the backward (factored);
+        W kept through the step (materialized) or by autograd to the backward (functional); one W
+        formed while it computes (dense, functional); `spectral`, which its own function reads as
+        stored (autocast keeps no bf16 copy of it)."""
+        dense = self.out_features * self.in_features
+        return {"saved_width": self.k if self.path == "factored" else 0,
+                "kept_weight": dense if self.path in ("materialized", "functional") else 0,
+                "formed_weight": dense if self.path in ("dense", "functional") else 0,
+                "uncast": self.spectral.numel()}
+
     def sst_parameters(self) -> list[nn.Parameter]:
         """The parameters trained at the low-rank learning rate (bias is full-rank)."""
         return [self.spectral]
