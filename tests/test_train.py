@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from conftest import ROOT, losses, pretrain, quiet_env, read_metrics
-from sst_dist.train import set_threads
+from sst_dist.runtime import set_threads
 
 
 @pytest.mark.parametrize("method", ["sst", "full", "lora", "relora", "galore", "sst+galore"])
