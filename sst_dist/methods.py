@@ -271,7 +271,9 @@ def build_method(recipe: Recipe, model: nn.Module) -> Method:
     builder = spec(recipe.method).builder
     if builder is None:
         raise NotImplementedError(f"method: {recipe.method!r} is not available in this build")
-    return builder(recipe, model)
+    method = builder(recipe, model)
+    method.frozen_dtype = frozen_dtype(recipe)
+    return method
 
 
 def _schedule(recipe: Recipe, **periodic) -> Schedule:
@@ -301,7 +303,7 @@ def _galore_part(recipe: Recipe, layers: dict, schedule: Schedule) -> GaLorePart
 
 @register("full")
 def _full(recipe: Recipe, model: nn.Module) -> Method:
-    return Method("full", _schedule(recipe), frozen_dtype=frozen_dtype(recipe))
+    return Method("full", _schedule(recipe))
 
 
 @register("lora", layers=(LoRALinear,))
@@ -309,8 +311,7 @@ def _lora(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
                         frozen_dtype=frozen_dtype(recipe))
     schedule = _schedule(recipe)
-    return Method("lora", schedule, [LowRankPart(layers, _lowrank(layers), schedule, resettable=False)],
-                  frozen_dtype=frozen_dtype(recipe))
+    return Method("lora", schedule, [LowRankPart(layers, _lowrank(layers), schedule, resettable=False)])
 
 
 @register("relora", layers=(LoRALinear,))
@@ -318,15 +319,14 @@ def _relora(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_lora(model, recipe.rank, recipe.targets, alpha=recipe.lora.alpha, seed=recipe.seed,
                         frozen_dtype=frozen_dtype(recipe))
     schedule = _schedule(recipe, steps_per_iteration=recipe.relora.reset_every)
-    return Method("relora", schedule, [ReLoRAPart(layers, _lowrank(layers), schedule, resettable=True)],
-                  frozen_dtype=frozen_dtype(recipe))
+    return Method("relora", schedule, [ReLoRAPart(layers, _lowrank(layers), schedule, resettable=True)])
 
 
 @register("galore", layers=(GaLoreLinear,))
 def _galore(recipe: Recipe, model: nn.Module) -> Method:
     layers = apply_galore(model, galore_rank(recipe.galore.rank, recipe.rank), recipe.targets, **_galore_kw(recipe))
     schedule = _schedule(recipe)
-    return Method("galore", schedule, [_galore_part(recipe, layers, schedule)], frozen_dtype=frozen_dtype(recipe))
+    return Method("galore", schedule, [_galore_part(recipe, layers, schedule)])
 
 
 def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
@@ -344,7 +344,7 @@ def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
 @register("sst", layers=(SSTLinear,))
 def _sst(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
-    return Method("sst", schedule, [sst], frozen_dtype=frozen_dtype(recipe))
+    return Method("sst", schedule, [sst])
 
 
 @register("sst+galore", layers=(SSTLinear, GaLoreLinear))
@@ -352,5 +352,4 @@ def _sst_galore(recipe: Recipe, model: nn.Module) -> Method:
     schedule, sst = _sst_part(recipe, model)
     # GaLore on the full-rank matrices SST leaves: the token embedding and its tied LM head
     layers = apply_galore_embedding(model, galore_rank(recipe.galore.rank, recipe.rank), **_galore_kw(recipe))
-    return Method("sst+galore", schedule, [sst, _galore_part(recipe, layers, schedule)],
-                  frozen_dtype=frozen_dtype(recipe))
+    return Method("sst+galore", schedule, [sst, _galore_part(recipe, layers, schedule)])
