@@ -18,8 +18,13 @@ its ceil(F·k) largest singular values (by |s|, per layer) before it is made den
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import logging
 import math
+import os
+import re
+import shutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +35,7 @@ from sst_dist import checkpoint, methods  # noqa: F401 (methods: registers each 
 from sst_dist.config import Recipe, _build, upgrade_saved, validate
 from sst_dist.errors import ConfigError, RunError
 from sst_dist.registry import METHODS, spec
+from sst_dist.rundir import write_atomic
 from sst_dist.sst import kept_count  # noqa: F401 (export --keep-singular's count, re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -91,7 +97,31 @@ def read_checkpoint(output_dir: str | Path, step: int | None = None) -> RunCheck
 
 def engine_state_dict(ckpt: RunCheckpoint) -> dict:
     """The training model's full state dict on the CPU (fp32 masters where the engine keeps them),
-    with its modules' extra state (GaLore's decay)."""
+    with its modules' extra state (GaLore's decay); RunError (one line) if the files do not read."""
+    try:
+        from torch.distributed.checkpoint.api import CheckpointException
+    except ImportError:  # a torch built without distributed: no DCP checkpoint to read either
+        CheckpointException = Exception  # noqa: N806
+    try:
+        return _engine_state_dict(ckpt)
+    except RunError:
+        raise
+    # a damaged file surfaces as anything from EOFError to RuntimeError; DCP's CheckpointException
+    # derives from BaseException, so `except Exception` alone would let its pages of traceback out
+    except (Exception, CheckpointException) as err:
+        raise RunError(f"{ckpt.path}: its {ckpt.engine} engine state does not read ({_first_line(err)}); "
+                       "export an older checkpoint with --step") from None
+
+
+def _first_line(err: BaseException) -> str:
+    failures = getattr(err, "failures", None)  # DCP: the first rank's own exception, not the report
+    if isinstance(failures, dict) and failures:
+        err = next(iter(failures.values()))[0]
+    lines = str(err).strip().splitlines()
+    return f"{type(err).__name__}: {lines[0].split('. ')[0][:200]}" if lines else type(err).__name__
+
+
+def _engine_state_dict(ckpt: RunCheckpoint) -> dict:
     if ckpt.engine == "torch":
         return torch.load(ckpt.path / "state.pt", map_location="cpu", weights_only=True)["model"]
     if ckpt.engine == "deepspeed":
@@ -102,10 +132,17 @@ def engine_state_dict(ckpt: RunCheckpoint) -> dict:
         from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
 
         # no process group: DCP reads every shard into full tensors on this one process (its
-        # warning says so; that is the intent here)
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
-            return _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(ckpt.path))["model"]
+        # warning says so; that is the intent here). A metadata file that does not read is logged
+        # by DCP to the root logger with its traceback before it raises: the raise is reported.
+        quiet = logging.getLogger()
+        hide = lambda record: "torch/distributed/checkpoint" not in record.pathname.replace("\\", "/")  # noqa: E731
+        quiet.addFilter(hide)
+        try:
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="torch.distributed is unavailable or uninitialized")
+                return _load_state_dict_from_keys(keys={"model"}, checkpoint_id=str(ckpt.path))["model"]
+        finally:
+            quiet.removeFilter(hide)
     raise RunError(f"{ckpt.path}: written by engine {ckpt.engine!r}, which this export does not read")
 
 
@@ -273,19 +310,147 @@ def hf_model(output_dir: str | Path, step: int | None = None, keep_singular: flo
 
 
 def export(output_dir: str | Path, out: str | Path, step: int | None = None, dtype: str = "fp32",
-           keep_singular: float | None = None) -> Exported:
+           keep_singular: float | None = None, force: bool = False) -> Exported:
     if dtype not in DTYPES:
         raise ConfigError(f"--dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    check_fraction(keep_singular)
     out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise RunError(f"--out {out}: is a file, not a folder")
-    model, ckpt, pruning = hf_model(output_dir, step, keep_singular, DTYPES[dtype])
-    tokenizer = hf_tokenizer(ckpt)
-    out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out)  # safetensors; the tied head is stored once
-    tokenizer.save_pretrained(out)
+    earlier = check_out(out, force)
+    ckpt = read_checkpoint(output_dir, step)
+    if keep_singular is not None:
+        check_prunable(ckpt)
+    # written beside --out, then moved in: save_pretrained deletes every other model-*.safetensors
+    # of the folder it writes, and a failure half way must leave --out as it was
+    with _staging(out) as staging:  # made before the checkpoint is read (minutes at 30B)
+        model, ckpt, pruning = hf_model(output_dir, step, keep_singular, DTYPES[dtype], ckpt)
+        tokenizer = hf_tokenizer(ckpt)
+        try:
+            model.save_pretrained(staging)  # safetensors; the tied head is stored once
+            tokenizer.save_pretrained(staging)
+        except Exception as err:  # OSError, or safetensors' own error wrapping the OS one
+            raise RunError(f"--out {out}: cannot write the export ({_write_error(err)}); nothing in "
+                           f"{out} changed") from None
+        record = {"written_by": "sst_dist.export", "checkpoint": str(ckpt.path), "step": ckpt.step,
+                  "dtype": dtype, "keep_singular": keep_singular}
+        _install(staging, out, earlier, record)
     dense_params = sum(p.numel() for p in model.parameters())
     return Exported(out, ckpt.path, ckpt.step, dense_params, pruning)
+
+
+# ----------------------------------------------------------------------------- the --out folder
+# An export never clobbers: it writes into an empty or new --out, and with --force replaces what
+# an earlier export wrote there (listed in MARKER), never a file it did not write.
+
+MARKER = "sst_dist_export.json"
+
+
+def _earlier_export(out: Path) -> list[str] | None:
+    """The names an earlier export wrote into `out` (from its MARKER), or None if it holds none."""
+    try:
+        record = json.loads((out / MARKER).read_text())
+    except (OSError, ValueError):
+        return None
+    names = record.get("files") if isinstance(record, dict) and record.get("written_by") == "sst_dist.export" else None
+    if not isinstance(names, list):
+        return None
+    # plain names inside `out` only: a damaged or edited list never reaches another folder
+    return [n for n in names if isinstance(n, str) and n not in ("", ".", "..", MARKER) and Path(n).name == n]
+
+
+def check_out(out: Path, force: bool) -> list[str]:
+    """Refuses an --out this export must not write, before anything is read; returns the names
+    an earlier export wrote there (replaced by this one): [] for a new or empty folder."""
+    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file, not a folder" if existing == out else f"is inside {existing}, which is a file"
+        raise RunError(f"--out {out} {where}")
+    if existing == out:
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise RunError(f"--out {out}: is read-only")
+        try:
+            empty = not any(out.iterdir())
+        except OSError as err:
+            raise RunError(f"--out {out}: cannot list it ({err.strerror})") from None
+        if not empty:
+            earlier = _earlier_export(out)
+            if earlier is None:
+                raise RunError(f"--out {out}: not empty, and no export wrote it (no {MARKER}); choose a new "
+                               "or empty folder (--force replaces only an earlier export)")
+            if not force:
+                raise RunError(f"--out {out}: holds an earlier export; add --force to replace it, or choose "
+                               "a new folder")
+            return earlier
+    return []
+
+
+@contextlib.contextmanager
+def _staging(out: Path):
+    """A fresh folder beside `out` (same filesystem: moved in by renames), removed on the way out,
+    with the parents of `out` this export made if it failed."""
+    made = [p for p in (out.parent, *out.parent.parents) if not p.exists()]
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        staging = out.parent / f".{out.name}.{os.getpid()}.partial"  # named by process: two exports never share one
+        shutil.rmtree(staging, ignore_errors=True)  # left by a killed export that had this pid
+        staging.mkdir()
+    except OSError as err:
+        _remove_empty(made)
+        raise RunError(f"--out {out}: cannot write in {out.parent} ({err.strerror})") from None
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _remove_empty(made)
+        raise
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    for folder in folders:  # deepest first
+        try:
+            folder.rmdir()
+        except OSError:
+            return
+
+
+def _write_error(err: Exception) -> str:
+    """'No space left on device' and the like from an OSError or a library's message wrapping one."""
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror + (f": {err.filename}" if err.filename else "")
+    # safetensors: "I/O error: No space left on device (os error 28)" or IoError(Os { message: "..." })
+    found = re.search(r'I/O error: ([^(\n]+?) \(os error|message: "([^"]+)"', str(err))
+    if found:
+        return found.group(1) or found.group(2)
+    return _first_line(err)
+
+
+def _install(staging: Path, out: Path, earlier: list[str], record: dict) -> None:
+    """Moves the staged export into `out`: the whole folder if `out` is new, else file by file,
+    replacing only `earlier` (what an earlier export wrote). MARKER always lists every file of
+    ours in `out`, so a kill half way leaves a folder that --force can still replace."""
+    new = sorted(p.name for p in staging.iterdir())
+    write_atomic(staging / MARKER, json.dumps({**record, "files": new}, indent=1))
+    try:
+        if not out.exists():
+            os.rename(staging, out)
+            return
+        ours = set(earlier)
+        clash = next((n for n in new if n not in ours and os.path.lexists(out / n)), None)
+        if clash is not None:
+            raise RunError(f"--out {out}: {clash} is there and no export wrote it; move it away or choose "
+                           "another folder")
+        write_atomic(out / MARKER, json.dumps({**record, "files": sorted(ours | set(new))}, indent=1))
+        for name in sorted(ours - set(new)) + new:
+            target = out / name
+            if target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            elif os.path.lexists(target) and name not in new:
+                target.unlink()
+        for name in new:
+            os.replace(staging / name, out / name)
+        os.replace(staging / MARKER, out / MARKER)
+    except OSError as err:
+        raise RunError(f"--out {out}: cannot move the export in ({_write_error(err)})") from None
 
 
 def parse_args(argv=None):
@@ -296,13 +461,15 @@ def parse_args(argv=None):
     p.add_argument("--dtype", choices=tuple(DTYPES), default="fp32", help="weights' dtype on disk")
     p.add_argument("--keep-singular", type=float, metavar="F",
                    help="SST only: keep the largest fraction F of each layer's singular values")
+    p.add_argument("--force", action="store_true",
+                   help="replace an earlier export in --out (only the files it wrote)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        done = export(args.output_dir, args.out, args.step, args.dtype, args.keep_singular)
+        done = export(args.output_dir, args.out, args.step, args.dtype, args.keep_singular, args.force)
     except (ConfigError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

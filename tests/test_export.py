@@ -214,6 +214,169 @@ def test_one_line_errors(runs, tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def export_error_line(proc) -> str:
+    """The export stopped with exit code 2 and one `error:` line, no traceback (transformers' bar
+    for the file it was writing may stand before it)."""
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and not ln.startswith("Writing model shards")]
+    assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr[-3000:]
+    return lines[0]
+
+
+def folder_state(folder):
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+def test_export_never_clobbers(runs, tmp_path):
+    """A non-empty --out is refused; --force replaces what an earlier export wrote there and
+    nothing else (save_pretrained alone would delete any other model-*.safetensors)."""
+    from safetensors import safe_open
+
+    from sst_dist.export import MARKER
+
+    run, _, _ = runs("full")
+    out = tmp_path / "hf"
+    export_cli("--output-dir", run, "--out", out)
+    first = folder_state(out)
+    written = json.loads((out / MARKER).read_text())["files"]
+    assert set(written) | {MARKER} == set(first) and "model.safetensors" in written
+
+    line = export_error_line(export_cli("--output-dir", run, "--out", out, "--dtype", "bf16", check=False))
+    assert f"--out {out}: holds an earlier export; add --force" in line
+    assert folder_state(out) == first
+
+    # the user's files stay; a file the earlier export listed and this one does not write goes
+    (out / "notes.md").write_text("mine")
+    (out / "model-00001-of-00002.safetensors").write_bytes(b"someone else's shard")
+    (out / "stale.bin").write_bytes(b"an earlier export's")
+    record = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps({**record, "files": record["files"] + ["stale.bin", "../escape"]}))
+    (tmp_path / "escape").write_text("outside --out")
+    export_cli("--output-dir", run, "--out", out, "--dtype", "bf16", "--force")
+    assert (out / "notes.md").read_text() == "mine"
+    assert (out / "model-00001-of-00002.safetensors").read_bytes() == b"someone else's shard"
+    assert not (out / "stale.bin").exists() and (tmp_path / "escape").read_text() == "outside --out"
+    with safe_open(out / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    assert json.loads((out / MARKER).read_text())["files"] == written
+
+    # --force never replaces what no export wrote: a folder without the marker, or a name it lacks
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    line = export_error_line(export_cli("--output-dir", run, "--out", other, "--force", check=False))
+    assert f"--out {other}: not empty, and no export wrote it (no {MARKER})" in line
+    record = json.loads((out / MARKER).read_text())
+    (out / MARKER).write_text(json.dumps({**record, "files": [n for n in record["files"] if n != "config.json"]}))
+    before = folder_state(out)
+    line = export_error_line(export_cli("--output-dir", run, "--out", out, "--force", check=False))
+    assert f"--out {out}: config.json is there and no export wrote it" in line
+    assert folder_state(out) == before and (other / "config.json").read_text() == "{}"
+    assert not list(tmp_path.glob(".*.partial"))  # the staging folders are gone
+
+
+def _limit_file_size():
+    import resource
+
+    resource.setrlimit(resource.RLIMIT_FSIZE, (200_000, 200_000))  # SIGXFSZ is ignored by Python: EFBIG
+
+
+@pytest.mark.parametrize("problem", ["damaged state.pt", "a file", "under a file", "read-only", "disk full"])
+def test_export_failures_are_one_line(runs, tmp_path, problem):
+    import shutil
+
+    from test_resume import _drop_file_permissions
+
+    run, _, _ = runs("full")
+    out, prefix, limit = tmp_path / "hf", [], None
+    if problem == "damaged state.pt":
+        run = shutil.copytree(run, tmp_path / "run")
+        state = next((run / "checkpoints").glob("step_*")) / "state.pt"
+        data = bytearray(state.read_bytes())
+        data[-200:] = bytes(b ^ 0xFF for b in data[-200:])  # same size: the checkpoint looks complete
+        state.write_bytes(data)
+        expected = "engine state does not read (RuntimeError: PytorchStreamReader failed"
+    elif problem == "a file":
+        out.write_text("x")
+        expected = f"--out {out} is a file, not a folder"
+    elif problem == "under a file":
+        (tmp_path / "file").write_text("x")
+        out = tmp_path / "file" / "hf"
+        expected = f"--out {out} is inside {tmp_path / 'file'}, which is a file"
+    elif problem == "read-only":
+        prefix = _drop_file_permissions()
+        if prefix is None:
+            pytest.skip("root without setpriv: permissions are not enforced")
+        out.mkdir()
+        out.chmod(0o555)
+        expected = f"--out {out}: is read-only"
+    else:
+        limit = _limit_file_size
+        out = tmp_path / "new" / "hf"
+        expected = f"--out {out}: cannot write the export (File too large); nothing in {out} changed"
+    before = sorted(p.name for p in tmp_path.iterdir())
+    proc = subprocess.run([*prefix, sys.executable, "-m", "sst_dist.export", "--output-dir", str(run), "--out",
+                           str(out)], cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300,
+                          preexec_fn=limit)
+    if problem == "read-only":
+        out.chmod(0o755)
+    assert expected in export_error_line(proc)
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no staging folder, no parents left
+
+
+def fsdp_run(run, tmp_path):
+    """A copy of a single-process run whose checkpoint is an FSDP2 one: its model in a DCP folder."""
+    import shutil
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    copy = shutil.copytree(run, tmp_path / "fsdp-run")
+    folder = next((copy / "checkpoints").glob("step_*"))
+    model = torch.load(folder / "state.pt", weights_only=True)["model"]
+    (folder / "state.pt").unlink()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # no process group: DCP says so
+        dcp.save({"model": model}, checkpoint_id=str(folder))
+    state = json.loads((folder / "trainer.json").read_text())
+    state["settings"]["engine"] = "fsdp"
+    state["files"] = {p.name: p.stat().st_size for p in folder.iterdir() if p.name != "trainer.json"}
+    (folder / "trainer.json").write_text(json.dumps(state))
+    return copy, folder
+
+
+def test_export_of_a_damaged_dcp_checkpoint_is_one_line(runs, tmp_path):
+    run, folder, _ = runs("full")
+    copy, ckpt = fsdp_run(run, tmp_path)
+    export_cli("--output-dir", copy, "--out", tmp_path / "good")  # the DCP folder itself reads
+    assert folder_state(tmp_path / "good")["model.safetensors"] == folder_state(folder)["model.safetensors"]
+    metadata = ckpt / ".metadata"
+    data = bytearray(metadata.read_bytes())
+    data[len(data) // 2:] = bytes(b ^ 0x5A for b in data[len(data) // 2:])  # same size
+    metadata.write_bytes(data)
+    proc = export_cli("--output-dir", copy, "--out", tmp_path / "hf", check=False)
+    assert f"{ckpt}: its fsdp engine state does not read (" in export_error_line(proc)
+    assert not (tmp_path / "hf").exists()
+
+
+def test_dcps_checkpoint_exception_is_caught(monkeypatch, tmp_path):
+    """DCP's CheckpointException derives from BaseException: `except Exception` misses it."""
+    import torch.distributed.checkpoint.state_dict_loader as loader
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from sst_dist.config import Recipe
+    from sst_dist.errors import RunError
+    from sst_dist.export import RunCheckpoint, engine_state_dict
+
+    def fail(**_):
+        raise CheckpointException("pages of report", {0: (ValueError("bad shard"), None)})
+
+    monkeypatch.setattr(loader, "_load_state_dict_from_keys", fail)
+    with pytest.raises(RunError) as err:
+        engine_state_dict(RunCheckpoint(tmp_path, 3, Recipe(), "fsdp", 8192))
+    assert str(err.value) == (f"{tmp_path}: its fsdp engine state does not read (ValueError: bad shard); "
+                              "export an older checkpoint with --step")
+
+
 # ----------------------------------------------------------------------------- pruning
 
 def test_keep_singular_one_is_the_plain_export_and_smaller_keeps_ceil(runs):
