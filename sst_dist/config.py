@@ -134,6 +134,7 @@ class DataConfig:
     val_fraction: float = 0.01
     num_proc: int = 0  # tokenizer processes; 0 = all cores
     max_docs: int | None = None  # stop preparing after this many documents
+    on_bad_file: str = "stop"  # source=local, a file that does not read (not UTF-8, a broken .gz): stop | skip
 
 
 @dataclass
@@ -329,6 +330,7 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))
     _choice("data.source", recipe.data.source, ("sample", "local", "openwebtext"))
+    _choice("data.on_bad_file", recipe.data.on_bad_file, ("stop", "skip"))
     _choice("wandb.mode", recipe.wandb.mode, WANDB_MODES)
     if recipe.model.init_from is not None:
         if recipe.model.build == "meta":

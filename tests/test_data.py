@@ -376,3 +376,119 @@ def test_a_changed_local_source_is_not_reused(tmp_path):
 
     shutil.rmtree(folder)
     assert prepare(cfg, progress=False) == folder  # prepared again from the new files
+
+
+# ----------------------------------------------------------------------------- bad local files
+
+def bad_files(src):
+    """Files that must not become training tokens, and the one line each gives (after its path)."""
+    import gzip
+
+    rng = np.random.default_rng(7)
+    blob = bytes(rng.integers(0, 256, 20_000, dtype=np.uint8))
+    (src / "blob.txt").write_bytes(blob)
+    latin = "Le café est fermé le dimanche, et la crème aussi.".encode("latin-1")
+    (src / "latin.txt").write_bytes(latin)
+    good = json.dumps({"text": "a good line"}).encode() + b"\n"
+    bad = b'{"text": "na\xefve"}\n'  # Latin-1 in a UTF-8 file
+    (src / "mixed.jsonl").write_bytes(good * 2 + bad)
+    text = gzip.compress(" ".join(make_docs(400)).encode())
+    (src / "cut.txt.gz").write_bytes(text[:len(text) // 2])
+    (src / "plain.txt.gz").write_bytes(b"plain text, never compressed")
+    try:
+        blob.decode("utf-8")
+    except UnicodeDecodeError as err:
+        blob_at = err.start
+    mixed_at = 2 * len(good) + bad.index(0xEF)
+    return {
+        "blob.txt": f"byte {blob_at:,} (0x{blob[blob_at]:02x}) is not UTF-8",
+        "latin.txt": f"byte {latin.index(b'caf') + 3} (0xe9) is not UTF-8",
+        "mixed.jsonl": f"byte {mixed_at} (0xef) is not UTF-8",
+        "cut.txt.gz": "truncated (the gzip stream ends early)",
+        "plain.txt.gz": "not a gzip file, though named .gz",
+    }
+
+
+@pytest.mark.parametrize("name", ["blob.txt", "latin.txt", "mixed.jsonl", "cut.txt.gz", "plain.txt.gz"])
+def test_a_bad_local_file_stops_prepare_naming_it(tmp_path, name):
+    """Local files were decoded with errors="replace": a binary blob became training tokens.
+    Now the first bad file stops `prepare` with one line naming it (and the byte), nothing of it
+    tokenized."""
+    cfg = local_cfg(tmp_path, make_docs(30))
+    src = tmp_path / "src"
+    expected = bad_files(src)
+    for other in set(expected) - {name}:
+        (src / other).unlink()
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False)
+    assert one_line(err).startswith(f"{src / name}: {expected[name]}"), str(err.value)
+    assert "data.on_bad_file=skip" in str(err.value)
+
+
+def test_on_bad_file_skip_leaves_each_bad_file_out_with_a_warning(tmp_path, capsys):
+    docs = make_docs(30)
+    want = prepare(local_cfg(tmp_path / "clean", docs), progress=False)
+    cfg = local_cfg(tmp_path / "dirty", docs, on_bad_file="skip")
+    src = tmp_path / "dirty" / "src"
+    expected = bad_files(src)
+    folder = prepare(cfg, progress=False)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == len(expected)
+    for name, problem in expected.items():
+        assert any(line.startswith(f"warning: {src / name}: {problem}") and line.endswith(
+            "; left out (data.on_bad_file=skip)") for line in warnings), (name, warnings)
+    # exactly the good files' tokens: mixed.jsonl's two good lines went with its bad one
+    for shard in sorted(p.name for p in want.glob("*.bin")):
+        assert (want / shard).read_bytes() == (folder / shard).read_bytes(), shard
+
+
+def test_on_bad_file_is_checked(tmp_path):
+    from sst_dist.config import load_recipe
+    from sst_dist.errors import ConfigError
+
+    with pytest.raises(ConfigError) as err:
+        load_recipe("recipes/tiny-sst.yaml", ["data.on_bad_file=ignore"])
+    assert str(err.value) == "data.on_bad_file: 'ignore' is not one of stop, skip"
+
+
+@pytest.mark.parametrize("edit, problem", [
+    (lambda m: m["settings"].pop("vocab_size"), "settings.vocab_size is missing"),
+    (lambda m: m.pop("complete"), "complete is missing"),
+    (lambda m: m["parts"][0]["train"].pop("crc32"), "parts[0].train.crc32 is missing"),
+    (lambda m: m["settings"].update(dtype="int8"), 'settings.dtype is "int8", not uint16 or uint32'),
+])
+def test_a_manifest_missing_fields_is_one_line(tmp_path, small_folder, edit, problem):
+    cfg, folder = _corrupt_copy(tmp_path, small_folder)
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    edit(manifest)
+    path.write_text(json.dumps(manifest))
+    for read in (lambda: open_data(cfg, seq_len=8, global_batch=2, seed=0), lambda: prepare(cfg, progress=False)):
+        with pytest.raises(DataError) as err:
+            read()
+        assert one_line(err) == f"{path}: {problem}; delete {folder} and prepare again"
+
+
+def test_a_write_error_during_prepare_is_one_line_and_leaves_no_partial_shard(tmp_path):
+    """RLIMIT_FSIZE makes a write past 700 kB fail (EFBIG) as a full disk would (ENOSPC): after
+    tokenizer.json (550 kB), in the first shard."""
+    import resource
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    src = write_local(tmp_path / "src", make_docs(20_000, seed=3), per_file=5_000)
+    cache = tmp_path / "cache"
+
+    def limit():
+        resource.setrlimit(resource.RLIMIT_FSIZE, (700_000, 700_000))  # Python ignores SIGXFSZ
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "sst_dist.data", "prepare", "--source", "local", "--path",
+                           str(src), "--tokenizer", "bundled", "--cache-dir", str(cache), "--num-proc", "1",
+                           "--quiet"], cwd=root, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, proc.stderr[-3000:]
+    folder = next(cache.iterdir())
+    assert lines[0].startswith(f"error: {folder / 'train_00000.bin.partial'}: cannot write (File too large)")
+    assert not list(folder.glob("*.partial")) and not list(folder.glob("*.bin"))

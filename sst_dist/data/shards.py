@@ -19,6 +19,7 @@ number of processes.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import hashlib
 import itertools
@@ -48,10 +49,44 @@ CHUNK_CHARS = 1 << 18  # characters per task: ~0.1 s of work, enough to hide the
 # ---------------------------------------------------------------- sources
 
 
+# A local file is read as UTF-8, strictly: errors="replace" had made a binary file, or a Latin-1
+# one, silently into training tokens. What does not read is a DataError naming the file (and the
+# byte), which data.on_bad_file turns into a stop or a skipped file (iter_documents).
+
+def _open(path: Path):
+    return gzip.open(path, "rb") if path.name.endswith(".gz") else open(path, "rb")
+
+
+@contextlib.contextmanager
+def _reading(path: Path):
+    """Turns a file that does not read (not gzip, cut short, unreadable) into a one-line DataError."""
+    try:
+        yield
+    except gzip.BadGzipFile:
+        raise DataError(f"{path}: not a gzip file, though named .gz") from None
+    except EOFError:
+        raise DataError(f"{path}: truncated (the gzip stream ends early)") from None
+    except zlib.error as err:
+        raise DataError(f"{path}: corrupt gzip data ({err})") from None
+    except OSError as err:
+        raise DataError(f"{path}: cannot read it ({err.strerror or err})") from None
+
+
+def _decode(path: Path, data: bytes, offset: int = 0) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as err:
+        where = "of its uncompressed text " if path.name.endswith(".gz") else ""
+        raise DataError(f"{path}: byte {offset + err.start:,} {where}(0x{data[err.start]:02x}) is not UTF-8;"
+                        " a binary file, or text in another encoding (convert it: iconv -t utf-8)") from None
+
+
 def _texts_jsonl(path: Path, field: str = "text") -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rt", encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
+    with _reading(path), _open(path) as f:
+        offset = 0
+        for n, raw in enumerate(f, 1):
+            line = _decode(path, raw, offset)
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
@@ -79,9 +114,9 @@ def _texts_parquet(path: Path) -> Iterator[str]:
 
 
 def _texts_txt(path: Path) -> Iterator[str]:
-    opener = gzip.open if path.name.endswith(".gz") else open
-    with opener(path, "rb") as f:
-        yield f.read().decode("utf-8", errors="replace")
+    with _reading(path), _open(path) as f:
+        data = f.read()
+    yield _decode(path, data)
 
 
 _READERS = {
@@ -95,6 +130,22 @@ def _reader(path: Path):
         if path.name.endswith(ext):
             return fn
     return None
+
+
+def _local_texts(path: Path, on_bad_file: str) -> Iterator[str]:
+    """A local file's documents, all or none: the whole file is read once before its first
+    document is used, so a bad file is left out whole (skip) or stops before any of it is
+    tokenized (stop), and the documents' numbering (split, resume) is the same either way."""
+    read = _reader(path)
+    try:
+        for _ in read(path):
+            pass
+    except DataError as err:
+        if on_bad_file == "skip":
+            print(f"warning: {err}; left out (data.on_bad_file=skip)", file=sys.stderr, flush=True)
+            return
+        raise DataError(f"{err}; fix or remove the file, or set data.on_bad_file=skip to leave it out") from None
+    yield from read(path)
 
 
 def local_files(folder: str | Path) -> list[Path]:
@@ -147,7 +198,7 @@ def iter_documents(cfg) -> Iterator[str]:
         if not cfg.path:
             raise DataError("data.path: required when data.source is 'local'")
         for path in local_files(cfg.path):
-            yield from _reader(path)(path)
+            yield from _local_texts(path, cfg.on_bad_file)
     elif cfg.source == "openwebtext":
         yield from _hf_texts(cfg.hf_dataset)
     else:
@@ -194,9 +245,44 @@ def read_manifest(folder: Path) -> dict | None:
         manifest = json.loads(path.read_text())
         if manifest.get("format") != FORMAT:
             raise ValueError
-        return manifest
     except (ValueError, OSError, AttributeError):
         raise DataError(f"{path}: corrupt or of another format; delete {folder} and prepare again") from None
+    wrong = _manifest_problem(manifest)
+    if wrong:
+        raise DataError(f"{path}: {wrong}; delete {folder} and prepare again")
+    return manifest
+
+
+def _manifest_problem(manifest: dict) -> str | None:
+    """The first field the readers need that is missing or of the wrong type (an edited or
+    damaged manifest), as a short phrase; None when all are there."""
+    def wrong(where, value, kind):
+        return f"{where} is missing" if value is None else f"{where} is {json.dumps(value)[:40]}, not {kind}"
+
+    settings, parts = manifest.get("settings"), manifest.get("parts")
+    if not isinstance(settings, dict):
+        return wrong("settings", settings, "an object")
+    if not isinstance(manifest.get("complete"), bool):
+        return wrong("complete", manifest.get("complete"), "true or false")
+    for key in ("vocab_size", "eos_id"):
+        if not isinstance(settings.get(key), int) or isinstance(settings.get(key), bool):
+            return wrong(f"settings.{key}", settings.get(key), "a whole number")
+    if settings.get("dtype") not in ("uint16", "uint32"):
+        return wrong("settings.dtype", settings.get("dtype"), "uint16 or uint32")
+    if not isinstance(settings.get("tokenizer"), str):
+        return wrong("settings.tokenizer", settings.get("tokenizer"), "a name")
+    if not isinstance(parts, list):
+        return wrong("parts", parts, "a list")
+    for i, part in enumerate(parts):
+        if not isinstance(part, dict) or not isinstance(part.get("docs"), int):
+            return wrong(f"parts[{i}].docs", part.get("docs") if isinstance(part, dict) else part, "a count")
+        for split in ("train", "val"):
+            shard = part.get(split)
+            for key, kind in (("file", str), ("tokens", int), ("crc32", int)):
+                value = shard.get(key) if isinstance(shard, dict) else None
+                if not isinstance(value, kind):
+                    return wrong(f"parts[{i}].{split}.{key}", value, "a name" if kind is str else "a number")
+    return None
 
 
 def source_files(cfg) -> dict | None:
@@ -297,30 +383,54 @@ def _ordered_map(pool, fn, tasks, window: int):
 # ---------------------------------------------------------------- prepare
 
 
+def cannot_write(path: Path, err: OSError) -> DataError:
+    return DataError(f"{path}: cannot write ({err.strerror or err}); free some space, or set data.cache_dir "
+                     "to another disk, and prepare again (it resumes)")
+
+
 class _ShardWriter:
     def __init__(self, path: Path):
         self.path = path
         self.partial = path.with_name(path.name + ".partial")
-        self.file = open(self.partial, "wb")
+        try:
+            self.file = open(self.partial, "wb")
+        except OSError as err:
+            raise cannot_write(self.partial, err) from None
         self.tokens = 0
         self.crc = 0
 
     def write(self, arr: np.ndarray) -> None:
         buf = arr.tobytes()
-        self.file.write(buf)
+        try:
+            self.file.write(buf)
+        except OSError as err:
+            raise cannot_write(self.partial, err) from None
         self.crc = zlib.crc32(buf, self.crc)
         self.tokens += arr.size
 
     def abort(self) -> None:
-        self.file.close()
+        try:
+            self.file.close()  # flushes: on a full disk, fails again
+        except OSError:
+            pass
         self.partial.unlink(missing_ok=True)
 
     def close(self) -> dict:
-        self.file.flush()
-        os.fsync(self.file.fileno())
-        self.file.close()
-        os.replace(self.partial, self.path)
+        try:
+            self.file.flush()
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.partial, self.path)
+        except OSError as err:
+            raise cannot_write(self.partial, err) from None
         return {"file": self.path.name, "tokens": self.tokens, "crc32": self.crc}
+
+
+def _write_manifest(folder: Path, manifest: dict) -> None:
+    try:
+        write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+    except OSError as err:
+        raise cannot_write(folder / MANIFEST, err) from None
 
 
 def _chunks(docs: Iterator[str], first: int, stop: int):
@@ -386,10 +496,13 @@ def prepare(cfg, progress: bool = True) -> Path:
         manifest["settings"]["source_files"] = settings["source_files"]
     else:
         manifest = {"format": FORMAT, "settings": settings, "parts": [], "complete": False}
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "tokenizer.json").write_text(tok.json)
-    for stale in folder.glob("*.partial"):
-        stale.unlink()
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "tokenizer.json").write_text(tok.json)
+        for stale in folder.glob("*.partial"):
+            stale.unlink()
+    except OSError as err:
+        raise cannot_write(Path(err.filename) if err.filename else folder / "tokenizer.json", err) from None
 
     num_proc = cfg.num_proc or os.cpu_count() or 1
     done = sum(part["docs"] for part in manifest["parts"])
@@ -420,12 +533,15 @@ def prepare(cfg, progress: bool = True) -> Path:
     else:
         _init_worker(*init)
         run = lambda tasks: map(_tokenize_chunk, tasks)  # noqa: E731
+    writers: list[_ShardWriter] = []  # the part in progress: its .partial files go if it fails
     try:
         while done < limit:
             stop = min(limit, done + DOCS_PER_PART)
             index = len(manifest["parts"])
             train = _ShardWriter(folder / f"train_{index:05d}.bin")
+            writers = [train]
             val = _ShardWriter(folder / f"val_{index:05d}.bin")
+            writers = [train, val]
             count = 0
             for tr, va, ndocs, _chars in run(_chunks(docs, done, stop)):
                 train.write(tr)
@@ -438,10 +554,15 @@ def prepare(cfg, progress: bool = True) -> Path:
                 val.abort()
                 break
             manifest["parts"].append({"docs": count, "train": train.close(), "val": val.close()})
+            writers = []
             done += count
-            write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+            _write_manifest(folder, manifest)
             if done < stop:  # the source ran out inside this part
                 break
+    except BaseException:
+        for writer in writers:  # a full disk is not left fuller by a part that cannot finish
+            writer.abort()
+        raise
     finally:
         if pool is not None:
             pool.terminate()
@@ -454,5 +575,5 @@ def prepare(cfg, progress: bool = True) -> Path:
     manifest["docs"] = done
     for split in ("train", "val"):
         manifest[f"{split}_tokens"] = sum(part[split]["tokens"] for part in manifest["parts"])
-    write_atomic(folder / MANIFEST, json.dumps(manifest, indent=1))
+    _write_manifest(folder, manifest)
     return folder
