@@ -48,6 +48,8 @@ CASES = {
                "error: --ds-config {tmp}/ds.json: expected a JSON object {...}, got [1, 2]"),
     "zero-3": (lambda tmp: (TINY, ["--ds-config", ds_config(tmp, zero_optimization=3)]),
                "error: --ds-config {tmp}/ds.json: zero_optimization is 3; write it as an object"),
+    "fp16-cpu": (lambda tmp: (TINY, ["--ds-config", ds_config(tmp, fp16={"enabled": True})]),
+                 'error: --ds-config {tmp}/ds.json: fp16 is {"enabled": true}, but the recipe owns the precision'),
     # were silent
     "bf16-deepspeed-cpu": (lambda tmp: (TINY, ["--ds-config", "ds_configs/zero2.json", "--set", "train.dtype=bfloat16"]),
                            "error: train.dtype: bfloat16 under DeepSpeed needs a GPU"),
@@ -81,7 +83,8 @@ def test_the_ds_config_is_a_json_object_with_a_known_stage(tmp_path):
                         ('{"zero_optimization": {"stage": true}}', ["stage is true"]),
                         ('{"zero_optimization": {"stage": 2}, "optimizer": "AdamW"}', ["optimizer is \"AdamW\""]),
                         ('{"zero_optimization": {"stage": 2}, "scheduler": {"type": "WarmupLR"}}',
-                         ["scheduler", "optim.warmup_steps", "remove"])]:
+                         ["scheduler", "optim.warmup_steps", "remove"]),
+                        ('{"zero_optimization": {"stage": 2}, "fp16": true}', ["fp16 is true", "train.dtype"])]:
         with pytest.raises(ConfigError) as err:
             read_ds_config(write(tmp_path / "ds.json", text), recipe)
         assert "\n" not in str(err.value) and all(w in str(err.value) for w in words), (text, str(err.value))
@@ -105,6 +108,15 @@ def test_an_optimizer_setting_that_contradicts_the_recipe_names_both(tmp_path, k
     config = load_ds_config(path, recipe, device=torch.device("cpu"), dtype=torch.float32, micro_batch=4,
                             accumulation=1, world_size=2)
     assert config["optimizer"]["params"] == equal
+
+
+def test_fp16_auto_or_off_passes_and_reaches_deepspeed_off(tmp_path):
+    """DeepSpeed reads "auto" as true; the recipe owns the precision and has no fp16."""
+    recipe = load_recipe("recipes/tiny-sst.yaml")
+    fill = dict(device=torch.device("cpu"), dtype=torch.float32, micro_batch=4, accumulation=1, world_size=2)
+    for value in ("auto", False):
+        config = load_ds_config(ds_config(tmp_path, fp16={"enabled": value, "loss_scale": 0}), recipe, **fill)
+        assert config["fp16"] == {"enabled": False, "loss_scale": 0}
 
 
 def test_deepspeeds_per_step_device_waits_are_off_unless_a_config_asks_for_them(tmp_path):

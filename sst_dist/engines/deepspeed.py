@@ -212,6 +212,12 @@ def read_ds_config(path: str | None, recipe) -> dict:
         raise ConfigError(f"{where}: model.compile under ZeRO-3 compiles nothing (dynamo traces ZeRO-3's "
                           "parameter hooks in every block and recompiles each past its limit, leaving them "
                           "eager); use ZeRO-1/2 or --engine fsdp, or --set model.compile=false")
+    fp16 = config.get("fp16")
+    if fp16 is not None and (not isinstance(fp16, dict) or fp16.get("enabled", False) not in (False, "auto")):
+        # the recipe owns the precision (train.dtype); DeepSpeed's fp16 fails on CPU ranks and cannot
+        # be combined with the bf16 the trainer turns on for a GPU
+        raise ConfigError(f"{where}: fp16 is {_json(fp16)[:60]}, but the recipe owns the precision "
+                          "(train.dtype: float32, or bfloat16 on a GPU); remove the fp16 section")
     if "scheduler" in config:
         raise ConfigError(f"{where}: has a scheduler, but the recipe owns the lr schedule (optim.warmup_steps,"
                           " optim.rewarm_steps); remove the scheduler section")
@@ -255,6 +261,8 @@ def load_ds_config(path: str | None, recipe, *, device, dtype, micro_batch, accu
                               f" set it to \"auto\"")
         config[key] = value
     config.setdefault("bf16", {})["enabled"] = bf16
+    if "fp16" in config:
+        config["fp16"]["enabled"] = False  # "auto" would read as true to DeepSpeed; read_ds_config allows no other
     # the trainer's divergence guard stops a run at a non-finite loss or gradient norm before any
     # save; DeepSpeed's own overflow check would test every gradient again and wait for the device
     config["bf16"].setdefault("check_grad_overflow", False)
