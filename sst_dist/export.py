@@ -11,6 +11,9 @@ the nn.Linear (or embedding) it computes, by the method's own formulas: SST's U 
 the trained active vectors merged in (sst.spectral_weight), LoRA / ReLoRA*'s W + scale·B·A
 (lowrank.merged), GaLore's decay·W + scale·P·B (galore.merged_weight).
 
+`--out` must be new or empty: `--force` replaces an earlier export there (the files its
+sst_dist_export.json lists) and never another file.
+
 `--keep-singular F` prunes at inference (docs/design.md §1, the paper's App. G): each SST layer keeps
 its ceil(F·k) largest singular values (by |s|, per layer) before it is made dense.
 """
@@ -33,7 +36,7 @@ import torch
 
 from sst_dist import checkpoint, methods  # noqa: F401 (methods: registers each method's layer classes)
 from sst_dist.config import Recipe, _build, upgrade_saved, validate
-from sst_dist.errors import ConfigError, RunError
+from sst_dist.errors import ConfigError, DataError, RunError
 from sst_dist.registry import METHODS, spec
 from sst_dist.rundir import write_atomic
 from sst_dist.sst import kept_count  # noqa: F401 (export --keep-singular's count, re-exported)
@@ -134,8 +137,10 @@ def _engine_state_dict(ckpt: RunCheckpoint) -> dict:
         # no process group: DCP reads every shard into full tensors on this one process (its
         # warning says so; that is the intent here). A metadata file that does not read is logged
         # by DCP to the root logger with its traceback before it raises: the raise is reported.
+        def hide(record: logging.LogRecord) -> bool:
+            return "torch/distributed/checkpoint" not in record.pathname.replace("\\", "/")
+
         quiet = logging.getLogger()
-        hide = lambda record: "torch/distributed/checkpoint" not in record.pathname.replace("\\", "/")  # noqa: E731
         quiet.addFilter(hide)
         try:
             with warnings.catch_warnings():
@@ -243,9 +248,12 @@ def hf_tokenizer(ckpt: RunCheckpoint):
 
     from sst_dist.data.tokenizer import OPT_NAME, load_tokenizer
 
+    from sst_dist.data.shards import read_manifest
+
     folder = data_folder(ckpt)
-    if folder is not None:
-        settings = json.loads((folder / "manifest.json").read_text())["settings"]
+    manifest = read_manifest(folder) if folder is not None else None  # DataError (one line) if damaged
+    if manifest is not None:
+        settings = manifest["settings"]
         name, tok_json, eos_id = settings["tokenizer"], (folder / "tokenizer.json").read_text(), settings["eos_id"]
     else:
         print(f"warning: the run's prepared data is not under {ckpt.recipe.data.cache_dir}/; taking its "
@@ -429,8 +437,8 @@ def _install(staging: Path, out: Path, earlier: list[str], record: dict) -> None
     replacing only `earlier` (what an earlier export wrote). MARKER always lists every file of
     ours in `out`, so a kill half way leaves a folder that --force can still replace."""
     new = sorted(p.name for p in staging.iterdir())
-    write_atomic(staging / MARKER, json.dumps({**record, "files": new}, indent=1))
     try:
+        write_atomic(staging / MARKER, json.dumps({**record, "files": new}, indent=1))
         if not out.exists():
             os.rename(staging, out)
             return
@@ -470,7 +478,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         done = export(args.output_dir, args.out, args.step, args.dtype, args.keep_singular, args.force)
-    except (ConfigError, RunError) as err:
+    except (ConfigError, DataError, RunError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     line = f"exported {done.checkpoint} (step {done.step}) to {done.folder}: {done.dense_params:,} parameters"
