@@ -60,8 +60,9 @@ class Materializer:
     def __init__(self, model: nn.Module, *, seed: int, device, dtype=torch.float32, init: str = "auto",
                  frozen_dtype: torch.dtype | None = None, uniform_mix: bool = False, rank: int = 0,
                  world_size: int = 1):
-        config = getattr(model, "config", None)
-        self.std = getattr(config, "init_std", 0.02)
+        from sst_dist.models import init_std
+
+        self.std = init_std(getattr(model, "config", None))
         self.names = {id(m): n for n, m in model.named_modules()}
         # a method layer's position among the layers of its class, in model order: its surgery's
         # order, which seeds its draws as the dense build seeds them
@@ -89,9 +90,11 @@ class Materializer:
                 sub.meta_init(self, name, drawn.pop(id(sub), None))
             elif isinstance(sub, (nn.Linear, nn.Embedding)):
                 self.dense(sub, name)
-            elif isinstance(sub, nn.LayerNorm):
+            elif isinstance(sub, nn.LayerNorm) or type(sub).__name__.endswith("RMSNorm"):
                 self.fill(sub, "weight", 1.0)
                 self.fill(sub, "bias", 0.0)
+            elif hasattr(sub, "rope_init_fn") or hasattr(sub, "compute_default_rope_parameters"):
+                self.rotary(sub)
             else:
                 raise NotImplementedError(f"model.build meta: no initialisation for {type(sub).__name__} "
                                           f"({name}); use model.build=dense")
@@ -123,6 +126,19 @@ class Materializer:
         if param is not None and param.is_meta:
             _swap_in(param, torch.full(param.shape, value, device=self.device, dtype=self.storage(param)))
 
+    def rotary(self, module):
+        """A rotary embedding's inverse frequencies (non-persistent buffers, computed, not drawn),
+        in float32 as transformers keeps them."""
+        from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+        config = module.config
+        kind = config.rope_parameters["rope_type"]
+        compute = module.compute_default_rope_parameters if kind == "default" else ROPE_INIT_FUNCTIONS[kind]
+        with torch.device("cpu"):
+            inv_freq, module.attention_scaling = compute(config)
+        module.inv_freq = inv_freq.float().to(self.device)
+        module.original_inv_freq = module.inv_freq.clone()
+
     def dense(self, module, name):
         """`weight` and `bias` as OPTPreTrainedModel._init_weights draws an nn.Linear's /
         nn.Embedding's: N(0, init_std²), the padding row zero, the bias zero."""
@@ -139,7 +155,7 @@ class Materializer:
 
 
 def build_on_meta(size: str, **model_kwargs) -> nn.Module:
-    """The OPT model of `size`, on the meta device: shapes, no memory."""
+    """The model of `size` (its family's), on the meta device: shapes, no memory."""
     from sst_dist.models import build_model
 
     with torch.device("meta"):

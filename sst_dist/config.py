@@ -17,7 +17,7 @@ from pathlib import Path
 import yaml
 
 from sst_dist.errors import ConfigError
-from sst_dist.registry import METHODS, OPT_TARGETS  # noqa: F401 (re-exported: a recipe's choices)
+from sst_dist.registry import METHODS, OPT_TARGETS, TARGETS, family  # noqa: F401 (re-exported: a recipe's choices)
 SST_PATHS = ("dense", "materialized", "factored", "functional")  # how an SSTLinear computes (SSTConfig.path)
 WANDB_MODES = ("offline", "online", "disabled")
 FROZEN_DTYPES = ("float32", "bfloat16")  # model.frozen_dtype
@@ -30,7 +30,8 @@ ENV_DEFAULTS = {"WANDB_MODE": ("wandb.mode", WANDB_MODES), "WANDB_PROJECT": ("wa
 
 @dataclass
 class ModelConfig:
-    size: str = "tiny"  # a key of sst_dist.models.OPT_SIZES
+    # a key of sst_dist.models.MODEL_SIZES: OPT's (tiny, 125m .. 66b) or LLaMA's (llama-tiny, llama-60m ..)
+    size: str = "tiny"
     seq_len: int = 128
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (any method)
@@ -161,7 +162,7 @@ class WandbConfig:
 class Recipe:
     method: str = "sst"
     rank: int = 64
-    targets: list[str] = field(default_factory=lambda: list(OPT_TARGETS))
+    targets: list[str] | None = None  # None: every target linear of the model's family (registry.TARGETS)
     seed: int = 0
     model: ModelConfig = field(default_factory=ModelConfig)
     sst: SSTConfig = field(default_factory=SSTConfig)
@@ -309,13 +310,16 @@ def _unit_interval(key: str, value: float) -> None:
 
 
 def validate(recipe: Recipe) -> Recipe:
-    from sst_dist.models import OPT_SIZES, attn_implementations, min_target_dim
+    from sst_dist.models import MODEL_SIZES, attn_implementations, min_target_dim
 
     _choice("method", recipe.method, METHODS)
-    _choice("model.size", recipe.model.size, tuple(OPT_SIZES))
+    _choice("model.size", recipe.model.size, tuple(MODEL_SIZES))
     _choice("model.attn_implementation", recipe.model.attn_implementation, attn_implementations())
+    choices = TARGETS[family(recipe.model.size)]
+    if recipe.targets is None:
+        recipe.targets = list(choices)
     for t in recipe.targets:
-        _choice("targets", t, OPT_TARGETS)
+        _choice("targets", t, choices)
     if recipe.rank <= 0:
         raise ConfigError(f"rank: {recipe.rank} must be a positive integer")
     _choice("sst.path", recipe.sst.path, SST_PATHS)

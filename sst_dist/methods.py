@@ -29,6 +29,7 @@ from sst_dist.config import Recipe
 from sst_dist.galore import (GaLoreLinear, GradientProbe, apply_galore, apply_galore_embedding,
                              apply_weight_decay, refresh_from_probe)
 from sst_dist.lowrank import LoRALinear, ReLoRAController, apply_lora
+from sst_dist.models import init_std
 from sst_dist.registry import METHODS, galore_rank, spec  # noqa: F401 (METHODS: the registry, re-exported)
 from sst_dist.schedule import Schedule
 from sst_dist.sst import SSTLinear, apply_sst
@@ -332,7 +333,7 @@ def _galore(recipe: Recipe, model: nn.Module) -> Method:
 def _sst_part(recipe: Recipe, model: nn.Module) -> tuple[Schedule, SSTPart]:
     layers = apply_sst(model, recipe.rank, recipe.targets, seed=recipe.seed, path=recipe.sst.path,
                        uniform_mix=recipe.sst.uniform_mix, init=recipe.sst.init,
-                       init_std=getattr(getattr(model, "config", None), "init_std", 0.02),
+                       init_std=init_std(getattr(model, "config", None)),
                        frozen_dtype=frozen_dtype(recipe))
     k = max(layer.k for layer in layers.values())
     schedule = _schedule(recipe, steps_per_iteration=recipe.sst.steps_per_iteration,

@@ -1,4 +1,7 @@
-"""OPT models by size name, built from config (no download): the published shapes plus `tiny`."""
+"""Models by size name, built from config (no download), in two families: OPT (its published
+shapes plus `tiny`) and LLaMA-style decoders (`llama-*`: GaLore's published shapes plus
+`llama-tiny`). A size's family (sst_dist.registry.family) decides the transformers class, its
+config, the target linears and the vocabulary; the rest of the project asks here."""
 
 from __future__ import annotations
 
@@ -8,10 +11,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from transformers import OPTConfig, OPTForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 from sst_dist.errors import ConfigError
 from sst_dist.hub import hub_reachable
+from sst_dist.registry import family
 
 # hidden, layers, heads, ffn (Zhang et al. 2022, Table 1; HF facebook/opt-* configs)
 OPT_SIZES: dict[str, dict] = {
@@ -29,13 +33,44 @@ OPT_SIZES: dict[str, dict] = {
 }
 OPT_VOCAB = 50272  # the OPT tokenizer's 50265 entries padded to a multiple of 8
 
+# hidden, intermediate (SwiGLU), heads, layers: GaLore's configs (Zhao et al. 2024, configs/llama_*.json),
+# which APOLLO's and Fira's tables share; llama-tiny trains on a CPU in seconds (k = 64, as OPT's tiny)
+LLAMA_SIZES: dict[str, dict] = {
+    "llama-tiny": dict(hidden_size=64, intermediate_size=176, num_attention_heads=4, num_hidden_layers=2),
+    "llama-60m": dict(hidden_size=512, intermediate_size=1376, num_attention_heads=8, num_hidden_layers=8),
+    "llama-130m": dict(hidden_size=768, intermediate_size=2048, num_attention_heads=12, num_hidden_layers=12),
+    "llama-350m": dict(hidden_size=1024, intermediate_size=2736, num_attention_heads=16, num_hidden_layers=24),
+    "llama-1b": dict(hidden_size=2048, intermediate_size=5461, num_attention_heads=32, num_hidden_layers=24),
+    "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
+}
+MODEL_SIZES: dict[str, dict] = {**OPT_SIZES, **LLAMA_SIZES}  # model.size's choices
+
+
+def sizes_of(size: str) -> dict[str, dict]:
+    """The sizes of `size`'s family."""
+    return LLAMA_SIZES if family(size) == "llama" else OPT_SIZES
+
 
 def target_shapes(size: str) -> dict[str, tuple[int, int]]:
     """(out, in) of each targetable linear in one decoder layer."""
-    dims = OPT_SIZES[size]
-    h, f = dims["hidden_size"], dims["ffn_dim"]
+    dims = MODEL_SIZES[size]
+    h = dims["hidden_size"]
+    if family(size) == "llama":
+        f = dims["intermediate_size"]
+        attn = {name: (h, h) for name in ("q_proj", "k_proj", "v_proj", "o_proj")}
+        return {**attn, "gate_proj": (f, h), "up_proj": (f, h), "down_proj": (h, f)}
+    f = dims["ffn_dim"]
     attn = {name: (h, h) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
     return {**attn, "fc1": (f, h), "fc2": (h, f)}
+
+
+def model_vocab(size: str, data_vocab: int) -> int:
+    """The embedding rows of a `size` model trained on data of `data_vocab` tokens: the tokenizer's
+    own for LLaMA and OPT's tiny; OPT's published 50272 (or more) for its other sizes, so an OPT
+    checkpoint keeps its shapes."""
+    if family(size) == "llama" or size == "tiny":
+        return data_vocab
+    return max(OPT_VOCAB, data_vocab)
 
 
 def min_target_dim(size: str, targets) -> int:
@@ -58,6 +93,47 @@ def opt_config(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
     )
     config._attn_implementation = attn_implementation
     return config
+
+
+def llama_config(size: str, vocab_size: int, seq_len: int = 2048,
+                 attn_implementation: str = "sdpa") -> LlamaConfig:
+    """GaLore's LLaMA settings: RMSNorm eps 1e-6, SiLU gates, rotary positions, no biases, an untied
+    head, init N(0, 0.02²); no dropout."""
+    dims = LLAMA_SIZES[size]
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        max_position_embeddings=seq_len,
+        num_key_value_heads=dims["num_attention_heads"],
+        rms_norm_eps=1e-6,
+        initializer_range=0.02,
+        hidden_act="silu",
+        tie_word_embeddings=False,
+        attention_dropout=0.0,
+        pad_token_id=None,  # no padding row: every id is a token of the data
+        **dims,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def model_config(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048, attn_implementation: str = "sdpa"):
+    """The transformers config of a model.size, of its family."""
+    make = llama_config if family(size) == "llama" else opt_config
+    return make(size, vocab_size, seq_len, attn_implementation)
+
+
+def model_class(size: str) -> type:
+    return LlamaForCausalLM if family(size) == "llama" else OPTForCausalLM
+
+
+def tied_head(size: str) -> bool:
+    """Whether the LM head is the token embedding: OPT ties them, LLaMA does not."""
+    return family(size) == "opt"
+
+
+def init_std(config) -> float:
+    """The std of a fresh model's N(0, std²) weights (OPT calls it init_std, LLaMA initializer_range)."""
+    return getattr(config, "init_std", None) or getattr(config, "initializer_range", 0.02)
 
 
 def attn_implementations() -> tuple[str, ...]:
@@ -129,8 +205,8 @@ def compile_blocks(model: torch.nn.Module, method_layers=()) -> int:
 
 
 def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
-                attn_implementation: str = "sdpa", init_from: str | None = None) -> OPTForCausalLM:
-    model = OPTForCausalLM(opt_config(size, vocab_size, seq_len, attn_implementation))
+                attn_implementation: str = "sdpa", init_from: str | None = None) -> nn.Module:
+    model = model_class(size)(model_config(size, vocab_size, seq_len, attn_implementation))
     if init_from is not None:
         load_init_weights(model, init_from, size)
     return model
@@ -138,31 +214,43 @@ def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
 
 # ----------------------------------------------------------------------------- model.init_from
 
-_ARCHITECTURE = ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "word_embed_proj_dim",
-                 "do_layer_norm_before")
+# the keys of a family's config that fix its weights' shapes (the size), with the config's defaults
+_ARCHITECTURE = {
+    "opt": ("hidden_size", "num_hidden_layers", "num_attention_heads", "ffn_dim", "word_embed_proj_dim",
+            "do_layer_norm_before"),
+    "llama": ("hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+              "intermediate_size", "tie_word_embeddings"),
+}
 _HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
 
 
-def _architecture(config: dict) -> dict:
-    """The keys of an OPT config that fix its weights' shapes (the size), with OPTConfig's defaults."""
-    defaults = {"word_embed_proj_dim": config.get("hidden_size"), "do_layer_norm_before": True}
-    return {key: config.get(key, defaults.get(key)) for key in _ARCHITECTURE}
+def _architecture(config: dict, kind: str) -> dict:
+    defaults = {"word_embed_proj_dim": config.get("hidden_size"), "do_layer_norm_before": True,
+                "num_key_value_heads": config.get("num_attention_heads"), "tie_word_embeddings": kind == "opt"}
+    return {key: config.get(key, defaults.get(key)) for key in _ARCHITECTURE[kind]}
+
+
+def _ours(size: str) -> dict:
+    kind = family(size)
+    return _architecture(model_config(size, vocab_size=16, seq_len=16).to_dict(), kind)
 
 
 def _size_mismatch(path, theirs: dict, size: str) -> str | None:
-    ours = _architecture({**OPT_SIZES[size]})
-    theirs = _architecture(theirs)
+    kind = family(size)
+    ours, theirs = _ours(size), _architecture(theirs, kind)
     if theirs == ours:
         return None
-    same = [name for name in OPT_SIZES if _architecture(dict(OPT_SIZES[name])) == theirs]
-    hint = f"set model.size: {same[0]}" if same else "it is none of the OPT sizes built here"
-    differ = ", ".join(f"{k} {theirs[k]} (model.size {size}: {ours[k]})" for k in _ARCHITECTURE if theirs[k] != ours[k])
+    same = [name for name in sizes_of(size) if _ours(name) == theirs]
+    hint = f"set model.size: {same[0]}" if same else f"it is none of the {kind.upper()} sizes built here"
+    keys = _ARCHITECTURE[kind]
+    differ = ", ".join(f"{k} {theirs[k]} (model.size {size}: {ours[k]})" for k in keys if theirs[k] != ours[k])
     return f"model.init_from: {path} does not have the shape of model.size {size!r}: {differ}; {hint}"
 
 
 def check_init_from(path: str, size: str) -> None:
     """ConfigError (one line) for a model.init_from that cannot start a `size` model: a folder
-    without an OPT config.json, or an OPT of another size. A hub name is checked when it loads."""
+    without a config.json of the size's family, or one of another size. A hub name is checked when
+    it loads."""
     folder = Path(path).expanduser()
     if not folder.exists():
         if _HUB_NAME.fullmatch(path) and not path.startswith("."):
@@ -175,21 +263,26 @@ def check_init_from(path: str, size: str) -> None:
         config = json.loads(config_file.read_text())
     except (OSError, ValueError):
         raise ConfigError(f"model.init_from: {config_file} is not readable JSON") from None
-    if config.get("model_type") != "opt":
-        raise ConfigError(f"model.init_from: {path} holds a {config.get('model_type')!r} model, not OPT")
+    kind, theirs = family(size), config.get("model_type")
+    if theirs != kind:
+        hint = f"; set a model.size of its family ({'llama-*' if theirs == 'llama' else 'OPT'})" if (
+            theirs in _ARCHITECTURE) else ""
+        raise ConfigError(f"model.init_from: {path} holds a {theirs!r} model, not {kind.upper()} "
+                          f"(model.size {size!r}){hint}")
     problem = _size_mismatch(path, config, size)
     if problem:
         raise ConfigError(problem)
 
 
-def load_init_weights(model: OPTForCausalLM, path: str, size: str) -> None:
-    """Copies a transformers OPT's weights (a local folder, or the hub when reachable) into `model`,
-    which has the recipe's shapes; ConfigError (one line) if they differ (size, vocabulary, seq_len)."""
+def load_init_weights(model: nn.Module, path: str, size: str) -> None:
+    """Copies the weights of a transformers model of the size's family (a local folder, or the hub
+    when reachable) into `model`, which has the recipe's shapes; ConfigError (one line) if they
+    differ (size, vocabulary, seq_len)."""
     local = Path(path).expanduser().exists()
     try:
-        source = OPTForCausalLM.from_pretrained(str(Path(path).expanduser()) if local else path,
-                                                dtype=torch.float32,
-                                                local_files_only=local or not hub_reachable())
+        source = model_class(size).from_pretrained(str(Path(path).expanduser()) if local else path,
+                                                   dtype=torch.float32,
+                                                   local_files_only=local or not hub_reachable())
     except Exception as err:  # OSError, ValueError, hub errors: all mean "cannot load it here"
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:200]
         raise ConfigError(f"model.init_from: cannot load {path} ({reason})") from None

@@ -13,8 +13,16 @@ from typing import Callable
 
 from sst_dist.errors import ConfigError
 
-# the linears of an OPT decoder layer that a method may replace (the recipe's `targets`)
+# the linears of a decoder layer that a method may replace (the recipe's `targets`), per model
+# family; a size's family is its name's prefix (`llama-60m`; OPT's sizes have none: `125m`)
 OPT_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
+LLAMA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+TARGETS = {"opt": OPT_TARGETS, "llama": LLAMA_TARGETS}
+
+
+def family(size: str) -> str:
+    """The model family of a model.size: llama for `llama-*`, else opt."""
+    return "llama" if size.startswith("llama-") else "opt"
 ENGINES = ("torch", "deepspeed", "fsdp")
 
 
@@ -61,7 +69,8 @@ class MethodSpec:
         if not self.adapts:
             return
         if not recipe.targets:
-            raise ConfigError(f"targets: empty; choose from {', '.join(OPT_TARGETS)}")
+            choices = TARGETS[family(recipe.model.size)]
+            raise ConfigError(f"targets: empty; choose from {', '.join(choices)}")
         limit = target_dim()
         if recipe.rank > limit:
             raise ConfigError(f"rank: {recipe.rank} exceeds min(out, in) = {limit} of model '{recipe.model.size}';"
@@ -99,4 +108,5 @@ def spec(name: str) -> MethodSpec:
     return entry
 
 
-__all__ = ["ENGINES", "METHODS", "MethodSpec", "OPT_TARGETS", "galore_rank", "spec"]
+__all__ = ["ENGINES", "LLAMA_TARGETS", "METHODS", "MethodSpec", "OPT_TARGETS", "TARGETS", "family", "galore_rank",
+           "spec"]

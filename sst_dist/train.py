@@ -23,8 +23,8 @@ from sst_dist.build import Materializer, build_on_meta
 from sst_dist.evaluate import evaluate_checkpoint, lm_loss, run_eval
 from sst_dist.methods import Method, ProbePass, build_method
 from sst_dist.metrics import MetricsLogger, PhaseClock, StepReadout
-from sst_dist.models import (OPT_VOCAB, build_model, check_attn_implementation, compile_blocks,
-                             enable_activation_checkpointing)
+from sst_dist.models import (build_model, check_attn_implementation, compile_blocks, enable_activation_checkpointing,
+                             model_vocab)
 from sst_dist.registry import spec
 from sst_dist.runtime import StopFlag, batch_geometry, resolve_device, resolve_dtype, to_device
 
@@ -194,7 +194,7 @@ def setup(run: Run, lock: rundir.RunLock) -> Setup:
                      seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
 
     built = time.perf_counter()
-    vocab = data.vocab_size if recipe.model.size == "tiny" else max(OPT_VOCAB, data.vocab_size)
+    vocab = model_vocab(recipe.model.size, data.vocab_size)
     method, engine = build_run(recipe, run.engine, ctx, device=device, dtype=dtype, vocab_size=vocab,
                                micro_batch=micro, accumulation=accumulation, ds_config=run.ds_config)
     init_s = ctx.maximum(time.perf_counter() - built)
