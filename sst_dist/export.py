@@ -1,4 +1,5 @@
-"""A run's checkpoint -> a plain transformers OPTForCausalLM folder, with the tokenizer that made its data.
+"""A run's checkpoint -> a plain transformers OPTForCausalLM (or LlamaForCausalLM) folder, with the
+tokenizer that made its data.
 
     python -m sst_dist.export --output-dir runs/tiny-sst --out exported/tiny-sst
     python -m sst_dist.export --output-dir RUN --out DIR --step 1000 --dtype bf16 --keep-singular 0.5
@@ -188,13 +189,17 @@ class Pruning:
 
 
 def dense_state_dict(state: dict, recipe: Recipe, keep_singular: float | None = None) -> tuple[dict, Pruning]:
-    """An OPTForCausalLM state dict (float64) from a training model's: every method layer merged."""
+    """A transformers state dict (float64) from a training model's: every method layer merged."""
+    from sst_dist.models import tied_head
+
     state = {k: v for k, v in state.items()}
     pruning = Pruning()
+    tied = tied_head(recipe.model.size)
     # a tied LM head (OPT) is the embedding: its entries (a GaLoreTiedHead's W, P, B too) go, and
-    # the head is re-tied to the merged embedding below
-    for key in [k for k in state if k.startswith("lm_head.")]:
-        del state[key]
+    # the head is re-tied to the merged embedding below; an untied one (LLaMA) merges as any layer
+    if tied:
+        for key in [k for k in state if k.startswith("lm_head.")]:
+            del state[key]
     prefixes = sorted({key.rsplit(".", 1)[0] for key in state if "." in key})
     layers = spec(recipe.method).layer_classes  # each merges its own entries (dense_from_state)
     dense = {}
@@ -208,22 +213,22 @@ def dense_state_dict(state: dict, recipe: Recipe, keep_singular: float | None = 
         if key.endswith(EXTRA_STATE):
             continue
         if not torch.is_tensor(value):
-            raise RunError(f"checkpoint entry {key}: a {type(value).__name__}, not a tensor; not an OPT weight")
+            raise RunError(f"checkpoint entry {key}: a {type(value).__name__}, not a tensor; not a model weight")
         dense[key] = value.double() if value.is_floating_point() else value
-    dense["lm_head.weight"] = dense["model.decoder.embed_tokens.weight"]
+    if tied:
+        dense["lm_head.weight"] = dense["model.decoder.embed_tokens.weight"]
     return dense, pruning
 
 
 def build_hf_model(ckpt: RunCheckpoint, dense: dict, dtype: torch.dtype):
-    from transformers import OPTForCausalLM
+    from sst_dist.models import model_class, model_config
 
-    from sst_dist.models import opt_config
-
-    config = opt_config(ckpt.recipe.model.size, vocab_size=ckpt.vocab_size, seq_len=ckpt.recipe.model.seq_len)
-    model = OPTForCausalLM(config).to(dtype)
+    size = ckpt.recipe.model.size
+    config = model_config(size, vocab_size=ckpt.vocab_size, seq_len=ckpt.recipe.model.seq_len)
+    model = model_class(size)(config).to(dtype)
     missing, unexpected = model.load_state_dict(dense, strict=False)
     if missing or unexpected:
-        raise RunError(f"{ckpt.path}: does not map onto OPT-{ckpt.recipe.model.size} (missing "
+        raise RunError(f"{ckpt.path}: does not map onto model.size {size} (missing "
                        f"{', '.join(missing[:4]) or 'none'}; unexpected {', '.join(unexpected[:4]) or 'none'})")
     model.tie_weights()
     return model.eval()
@@ -308,7 +313,7 @@ def check_fraction(value: float | None) -> None:
 
 def hf_model(output_dir: str | Path, step: int | None = None, keep_singular: float | None = None,
              dtype: torch.dtype = torch.float32, ckpt: RunCheckpoint | None = None):
-    """(OPTForCausalLM, RunCheckpoint, Pruning) of a run's checkpoint, in memory."""
+    """(the transformers model, RunCheckpoint, Pruning) of a run's checkpoint, in memory."""
     check_fraction(keep_singular)
     ckpt = ckpt or read_checkpoint(output_dir, step)
     if keep_singular is not None:

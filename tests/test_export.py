@@ -19,6 +19,8 @@ import torch
 from conftest import ROOT, pretrain, quiet_env, read_metrics
 
 METHODS = ("full", "lora", "relora", "sst", "galore", "sst+galore")
+# the LLaMA family's tiny recipes (recipes/tiny-llama-*.yaml): its untied head merges as a layer
+LLAMA = tuple(f"llama-{method}" for method in METHODS)
 STEPS = 25  # SST crosses 4 resamples and a re-SVD, GaLore 3 refreshes, ReLoRA* 4 resets
 # eval at the last step only (the multi-process runs compare with it); 32 held-out blocks
 COMMON = ("--max-steps", str(STEPS), "--set", f"eval.every_steps={STEPS}", "--set", "eval.tokens=4096")
@@ -107,7 +109,7 @@ def runs(tmp_path_factory):
 
 # ----------------------------------------------------------------------------- export
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + LLAMA)
 def test_export_computes_the_trainers_held_out_loss(runs, method):
     run, folder, trainer_loss = runs(method)
     loss = exported_eval_loss(run, folder)
@@ -116,10 +118,11 @@ def test_export_computes_the_trainers_held_out_loss(runs, method):
     assert math.isfinite(loss) and loss < 8.5  # trained: the untrained tiny model is at ln(8192) = 9.0
 
 
-def test_the_folder_loads_without_the_project(runs, tmp_path):
+@pytest.mark.parametrize("method, model_class", [("sst", "OPTForCausalLM"), ("llama-sst+galore", "LlamaForCausalLM")])
+def test_the_folder_loads_without_the_project(runs, tmp_path, method, model_class):
     """A fresh interpreter that cannot import sst_dist (installed or not) loads model and tokenizer
     and gets the loss."""
-    run, folder, trainer_loss = runs("sst")
+    run, folder, trainer_loss = runs(method)
     recipe, data = held_out(run)
     torch.save(torch.cat(list(data.eval_batches(recipe.eval.tokens, recipe.train.micro_batch))), tmp_path / "x.pt")
     script = (
@@ -139,7 +142,7 @@ def test_the_folder_loads_without_the_project(runs, tmp_path):
                           timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     loss, name = proc.stdout.split()[:2]
-    assert name == "OPTForCausalLM"
+    assert name == model_class
     assert abs(float(loss) - trainer_loss) <= TOL
     assert any(p.suffix == ".safetensors" for p in folder.iterdir())
 
@@ -437,7 +440,7 @@ def test_prune_bench_table_and_plot(runs, tmp_path):
 
 # ----------------------------------------------------------------------------- continued pretraining
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", METHODS + ("llama-sst", "llama-sst+galore"))
 def test_init_from_an_export_reproduces_its_loss_at_step_0(runs, tmp_path, method):
     """Every method starts from the loaded weights unchanged (SST: the SVD of each loaded weight),
     so its first training loss is the exported model's loss on that batch."""
@@ -445,7 +448,7 @@ def test_init_from_an_export_reproduces_its_loss_at_step_0(runs, tmp_path, metho
 
     from sst_dist.evaluate import lm_loss
 
-    source, folder, _ = runs("full")
+    source, folder, _ = runs("llama-full" if method.startswith("llama-") else "full")
     pretrain(tmp_path, recipe_of(method), "--max-steps", "1", "--set", f"model.init_from={folder}")
     first = read_metrics(tmp_path)[0]["loss"]
     recipe, data = held_out(source)
@@ -474,6 +477,14 @@ def test_init_from_errors_are_one_line(runs, tmp_path):
     load_recipe(recipe_of("sst"), ["model.init_from=facebook/opt-125m"])  # a hub name: checked when loaded
     with pytest.raises(ConfigError, match="model.build=dense"):
         load_recipe(recipe_of("sst"), [f"model.init_from={folder}", "model.build=meta"])
+    # a folder of the other family, either way round
+    with pytest.raises(ConfigError, match=r"holds a 'opt' model, not LLAMA \(model.size 'llama-tiny'\); set a model.size"):
+        load_recipe(recipe_of("llama-sst"), [f"model.init_from={folder}"])
+    llama_folder = runs("llama-full")[1]
+    with pytest.raises(ConfigError, match=r"holds a 'llama' model, not OPT .*\(llama-\*\)"):
+        load_recipe(recipe_of("sst"), [f"model.init_from={llama_folder}"])
+    with pytest.raises(ConfigError, match=r"shape of model.size 'llama-60m': hidden_size 64 .*set model.size: llama-tiny"):
+        load_recipe(recipe_of("llama-sst"), [f"model.init_from={llama_folder}", "model.size=llama-60m"])
     proc = pretrain(tmp_path / "run", recipe_of("sst"), "--set", f"model.init_from={folder}", "--set",
                     "model.seq_len=64", check=False)
     lines = proc.stderr.strip().splitlines()
