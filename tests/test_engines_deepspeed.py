@@ -46,7 +46,9 @@ def test_the_prune_check_detects_a_skipped_reset(tmp_path):
     ("recipes/tiny-sst.yaml", 1), ("recipes/tiny-sst.yaml", 2), ("recipes/tiny-sst.yaml", 3),
     ("recipes/tiny-full.yaml", 2), ("recipes/tiny-full.yaml", 3),
     ("recipes/tiny-galore.yaml", 2), ("recipes/tiny-galore.yaml", 3),
-    ("recipes/tiny-sst+galore.yaml", 2), ("recipes/tiny-sst+galore.yaml", 3)])
+    ("recipes/tiny-sst+galore.yaml", 2), ("recipes/tiny-sst+galore.yaml", 3),
+    # the LLaMA family (its own targets, untied head, rotary positions): SST, and GaLore on the head
+    ("recipes/tiny-llama-sst.yaml", 2), ("recipes/tiny-llama-sst.yaml", 3), ("recipes/tiny-llama-sst+galore.yaml", 3)])
 def test_zero_follows_the_single_process_curve(tmp_path, single_process_curves, recipe, stage):
     extra = engine_parity_overrides(recipe)
     reference = single_process_curves(recipe, *extra)
