@@ -282,17 +282,14 @@ def trainable_params(resolved: dict) -> int | None:
         from sst_dist.data import prepared_dir
         from sst_dist.data.shards import read_manifest
         from sst_dist.memory import count_parameters
-        from sst_dist.models import OPT_VOCAB
+        from sst_dist.models import model_vocab
 
         recipe = load_recipe(None, [f"{k}={json.dumps(v)}" for k, v in flatten(resolved).items()])
         manifest = read_manifest(prepared_dir(recipe.data))
         data_vocab = manifest["settings"]["vocab_size"] if manifest else None
-        if recipe.model.size == "tiny":  # as sst_dist.train: tiny models take the data's vocabulary
-            if data_vocab is None:
-                return None
-            vocab = data_vocab
-        else:
-            vocab = max(OPT_VOCAB, data_vocab or 0)
+        if data_vocab is None and model_vocab(recipe.model.size, 0) == 0:  # it takes the data's vocabulary
+            return None
+        vocab = model_vocab(recipe.model.size, data_vocab or 0)  # as sst_dist.train
         counts = count_parameters(recipe.model.size, recipe.method, recipe.rank, galore_rank=recipe.galore.rank,
                                   sst_path=recipe.sst.path, galore_form="layer", targets=tuple(recipe.targets),
                                   seq=recipe.model.seq_len, vocab_size=vocab)

@@ -3,7 +3,7 @@
     python -m sst_dist.memory --model opt-1.3b --methods full,lora,relora,galore,sst,sst+galore \\
         --rank 64 --zero 2 --gpus 8 --micro-batch 8 --seq 2048
 
-Parameters are counted, not re-derived: the real OPT model is built on the `meta` device and the
+Parameters are counted, not re-derived: the real model (OPT or LLaMA) is built on the `meta` device and the
 method's registered builder puts its real layers in place (each says what it holds beyond its
 parameters: `footprint()`), so a change in the code changes the numbers. Bytes per parameter follow DeepSpeed's mixed precision
 (its `estimate_zero2_model_states_mem_needs` counts 2 + 18/gpus bytes per parameter for ZeRO-2):
@@ -17,7 +17,7 @@ LoRA's W, GaLoreLinear's W and projector) are weights only, in bf16 under DeepSp
 casts every weight (model.frozen_dtype changes nothing there). ZeRO-1 shards masters and Adam
 moments (and the step's gradient copies, made per partition) over the GPUs, ZeRO-2 also the
 gradients, ZeRO-3 also every weight, frozen ones included. Activations are an estimate for
-Hugging Face OPT with SDPA, with or without activation checkpointing (`activation_bytes`).
+Hugging Face OPT or LLaMA with SDPA, with or without activation checkpointing (`activation_bytes`).
 `--engine torch` / `--engine fsdp` estimate the trainer's own engines instead (`estimate_engine`).
 
 `total` is the peak, not the sum of the columns: activations live in the forward and backward,
@@ -37,7 +37,7 @@ import torch
 from torch import nn
 
 from sst_dist.config import FROZEN_DTYPES, SST_PATHS
-from sst_dist.registry import METHODS, OPT_TARGETS, galore_rank as resolve_galore_rank
+from sst_dist.registry import METHODS, TARGETS, family, galore_rank as resolve_galore_rank
 from sst_dist.errors import ConfigError
 
 GIB = 2**30
@@ -56,17 +56,26 @@ CATEGORIES = ("weights", "gradients", "masters", "optimizer", "buffers", "activa
 
 
 def _sizes():
-    from sst_dist.models import OPT_SIZES
+    from sst_dist.models import MODEL_SIZES
 
-    return OPT_SIZES
+    return MODEL_SIZES
+
+
+def _dims(size: str) -> dict:
+    return _sizes()[size]
+
+
+def model_name(size: str) -> str:
+    """A model.size as the tables name it: opt-1.3b, llama-60m."""
+    return size if family(size) == "llama" else f"opt-{size}"
 
 
 def resolve_model(name: str) -> str:
-    """'opt-1.3b', 'OPT-1.3B' or '1.3b' -> '1.3b' (a key of sst_dist.models.OPT_SIZES)."""
+    """'opt-1.3b', 'OPT-1.3B' or '1.3b' -> '1.3b'; 'LLaMA-60M' -> 'llama-60m' (a model.size)."""
     sizes = _sizes()
     key = str(name).lower().removeprefix("opt-")
     if key not in sizes:
-        allowed = ", ".join(f"opt-{s}" for s in sizes)
+        allowed = ", ".join(model_name(s) for s in sizes)
         raise ConfigError(f"--model: {name!r} is not one of {allowed} (the 'opt-' prefix is optional)")
     return key
 
@@ -114,25 +123,27 @@ class ParamCounts:
 @lru_cache(maxsize=64)
 def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: int | None = None,
                      sst_path: str = "dense", galore_form: str = "optimizer",
-                     targets: tuple[str, ...] = OPT_TARGETS, seq: int = 2048,
+                     targets: tuple[str, ...] | None = None, seq: int = 2048,
                      vocab_size: int | None = None) -> ParamCounts:
     """Builds the model on the meta device, applies the method's registered builder (its real
     layers, as the trainer does), and counts. What the parameters do not say, each layer says in
     its `footprint()`: extra width kept for the backward (saved_width), a W kept (kept_weight) or
     formed while it computes (formed_weight), trainable elements autocast does not copy (uncast),
     a GaLore refresh's G (refresh_grad), GaLoreAdamW's own form (optimizer_form). The ages are the
-    elements of the method's resettable optimizer groups.
+    elements of the method's resettable optimizer groups. `targets`: None, every target of the
+    model's family.
     """
-    from sst_dist.config import GaLoreConfig, Recipe, SSTConfig
+    from sst_dist.config import GaLoreConfig, ModelConfig, Recipe, SSTConfig
     from sst_dist.methods import build_method
-    from sst_dist.models import OPT_VOCAB, build_model
+    from sst_dist.models import build_model, decoder_blocks, default_vocab
 
     size = resolve_model(model)
+    targets = TARGETS[family(size)] if targets is None else targets
     _validate_method(size, method, rank, galore_rank, sst_path, galore_form, targets)
     recipe = Recipe(method=method, rank=rank, targets=list(targets), sst=SSTConfig(path=sst_path),
-                    galore=GaLoreConfig(rank=galore_rank, proj_type=GALORE_PROJ_TYPE))
+                    model=ModelConfig(size=size), galore=GaLoreConfig(rank=galore_rank, proj_type=GALORE_PROJ_TYPE))
     with torch.device("meta"):
-        net = build_model(size, vocab_size=vocab_size or OPT_VOCAB, seq_len=seq)
+        net = build_model(size, vocab_size=vocab_size or default_vocab(size), seq_len=seq)
     built = build_method(recipe, net)
 
     sums = dict(saved_width=0, kept_weight=0, uncast=0)
@@ -166,7 +177,7 @@ def count_parameters(model: str, method: str, rank: int = 64, *, galore_rank: in
     moments += sum(p.numel() for p in net.parameters() if id(p) in low_ids)
     projectors = sum(p.numel() for p in net.parameters() if id(p) in proj_ids)
     largest = max(sum(p.numel() for p in m.parameters(recurse=False) if kept(p)) for m in net.modules())
-    block = [p for p in net.get_decoder().layers[0].parameters() if kept(p)]
+    block = [p for p in decoder_blocks(net)[0].parameters() if kept(p)]
     return ParamCounts(
         total=sum(p.numel() for p in params), trainable=trainable,
         frozen=sum(p.numel() for p in params if not trains(p)), moments=moments, ages=ages,
@@ -185,13 +196,13 @@ def _validate_method(size, method, rank, galore_rank, sst_path, galore_form, tar
     _choice("--sst-path", sst_path, SST_PATHS)
     _choice("--galore-form", galore_form, GALORE_FORMS)
     for t in targets:
-        _choice("targets", t, OPT_TARGETS)
+        _choice("targets", t, TARGETS[family(size)])
     if method == "full":
         return
     limit = min_target_dim(size, targets)
     for key, value in (("--rank", rank), ("--galore-rank", galore_rank)):
         if value is not None and (not isinstance(value, int) or not 0 < value <= limit):
-            raise ConfigError(f"{key}: {value!r} must be in 1..{limit} for opt-{size}")
+            raise ConfigError(f"{key}: {value!r} must be in 1..{limit} for {model_name(size)}")
 
 
 def refresh_bytes(counts: ParamCounts, micro_batches: int = 1, refresh_layers: int | None = None) -> int:
@@ -223,15 +234,31 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
     Each term was checked against torch.autograd.graph.saved_tensors_hooks and a profiled peak on
     CPU; on a GPU the caching allocator adds rounding and fragmentation on top.
     """
-    from sst_dist.models import OPT_SIZES, OPT_VOCAB
+    from sst_dist.models import default_vocab
 
-    dims = OPT_SIZES[resolve_model(model)]
+    size = resolve_model(model)
+    dims = _dims(size)
+    e = 2 if precision == "bf16" else 4  # bytes per activation element
+    tokens = micro_batch * seq
+    logits = 12 * (vocab_size or default_vocab(size))  # the loss, as below
+    if family(size) == "llama":
+        h, f = dims["hidden_size"], dims["intermediate_size"]
+        heads, layers = dims["num_attention_heads"], dims["num_hidden_layers"]
+        # Per decoder layer and token: each RMSNorm keeps its input cast to fp32 (4h), its rsqrt (4)
+        # and its normed output in the weights' dtype (eh); q/k/v's shared input, q and k after the
+        # rotary embedding, v, SDPA's output and o_proj's input (6eh) and SDPA's log-sum-exp (one
+        # per head); SwiGLU's gate and up outputs, SiLU's output and their product, down_proj's
+        # input (4ef). Outside: token and position ids, the final RMSNorm, the head's input and
+        # the rotary cos/sin.
+        per_layer = 2 * ((4 + e) * h + 4) + 6 * e * h + 4 * e * f + heads * 4
+        edges = 2 * 8 + (4 + e) * h + 4 + e * h + e * (h // heads)
+        if checkpointing:
+            return tokens * (layers * h * e + per_layer + extra_saved_width * e // layers + edges + logits)
+        return tokens * (layers * per_layer + extra_saved_width * e + edges + logits)
     h, f = dims["hidden_size"], dims["ffn_dim"]
     heads, layers = dims["num_attention_heads"], dims["num_hidden_layers"]
     proj = dims.get("word_embed_proj_dim", h)
     pre_ln = dims.get("do_layer_norm_before", True)
-    e = 2 if precision == "bf16" else 4  # bytes per activation element
-    tokens = micro_batch * seq
     # Per decoder layer and token, kept for backward: the two LayerNorm inputs (2h); the input of
     # q/k/v, one tensor shared by the three (h); q, k, v, kept by SDPA (3h); the attention output,
     # kept by SDPA and, being the same tensor, by out_proj as its input (h); fc1's input (h); ReLU's
@@ -249,7 +276,6 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
     # The loss: cross-entropy keeps fp32 log-probabilities (b·s·V); the peak is its backward, which
     # holds those, the gradient coming in and the gradient going out, all fp32: 12 bytes per logit.
     # (The forward's bf16 logits and fp32 copy, 6 bytes, are gone by then.)
-    logits = 12 * (vocab_size or OPT_VOCAB)
     if checkpointing:  # every block's input, and one block's activations while it recomputes
         return tokens * (layers * h * e + per_layer + extra_saved_width * e // layers + edges + logits)
     return tokens * (layers * per_layer + extra_saved_width * e + edges + logits)
@@ -347,15 +373,26 @@ def autocast_activation_bytes(model: str, micro_batch: int, seq: int, *, extra_s
 
     checkpointing: each block keeps only its fp32 input (4h) until its backward, which recomputes
     one block's activations at a time.
-    """
-    from sst_dist.models import OPT_SIZES, OPT_VOCAB
 
-    dims = OPT_SIZES[resolve_model(model)]
-    h, f = dims["hidden_size"], dims["ffn_dim"]
-    heads, layers = dims["num_attention_heads"], dims["num_hidden_layers"]
-    per_layer = 24 * h + 2 * f + 2 * 2 * 4 + heads * 4 + extra_saved_width * 2 // layers
-    edges = 2 * 8 + 6 * h + 2 * 4
-    logits = 12 * (vocab_size or OPT_VOCAB)
+    LLaMA: per layer and token, each RMSNorm's fp32 input and normed output (2 x 2 x 4h) and
+    rsqrt; q, k, v's bf16 input casts (3 x 2h), q and k after the rotary embedding and v (3 x 2h),
+    SDPA's output, which o_proj reads as it is (2h); gate's and up's input casts (2 x 2h); SwiGLU's
+    four f-wide tensors in bf16 (8f). Outside: the final RMSNorm (8h), the head's bf16 input (2h).
+    """
+    from sst_dist.models import default_vocab
+
+    size = resolve_model(model)
+    dims = _dims(size)
+    heads, layers, h = dims["num_attention_heads"], dims["num_hidden_layers"], dims["hidden_size"]
+    if family(size) == "llama":
+        f = dims["intermediate_size"]
+        per_layer = 34 * h + 8 * f + 2 * 4 + heads * 4 + extra_saved_width * 2 // layers
+        edges = 2 * 8 + 10 * h + 4
+    else:
+        f = dims["ffn_dim"]
+        per_layer = 24 * h + 2 * f + 2 * 2 * 4 + heads * 4 + extra_saved_width * 2 // layers
+        edges = 2 * 8 + 6 * h + 2 * 4
+    logits = 12 * (vocab_size or default_vocab(size))
     held = layers * 4 * h + per_layer if checkpointing else layers * per_layer
     return micro_batch * seq * (held + edges + logits)
 
@@ -430,9 +467,7 @@ def estimate_engine(model: str, method: str, rank: int, engine: str, gpus: int, 
 
 
 def _layers(size: str) -> int:
-    from sst_dist.models import OPT_SIZES
-
-    return OPT_SIZES[size]["num_hidden_layers"]
+    return _dims(size)["num_hidden_layers"]
 
 
 # ----------------------------------------------------------------------------- the command line
@@ -473,7 +508,7 @@ def format_table(model: str, methods, args) -> str:
     if args.checkpointing:
         mixed += ", activation checkpointing"
     lines = [
-        f"opt-{size}: {how} on {args.gpus} GPU{'s' if args.gpus > 1 else ''}, {mixed}"
+        f"{model_name(size)}: {how} on {args.gpus} GPU{'s' if args.gpus > 1 else ''}, {mixed}"
         f"{', optimizer offloaded to CPU' if args.offload else ''}; micro-batch {args.micro_batch} x "
         f"{args.seq} tokens{f', grad-accum {args.grad_accum}' if args.grad_accum > 1 else ''}; "
         f"rank {args.rank}, GaLore rank {galore_rank} "
@@ -492,7 +527,7 @@ def format_table(model: str, methods, args) -> str:
             "buffers: " + ("autocast's bf16 copies of the trainable dense weights" if args.engine == "torch" else
                            "bf16 gathers of two blocks and the root unit, a block's unsharded gradients")
             + "; SST's dense path: one layer's W and G while it computes.",
-            "activ: estimated, Hugging Face OPT with SDPA, fp32 logits and loss"
+            f"activ: estimated, Hugging Face {family(size).upper()} with SDPA, fp32 logits and loss"
             + (", activation checkpointing." if args.checkpointing else "."),
             "galore: the layer form the trainer uses (frozen W and projector, trainable B); at its "
             "refresh steps the probe holds one layer's full fp32 G at a time (in total, not in grads)."])
@@ -501,7 +536,7 @@ def format_table(model: str, methods, args) -> str:
         "and under bf16 cast to fp32).",
         f"buffers: ZeRO's gradient reduce bucket ({REDUCE_BUCKET_SIZE:.0e} elements, held through the "
         "backward)" + ("; ZeRO-3: the gathered largest module" if args.zero == 3 else "") + ".",
-        "activ: estimated, Hugging Face OPT with SDPA, fp32 logits and loss"
+        f"activ: estimated, Hugging Face {family(size).upper()} with SDPA, fp32 logits and loss"
         + (", activation checkpointing." if args.checkpointing else ", no activation checkpointing."),
         "total: the peak, not the sum: weights + masters + optim + the largest of activations, "
         "grads and bucket at the end of the backward, grads in the step.",
@@ -525,7 +560,8 @@ class _Parser(argparse.ArgumentParser):
 
 def _parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m sst_dist.memory", description=__doc__.split("\n\n")[0])
-    p.add_argument("--model", default="opt-125m", help="opt-125m, opt-350m, opt-1.3b, ... ('opt-' optional)")
+    p.add_argument("--model", default="opt-125m",
+                   help="opt-125m, opt-350m, opt-1.3b, ... ('opt-' optional), llama-60m, ..., llama-7b")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--galore-rank", type=int, default=None, help="default: --rank")

@@ -44,6 +44,8 @@ LLAMA_SIZES: dict[str, dict] = {
     "llama-7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_hidden_layers=32),
 }
 MODEL_SIZES: dict[str, dict] = {**OPT_SIZES, **LLAMA_SIZES}  # model.size's choices
+# the vocabulary the estimator assumes when given none: LLaMA's 32000 tokens, as GaLore's tables count
+LLAMA_VOCAB = 32000
 
 
 def sizes_of(size: str) -> dict[str, dict]:
@@ -62,6 +64,11 @@ def target_shapes(size: str) -> dict[str, tuple[int, int]]:
     f = dims["ffn_dim"]
     attn = {name: (h, h) for name in ("q_proj", "k_proj", "v_proj", "out_proj")}
     return {**attn, "fc1": (f, h), "fc2": (h, f)}
+
+
+def default_vocab(size: str) -> int:
+    """The vocabulary of a `size` model with no data to take it from (the estimator, the benchmarks)."""
+    return LLAMA_VOCAB if family(size) == "llama" else OPT_VOCAB
 
 
 def model_vocab(size: str, data_vocab: int) -> int:
