@@ -127,8 +127,10 @@ class TrainConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "sample"  # sample | local | openwebtext
-    path: str | None = None  # source=local: a folder of .txt/.jsonl/.parquet files
+    source: str = "sample"  # sample | local | openwebtext | c4 (allenai/c4 en; its validation split held out)
+    # source=local: a folder of .txt/.jsonl/.parquet files | source=c4: a downloaded copy of C4's
+    # en folder (c4-train.*.json.gz, c4-validation.*.json.gz) instead of streaming the hub
+    path: str | None = None
     hf_dataset: str = "Skylion007/openwebtext"
     tokenizer: str = "auto"  # auto | opt | bundled | a local tokenizer path
     cache_dir: str = "data"  # where prepared shards live
@@ -333,7 +335,9 @@ def validate(recipe: Recipe) -> Recipe:
     _choice("galore.projector", recipe.galore.projector, ("auto", "svd", "randomized"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))
     _choice("train.dtype", recipe.train.dtype, ("auto", "float32", "bfloat16", "float64"))
-    _choice("data.source", recipe.data.source, ("sample", "local", "openwebtext"))
+    from sst_dist.data.shards import SOURCES
+
+    _choice("data.source", recipe.data.source, SOURCES)
     _choice("data.on_bad_file", recipe.data.on_bad_file, ("stop", "skip"))
     _choice("wandb.mode", recipe.wandb.mode, WANDB_MODES)
     if recipe.model.init_from is not None:

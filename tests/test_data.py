@@ -492,3 +492,70 @@ def test_a_write_error_during_prepare_is_one_line_and_leaves_no_partial_shard(tm
     folder = next(cache.iterdir())
     assert lines[0].startswith(f"error: {folder / 'train_00000.bin.partial'}: cannot write (File too large)")
     assert not list(folder.glob("*.partial")) and not list(folder.glob("*.bin"))
+
+
+# ----------------------------------------------------------------------------- C4
+
+def write_c4(folder, train, val, per_file=7):
+    """Files as allenai/c4's en folder names and holds them: JSON lines with text, timestamp and url."""
+    import gzip
+
+    (folder / "en").mkdir(parents=True, exist_ok=True)
+    for split, docs in (("train", train), ("validation", val)):
+        count = math.ceil(len(docs) / per_file)
+        for k in range(count):
+            with gzip.open(folder / "en" / f"c4-{split}.{k:05d}-of-{count:05d}.json.gz", "wt") as f:
+                for i, doc in enumerate(docs[k * per_file:(k + 1) * per_file]):
+                    f.write(json.dumps({"text": doc, "timestamp": "2019-04-25T12:57:54Z",
+                                        "url": f"https://example.org/{split}/{k}/{i}"}) + "\n")
+    return folder
+
+
+def test_c4_holds_out_its_validation_split(tmp_path, monkeypatch):
+    train, val = make_docs(40, seed=2), make_docs(3, seed=3)
+    src = write_c4(tmp_path / "c4", train, val)
+    monkeypatch.setattr(prep, "hub_reachable", lambda timeout=3.0: False)  # a local copy needs no hub
+    cfg = DataConfig(source="c4", path=str(src), tokenizer="bundled", cache_dir=str(tmp_path / "cache"),
+                     num_proc=1, val_fraction=0.1)
+    folder = prepare(cfg, progress=False)
+    assert folder.name.startswith("c4-en-c4-") and folder == prepared_dir(cfg)
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["settings"]["hf_dataset"] == "allenai/c4/en" and manifest["docs"] == 43
+    tk = load_bundled().load()
+
+    def tokens(docs):
+        return [t for doc in docs for t in tk.encode(doc, add_special_tokens=False).ids + [2]]
+
+    # slots 9, 19, 29 (is_val at 0.1) take the validation split in order; past its end (slot 39),
+    # a training document is held out instead; the rest is C4's training split in order
+    slots = [i for i in range(43) if prep.is_val(i, 0.1)]
+    assert slots == [9, 19, 29, 39]
+    got = {split: np.fromfile(folder / manifest["parts"][0][split]["file"], dtype=np.uint16).tolist()
+           for split in ("train", "val")}
+    assert got["val"] == tokens(val + [train[36]])
+    assert got["train"] == tokens(train[:36] + train[37:])
+    # open_data reads it as any prepared source
+    data = open_data(cfg, seq_len=16, global_batch=2, seed=0)
+    assert data.next_batch().shape == (2, 17)
+
+
+def test_c4_errors_are_one_line(tmp_path, monkeypatch):
+    from sst_dist.config import load_recipe
+    from sst_dist.errors import ConfigError
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = DataConfig(source="c4", path=str(empty), tokenizer="bundled", cache_dir=str(tmp_path / "c"), num_proc=1)
+    with pytest.raises(DataError) as err:
+        prepare(cfg, progress=False)
+    assert "no C4 train files (c4-train.*.json.gz" in one_line(err)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(prep, "hub_reachable", lambda timeout=3.0: False)
+    with pytest.raises(DataError) as err:
+        prepare(DataConfig(source="c4", tokenizer="bundled", cache_dir=str(tmp_path / "c"), num_proc=1),
+                progress=False)
+    assert one_line(err).startswith("data.source=c4 (allenai/c4 en): the Hugging Face hub is not reachable")
+    assert "set data.path (C4's en folder of json.gz files) to a downloaded copy" in str(err.value)
+    with pytest.raises(ConfigError) as err:
+        load_recipe("recipes/tiny-llama-sst.yaml", ["data.source=c5"])
+    assert "data.source: 'c5' is not one of sample, local, openwebtext, c4" in one_line(err)

@@ -34,8 +34,8 @@ def _data_config(args):
 def _add_recipe_args(p):
     p.add_argument("--recipe", help="a recipe YAML; its data section is used")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="recipe override, repeatable")
-    p.add_argument("--source", choices=["sample", "local", "openwebtext"])
-    p.add_argument("--path", help="source=local: a folder of .txt/.jsonl/.parquet files")
+    p.add_argument("--source", choices=["sample", "local", "openwebtext", "c4"])
+    p.add_argument("--path", help="source=local: a folder of .txt/.jsonl/.parquet files; source=c4: a copy of C4's en")
     p.add_argument("--tokenizer", help="auto | opt | bundled | a tokenizer.json or folder")
     p.add_argument("--cache-dir", dest="cache_dir")
     p.add_argument("--num-proc", dest="num_proc", type=int)

@@ -14,7 +14,8 @@ skips the documents of the finished parts and carries on. `complete: true` marks
 
 Held-out split: document i goes to validation iff floor((i+1)f) > floor(if) for f =
 val_fraction: exactly that fraction, spread evenly through the corpus, the same whatever the
-number of processes.
+number of processes. C4, which has a validation split of its own, fills those slots with its
+validation documents in order, the others with its training documents (c4_documents).
 """
 
 from __future__ import annotations
@@ -42,7 +43,12 @@ from sst_dist.rundir import write_atomic
 
 FORMAT = 1
 MANIFEST = "manifest.json"
+SOURCES = ("sample", "local", "openwebtext", "c4")  # data.source
 DOCS_PER_PART = 65536  # about 70M OpenWebText tokens: 140 MB uint16 per train shard
+# data.source c4: the dataset and variant on the hub (GaLore's, APOLLO's and Fira's pretraining data),
+# and the file names of its splits in a downloaded copy (data.path)
+C4_DATASET, C4_VARIANT = "allenai/c4", "en"
+C4_FILES = {"train": "c4-train.*.json.gz", "validation": "c4-validation.*.json.gz"}
 CHUNK_CHARS = 1 << 18  # characters per task: ~0.1 s of work, enough to hide the IPC, small enough to balance
 
 
@@ -165,28 +171,70 @@ def sample_files() -> list[Path]:
     return files
 
 
-def _hf_texts(name: str) -> Iterator[str]:
-    """The hub dataset, streamed; with HF_HUB_OFFLINE=1, a copy in the local HF cache."""
+def _hf_texts(name: str, variant: str | None = None, split: str = "train", what: str | None = None,
+              copy: str = "data.source=local and data.path") -> Iterator[str]:
+    """The hub dataset, streamed; with HF_HUB_OFFLINE=1, a copy in the local HF cache. `what`
+    names it in an error, `copy` says how to point at a downloaded copy instead."""
+    what = what or f"data.hf_dataset={name}"
     offline = os.environ.get("HF_HUB_OFFLINE", "0") not in ("0", "", "false", "False")
     if not offline and not hub_reachable():
         raise DataError(
-            f"data.hf_dataset={name}: the Hugging Face hub is not reachable from this machine; "
-            "use data.source=local with a downloaded copy (or HF_HUB_OFFLINE=1 for one in the "
-            "HF cache), or data.source=sample")
+            f"{what}: the Hugging Face hub is not reachable from this machine; set {copy} to a "
+            "downloaded copy (or HF_HUB_OFFLINE=1 for one in the HF cache), or use data.source=sample")
     try:
         import datasets
 
         datasets.logging.set_verbosity_error()
-        if offline:
-            ds = datasets.load_dataset(name, split="train")
-        else:
-            ds = datasets.load_dataset(name, split="train", streaming=True)
+        ds = datasets.load_dataset(name, variant, split=split, streaming=not offline)
     except Exception as err:
         reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        raise DataError(f"data.hf_dataset={name}: cannot load it ({reason}); set data.source=local "
-                        "and data.path to a downloaded copy, or data.source=sample") from None
+        raise DataError(f"{what}: cannot load it ({reason}); set {copy} to a downloaded copy, "
+                        "or use data.source=sample") from None
     for row in ds:
         yield row["text"]
+
+
+def c4_split_files(folder: str | Path, split: str) -> list[Path]:
+    """A downloaded C4's files of `split`, in order: <folder>/[en/]c4-<split>.NNNNN-of-NNNNN.json.gz."""
+    root = Path(folder).expanduser()
+    if not root.is_dir():
+        raise DataError(f"data.path: {root} is not a folder")
+    files = sorted(root.glob(C4_FILES[split])) or sorted(root.glob(f"{C4_VARIANT}/{C4_FILES[split]}"))
+    if not files:
+        raise DataError(f"data.path: {root} holds no C4 {split} files ({C4_FILES[split]}, or under "
+                        f"{C4_VARIANT}/); point it at a copy of {C4_DATASET}'s {C4_VARIANT} folder")
+    return files
+
+
+def _c4_texts(cfg, split: str) -> Iterator[str]:
+    if cfg.path:
+        for path in c4_split_files(cfg.path, split):
+            yield from _texts_jsonl(path)
+    else:
+        yield from _hf_texts(C4_DATASET, C4_VARIANT, split, what=f"data.source=c4 ({C4_DATASET} {C4_VARIANT})",
+                             copy=f"data.path (C4's {C4_VARIANT} folder of json.gz files)")
+
+
+def c4_documents(cfg) -> Iterator[str]:
+    """C4's documents as one stream whose held-out slots (is_val) hold its validation split, in
+    order, and every other slot its training split, so the held-out set is C4's own. Past the end
+    of the validation split (36M documents at val_fraction 0.01), the held-out slots take training
+    documents, which are then never trained on."""
+    train, val = _c4_texts(cfg, "train"), None
+    index = 0
+    while True:
+        if is_val(index, cfg.val_fraction):
+            if val is None:  # opened at the first held-out slot: a short run reads it only then
+                val = _c4_texts(cfg, "validation")
+            text = next(val, None)
+            if text is None:
+                text = next(train, None)
+        else:
+            text = next(train, None)
+        if text is None:
+            return
+        yield text
+        index += 1
 
 
 def iter_documents(cfg) -> Iterator[str]:
@@ -201,8 +249,10 @@ def iter_documents(cfg) -> Iterator[str]:
             yield from _local_texts(path, cfg.on_bad_file)
     elif cfg.source == "openwebtext":
         yield from _hf_texts(cfg.hf_dataset)
+    elif cfg.source == "c4":
+        yield from c4_documents(cfg)
     else:
-        raise DataError(f"data.source: {cfg.source!r} is not one of sample, local, openwebtext")
+        raise DataError(f"data.source: {cfg.source!r} is not one of {', '.join(SOURCES)}")
 
 
 # ---------------------------------------------------------------- naming
@@ -212,12 +262,18 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", text).strip("_")
 
 
+def _path_slug(path: str) -> str:
+    path = Path(path).expanduser().resolve()
+    return f"{_slug(path.name)}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+
+
 def source_slug(cfg) -> str:
     if cfg.source == "sample":
         return "sample"
     if cfg.source == "local":
-        path = Path(cfg.path).expanduser().resolve()
-        return f"local-{_slug(path.name)}-{hashlib.sha256(str(path).encode()).hexdigest()[:8]}"
+        return f"local-{_path_slug(cfg.path)}"
+    if cfg.source == "c4":  # the hub's, or a downloaded copy's
+        return f"c4-{C4_VARIANT}" + (f"-{_path_slug(cfg.path)}" if cfg.path else "")
     return _slug(cfg.hf_dataset.split("/")[-1])
 
 
@@ -322,8 +378,8 @@ def check_source_unchanged(cfg, folder: Path, manifest: dict) -> None:
 def _settings(cfg, tok: Tok) -> dict:
     return {
         "source": cfg.source,
-        "path": str(Path(cfg.path).expanduser().resolve()) if cfg.source == "local" else None,
-        "hf_dataset": cfg.hf_dataset if cfg.source == "openwebtext" else None,
+        "path": str(Path(cfg.path).expanduser().resolve()) if cfg.source in ("local", "c4") and cfg.path else None,
+        "hf_dataset": {"openwebtext": cfg.hf_dataset, "c4": f"{C4_DATASET}/{C4_VARIANT}"}.get(cfg.source),
         "tokenizer": tok.name,
         "tokenizer_sha": tok.fingerprint,
         "vocab_size": tok.vocab_size,
