@@ -48,6 +48,14 @@ def test_compiled_blocks_follow_the_eager_losses(method):
     assert compiled == pytest.approx(eager, rel=1e-10, abs=0)
 
 
+@pytest.mark.parametrize("sets", [(), ("sst.path=functional",)])
+def test_compiled_llama_blocks_follow_the_eager_losses(sets):
+    """A LLaMA block (RMSNorm, rotary positions, SwiGLU) with SST's eager layers inside it, and
+    with the functional path traced into its graph."""
+    eager, compiled = _losses("llama-sst", False, *sets), _losses("llama-sst", True, *sets)
+    assert compiled == pytest.approx(eager, rel=1e-10, abs=0)
+
+
 def test_compile_with_activation_checkpointing():
     sets = ("model.gradient_checkpointing=true",)
     eager, compiled = _losses("full", False, *sets), _losses("full", True, *sets)
