@@ -38,9 +38,10 @@ class BenchRun:
             torch.cuda.synchronize(self.device)
 
     def batch(self, micro_batch: int, seq: int) -> torch.Tensor:
-        from sst_dist.models import OPT_VOCAB
+        from sst_dist.models import default_vocab
 
-        return torch.randint(0, OPT_VOCAB, (micro_batch, seq + 1), device=self.device)
+        vocab = default_vocab(self.recipe.model.size)
+        return torch.randint(0, vocab, (micro_batch, seq + 1), device=self.device)
 
     def first_event_step(self) -> int | None:
         """The first step after step 0 at which the method does its periodic work (GaLore refresh,
@@ -68,7 +69,7 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
     fix_arch_list()
     from sst_dist.config import load_recipe
     from sst_dist.engines import distributed_context
-    from sst_dist.models import OPT_VOCAB
+    from sst_dist.models import default_vocab
     from sst_dist.registry import METHODS
     from sst_dist.train import build_run
 
@@ -87,7 +88,7 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
     t0 = time.perf_counter()
     # initialised where it will run: CPU init of 1.3B weights takes longer than the bench
     built, engine = build_run(recipe, engine_name, ctx, device=device,
-                              dtype=torch.bfloat16 if cuda else torch.float32, vocab_size=OPT_VOCAB,
+                              dtype=torch.bfloat16 if cuda else torch.float32, vocab_size=default_vocab(size),
                               micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config,
                               init_device=device)
     return BenchRun(recipe, built, engine, device, cuda, round(time.perf_counter() - t0, 1))

@@ -37,7 +37,7 @@ if not __package__:  # run as a file: its sibling modules import only as the pac
     print("error: run it from the repository root as a module: python -m bench.memory ...", file=sys.stderr)
     sys.exit(2)
 
-from sst_dist.registry import METHODS, OPT_TARGETS  # noqa: E402
+from sst_dist.registry import METHODS  # noqa: E402
 
 GIB = 2**30
 
@@ -275,8 +275,9 @@ def _parser() -> argparse.ArgumentParser:
 def plan(args) -> tuple[list[dict], dict[str, str]]:
     """The jobs of the sweep and, per method, why it is skipped. Raises ConfigError on bad flags."""
     from sst_dist.errors import ConfigError
-    from sst_dist.memory import resolve_model
+    from sst_dist.memory import model_name, resolve_model
     from sst_dist.models import min_target_dim
+    from sst_dist.registry import TARGETS, family
 
     methods = [m for m in args.methods.split(",") if m]
     unknown = [m for m in methods if m not in METHODS]
@@ -300,14 +301,14 @@ def plan(args) -> tuple[list[dict], dict[str, str]]:
     skipped = {m: why for m in dict.fromkeys(methods) if (why := supported(m))}
     jobs = []
     for size in sizes:
-        limit = min_target_dim(size, OPT_TARGETS)
+        limit = min_target_dim(size, TARGETS[family(size)])
         for method in methods:
             for rank in [args.rank] + (galore_ranks if method == "galore" else []):
                 job = {**base, "size": size, "method": method, "rank": rank}
                 if method in skipped:
                     job["skip"] = skipped[method]
                 elif method != "full" and rank > limit:
-                    job["skip"] = f"rank {rank} exceeds min(out, in) = {limit} of opt-{size}"
+                    job["skip"] = f"rank {rank} exceeds min(out, in) = {limit} of {model_name(size)}"
                 jobs.append(job)
     return jobs, skipped
 

@@ -74,16 +74,16 @@ def run_name(engine: str, method: str, gpus: int, repeat: int | None = None) -> 
 
 
 def flops_per_token(size: str, seq_len: int) -> float:
-    """Training FLOPs per token of the dense OPT model of `size`: 6N + 12·L·d·T (see the module doc)."""
+    """Training FLOPs per token of the dense model of `size`: 6N + 12·L·d·T (see the module doc)."""
     import torch
-    from transformers import OPTForCausalLM
 
-    from sst_dist.models import OPT_VOCAB, opt_config
+    from sst_dist.models import default_vocab, model_class, model_config
 
-    config = opt_config(size, OPT_VOCAB, seq_len)
+    config = model_config(size, default_vocab(size), seq_len)
     with torch.device("meta"):
-        model = OPTForCausalLM(config)
-    n = sum(p.numel() for p in model.parameters()) - model.model.decoder.embed_positions.weight.numel()
+        model = model_class(size)(config)
+    positions = getattr(model.model, "decoder", None)  # OPT's learned positions are a lookup, no FLOPs
+    n = sum(p.numel() for p in model.parameters()) - (positions.embed_positions.weight.numel() if positions else 0)
     return 6.0 * n + 12.0 * config.num_hidden_layers * config.hidden_size * seq_len
 
 
