@@ -11,12 +11,14 @@ tests, never per step.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
@@ -48,6 +50,21 @@ def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
         raise RuntimeError(f"FSDP backend: local shard of {local.shape[0]} rows, expected "
                            f"{min(chunk, rows - start)} at row {start} of {rows}")
     return local, start
+
+
+@contextlib.contextmanager
+def _plain_failures():
+    """DCP's CheckpointException derives from BaseException, past every `except Exception` (the
+    trainer's fallback to an older checkpoint, its one-line save failure): re-raised as the first
+    failing rank's own exception (an UnpicklingError, an OSError and its errno)."""
+    try:
+        yield
+    except CheckpointException as err:
+        failures = sorted(err.failures.items())
+        cause = failures[0][1][0] if failures else None
+        if isinstance(cause, Exception):
+            raise cause from None
+        raise RuntimeError(str(err).strip().splitlines()[-1] if str(err).strip() else "DCP failed") from None
 
 
 class FSDPBackend(Backend):
@@ -208,13 +225,15 @@ class FSDPEngine(Engine):
         return {"model": model_state, "optimizer": optim_state}
 
     def save(self, path):
-        dcp.save(self._state(), checkpoint_id=str(path))
+        with _plain_failures():
+            dcp.save(self._state(), checkpoint_id=str(path))
 
     def load(self, path):
         if not (path / ".metadata").is_file():
             raise ConfigError(f"checkpoint {path}: no DCP metadata; was it written by another engine?")
         state = self._state()  # the sharded layout of this world size; DCP reshards into it
-        dcp.load(state, checkpoint_id=str(path))
+        with _plain_failures():
+            dcp.load(state, checkpoint_id=str(path))
         for alias, name in self._aliases.items():
             state["model"][alias] = state["model"][name]
         set_state_dict(self.model, self.optimizer, model_state_dict=state["model"],
