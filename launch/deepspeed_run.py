@@ -1,5 +1,7 @@
-"""`deepspeed ARGS`, but SIGTERM or SIGINT (Ctrl-C) to this process reaches every rank, each of
-which checkpoints at the end of its step and exits; then this exits with the launcher's code.
+"""`deepspeed ARGS`, but SIGTERM, SIGINT (Ctrl-C) or SIGHUP (the terminal closed) to this process
+reaches every rank, each of which checkpoints at the end of its step and exits; then this exits with
+the launcher's code. If this process is killed outright (SIGKILL), the ranks notice within a second
+(sst_dist.runtime.watch_launcher, through SST_DIST_SUPERVISOR) and checkpoint and exit too.
 
     python launch/deepspeed_run.py --num_gpus 2 launch/pretrain.py --recipe R --ds-config C --output-dir D
     kill -TERM <pid of this process>
@@ -18,10 +20,13 @@ signal is passed to `deepspeed`, which stops every node's ranks through pdsh its
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 
 import psutil  # a dependency of deepspeed
+
+SUPERVISOR_ENV = "SST_DIST_SUPERVISOR"  # sst_dist.runtime reads it; not imported: no torch here
 
 
 def below(pid: int) -> list[tuple[psutil.Process, str]]:
@@ -43,8 +48,9 @@ def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         return 0
+    env = dict(os.environ, **{SUPERVISOR_ENV: f"{socket.gethostname()}:{os.getpid()}"})
     runner = subprocess.Popen([sys.executable, "-m", "deepspeed.launcher.runner", *argv],
-                              start_new_session=True)
+                              start_new_session=True, env=env)
     signalled = []
 
     def forward(signum, frame):
@@ -64,8 +70,11 @@ def main(argv: list[str]) -> int:
                     proc.send_signal(signal.SIGTERM)
                 except psutil.NoSuchProcess:
                     pass
-            print(f"deepspeed_run: SIGTERM sent to {len(targets)} ranks; they checkpoint and exit"
-                  " (signal again to stop them within 30 s)", file=sys.stderr, flush=True)
+            try:  # after a SIGHUP the terminal may be gone
+                print(f"deepspeed_run: SIGTERM sent to {len(targets)} ranks; they checkpoint and exit"
+                      " (signal again to stop them within 30 s)", file=sys.stderr, flush=True)
+            except OSError:
+                pass
         elif tree and not launchers and any("pdsh" in cmd for _, cmd in tree):
             runner.send_signal(signum)  # other nodes: deepspeed's own pdsh handler stops them
         else:  # a second signal, or no rank started yet: nothing to wait for
@@ -74,7 +83,7 @@ def main(argv: list[str]) -> int:
             except ProcessLookupError:
                 pass
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, forward)
     code = runner.wait()
     return 128 - code if code < 0 else code  # killed by a signal: the shell's 128 + N

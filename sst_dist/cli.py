@@ -35,10 +35,11 @@ def run_cli(args) -> int:
             # found now, not after the model is built (minutes at 30B)
             raise ConfigError(f"wandb.mode: {recipe.wandb.mode} needs the wandb package, which is not "
                               "installed; pip install wandb, or --set wandb.mode=disabled")
-        from sst_dist.runtime import set_threads
+        from sst_dist.runtime import set_threads, watch_launcher
         from sst_dist.train import Run, main
 
         set_threads()
+        watch_launcher()
         started = True
         main(Run(recipe, Path(args.output_dir), engine, args.ds_config, eval_only=args.eval_only))
     except (ConfigError, DataError, RunError) as err:

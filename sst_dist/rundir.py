@@ -42,7 +42,7 @@ def prepare(out: Path) -> None:
             raise RunError(f"--output-dir {out}: {path} is read-only")
 
 
-def _start_time(pid: int) -> str | None:
+def process_start(pid: int) -> str | None:
     """When the kernel started `pid` (Linux): tells the lock's holder from a process that got its pid later."""
     try:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
@@ -50,7 +50,7 @@ def _start_time(pid: int) -> str | None:
         return None
 
 
-def _running(pid, start: str | None) -> bool:
+def process_running(pid, start: str | None) -> bool:
     if not isinstance(pid, int) or pid <= 0:
         return True  # not a pid this code wrote: assume the holder may still be there
     try:
@@ -59,7 +59,7 @@ def _running(pid, start: str | None) -> bool:
         return False
     except PermissionError:  # another user's process: alive
         pass
-    now = _start_time(pid)
+    now = process_start(pid)
     return start is None or now is None or now == start
 
 
@@ -74,7 +74,7 @@ class RunLock:
     def __init__(self, out: Path):
         self.path = out / LOCK
         self.held = False
-        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": _start_time(os.getpid())}
+        self.me = {"host": socket.gethostname(), "pid": os.getpid(), "start": process_start(os.getpid())}
 
     def acquire(self) -> str | None:
         """Takes the lock; returns a warning line if it took over a stale one. Raises RunError if held."""
@@ -83,7 +83,7 @@ class RunLock:
         try:
             if not self._create(text):
                 holder = self._holder()
-                if holder is None or holder.get("host") != self.me["host"] or _running(
+                if holder is None or holder.get("host") != self.me["host"] or process_running(
                         holder.get("pid"), holder.get("start")):
                     raise RunError(self._in_use(holder))
                 warning = (f"warning: {self.path}: took over the lock of pid {holder['pid']} "

@@ -1,14 +1,20 @@
-"""Where a process runs: its device, compute dtype, CPU threads, batch split and stop signals."""
+"""Where a process runs: its device, compute dtype, CPU threads, batch split, stop signals and the
+launcher it watches."""
 
 from __future__ import annotations
 
 import os
 import signal
+import socket
+import sys
+import threading
+import time
 
 import torch
 
 from sst_dist.config import Recipe
 from sst_dist.errors import ConfigError
+from sst_dist.rundir import process_running, process_start
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
@@ -52,15 +58,66 @@ def to_device(batch: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 class StopFlag:
-    """SIGTERM / SIGINT ask for a checkpoint and a clean exit at the end of the current step."""
+    """SIGTERM, SIGINT and SIGHUP (a closed terminal, a dropped ssh) ask for a checkpoint and a clean
+    exit at the end of the current step. A SIGHUP ignored at start (nohup) stays ignored."""
 
     def __init__(self):
         self.raised = False
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
+        self.ttys = [fd for fd in (1, 2) if os.isatty(fd)]
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+            if sig != signal.SIGHUP or signal.getsignal(sig) != signal.SIG_IGN:
+                signal.signal(sig, self._handle)
 
     def _handle(self, signum, frame):
         self.raised = True
+        if signum == signal.SIGHUP:
+            # a hung-up terminal fails every write with EIO (it is no longer a tty), and the progress
+            # bar's next write would end the run before its checkpoint: the output goes nowhere instead
+            for fd in self.ttys:
+                if not os.isatty(fd):
+                    devnull = os.open(os.devnull, os.O_WRONLY)
+                    os.dup2(devnull, fd)
+                    os.close(devnull)
+
+
+# Set by launch/deepspeed_run.py for the ranks it starts: "host:pid" of the wrapper, which is not
+# their parent (deepspeed's launcher is), so its death would otherwise go unnoticed.
+SUPERVISOR_ENV = "SST_DIST_SUPERVISOR"
+
+
+def watch_launcher(interval_s: float = 1.0) -> threading.Thread | None:
+    """A rank started by a launcher (torchrun, deepspeed, launch/deepspeed_run.py) sends itself
+    SIGTERM when the launcher dies, so the stop path checkpoints and exits rather than training on
+    with no one to stop it (each rank runs in a session of its own, out of a terminal's reach).
+
+    Watched: the parent, for a rank started by a launcher (LOCAL_RANK set; not a plain `python`, whose
+    parent is a shell that a `nohup ... &` outlives), and the wrapper named in SST_DIST_SUPERVISOR on
+    this host. A parent's death shows as a new parent pid (the process is re-parented), which no pid
+    reuse can fake; PR_SET_PDEATHSIG would fire on the exit of the parent's thread that forked."""
+    watched = []
+    if "LOCAL_RANK" in os.environ:
+        parent = os.getppid()
+        watched.append((f"the launcher (pid {parent})", lambda: os.getppid() == parent))
+    host, _, pid = os.environ.get(SUPERVISOR_ENV, "").rpartition(":")
+    if pid.isdigit() and host == socket.gethostname():
+        started = process_start(int(pid))
+        watched.append((f"launch/deepspeed_run.py (pid {pid})", lambda: process_running(int(pid), started)))
+    if not watched:
+        return None
+
+    def watch():
+        while True:
+            for name, alive in watched:
+                if not alive():
+                    print(f"warning: rank {os.environ.get('RANK', '0')}: {name} is gone; checkpointing and "
+                          "stopping", file=sys.stderr, flush=True)
+                    os.kill(os.getpid(), signal.SIGTERM)
+                    return
+            time.sleep(interval_s)
+
+    thread = threading.Thread(target=watch, name="watch-launcher", daemon=True)
+    thread.start()
+    return thread
 
 
 def set_threads() -> None:
