@@ -264,18 +264,33 @@ def load_engine_state(engine, path: Path, ctx) -> str | None:
 
 
 def save(engine, data, state, step, out, recipe, ctx, settings, resumed_from) -> Path:
-    """A checkpoint of `step` (collective); returns its folder."""
-    path = partial_dir(out, step) if ctx.rank == 0 else checkpoint_root(out) / (
-        step_name(step) + ".partial")
-    ctx.barrier()
-    engine.save(path)
-    ctx.barrier()
-    if ctx.rank == 0:
+    """A checkpoint of `step` (collective); returns its folder. A write that fails on any rank (a
+    full disk) removes the partial folder and stops every rank with one line naming it and why;
+    the checkpoints written before are untouched."""
+    partial = checkpoint_root(out) / (step_name(step) + ".partial")
+
+    def attempt(work) -> bool:  # True if `work` failed on any rank; each rank keeps its own reason
+        nonlocal failure
+        try:
+            work()
+        except Exception as err:  # torch.save's disk-full error is a RuntimeError with no errno
+            failure = rundir.write_failure(err, partial)
+        return ctx.any(failure is not None)  # also the barrier between the three parts
+
+    def seal():
         trainer_state = {**state, "step": step, "data": data.state_dict(),
                          "torch_rng": torch.get_rng_state().tolist(), "method": recipe.method,
                          "settings": settings}
         commit(out, step, trainer_state, recipe.checkpoint.keep, resumed_from)
-    ctx.barrier()
+
+    failure = None
+    if (attempt(lambda: partial_dir(out, step) if ctx.rank == 0 else None)
+            or attempt(lambda: engine.save(partial))
+            or attempt(seal if ctx.rank == 0 else lambda: None)):
+        if ctx.rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        raise RunError(f"cannot write checkpoint {partial}: {failure or 'failed on another rank'}; it is "
+                       "removed, the checkpoints before it are untouched: free space, then re-run to resume")
     return checkpoint_root(out) / step_name(step)
 
 

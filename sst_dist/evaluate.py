@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from sst_dist import checkpoint
+from sst_dist import checkpoint, rundir
 from sst_dist.config import Recipe
-from sst_dist.errors import ConfigError, DataError
+from sst_dist.errors import ConfigError, DataError, RunError
 
 
 def lm_loss(model, block: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -60,9 +60,15 @@ def evaluate_checkpoint(engine, data, recipe: Recipe, device, out: Path, checkpo
                           "train first, or pass the --output-dir of a run")
     with engine.forward_context():
         result = {"step": step, "checkpoint": checkpoint_dir.name, **run_eval(engine.model, data, recipe, device)}
+    failure, log = None, out / "eval.jsonl"
     if ctx.rank == 0:
-        with open(out / "eval.jsonl", "a") as f:
-            f.write(json.dumps(result) + "\n")
-        print(json.dumps(result), flush=True)
-    ctx.barrier()
+        print(json.dumps(result), flush=True)  # first: a log that cannot be written loses nothing
+        try:
+            with open(log, "a") as f:
+                f.write(json.dumps(result) + "\n")
+        except OSError as err:
+            failure = rundir.write_failure(err, log)
+    if ctx.any(failure is not None):  # every rank stops, none waits for rank 0
+        raise RunError(f"cannot append the evaluation to {log}: {failure or 'failed on rank 0'} (the "
+                       "result is the line above)")
     return result

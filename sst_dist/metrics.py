@@ -4,6 +4,7 @@ seconds of each phase of an event step (PhaseClock), and metrics.jsonl, wandb an
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
@@ -15,6 +16,7 @@ from tqdm import tqdm
 
 from sst_dist import rundir
 from sst_dist.config import Recipe
+from sst_dist.errors import RunError
 
 
 class StepReadout:
@@ -93,22 +95,31 @@ class PhaseClock:
 
 class MetricsLogger:
     """metrics.jsonl (appended, one object per step), wandb and the progress bar, on rank 0 only.
-    wandb and the bar see every train.log_every-th step, evaluations and the last step."""
+    wandb and the bar see every train.log_every-th step, evaluations and the last step.
+
+    A row that cannot be written (a full disk) does not stop the run here: `failure` says why, and
+    the trainer checkpoints and stops at the end of the next step."""
 
     def __init__(self, out: Path, recipe: Recipe, enabled: bool, resume_step: int):
         self.enabled = enabled
         self.wandb = None
+        self.file = None
+        self.path = out / "metrics.jsonl"
+        self.failure: str | None = None  # why a row could not be written
         self.every, self.last = recipe.train.log_every, recipe.train.max_steps
         if not enabled:
             return
         # rows past the checkpoint (a kill after it, or a fallback to an older one) are trained again
         for name in ("metrics.jsonl", "eval.jsonl"):
-            dropped = rundir.cut_log(out / name, resume_step)
+            with _no_traceback(out / name):
+                dropped = rundir.cut_log(out / name, resume_step)
             if dropped:
                 print(f"{name}: dropped {dropped} rows past step {resume_step}, which is trained again",
                       flush=True)
-        self.file = open(out / "metrics.jsonl", "a")
-        (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
+        with _no_traceback(self.path):
+            self.file = open(self.path, "a")
+        with _no_traceback(out / "recipe.json"):
+            (out / "recipe.json").write_text(json.dumps(recipe.to_dict(), indent=1))
         if recipe.wandb.mode != "disabled":
             import wandb
 
@@ -118,7 +129,8 @@ class MetricsLogger:
             self.wandb = wandb.init(project=recipe.wandb.project, name=recipe.wandb.name, id=run_id,
                                     resume="allow", mode=recipe.wandb.mode, dir=str(out),
                                     config=recipe.to_dict())
-            id_file.write_text(self.wandb.id)
+            with _no_traceback(id_file):
+                id_file.write_text(self.wandb.id)
         self.bar = tqdm(total=self.last, initial=resume_step, desc=recipe.method, unit="step", dynamic_ncols=True)
 
     def due(self, record: dict) -> bool:
@@ -128,8 +140,14 @@ class MetricsLogger:
     def log(self, record: dict) -> None:
         if not self.enabled:
             return
-        self.file.write(json.dumps(record) + "\n")
-        self.file.flush()
+        if self.file is not None:
+            try:
+                self.file.write(json.dumps(record) + "\n")
+                self.file.flush()
+            except OSError as err:  # a torn last line is dropped by the resumed run's cut_log
+                self.failure = (f"cannot append step {record['step']} to {self.path}: "
+                                f"{rundir.write_failure(err, self.path)}")
+                self._close_file()
         if not self.due(record):
             return
         if self.wandb is not None:
@@ -137,9 +155,26 @@ class MetricsLogger:
         self.bar.update(record["step"] - self.bar.n)
         self.bar.set_postfix(loss=f"{record['loss']:.4f}")
 
+    def _close_file(self) -> None:
+        file, self.file = self.file, None
+        try:
+            file.close()
+        except OSError:  # the write buffer still full: its flush fails again
+            pass
+
     def close(self) -> None:
         if self.enabled:
             self.bar.close()
-            self.file.close()
+            if self.file is not None:
+                self._close_file()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+@contextlib.contextmanager
+def _no_traceback(path: Path):
+    """An OSError writing a log file before the first step, as one line naming it."""
+    try:
+        yield
+    except OSError as err:
+        raise RunError(f"cannot write {path}: {rundir.write_failure(err, path)}") from None

@@ -3,8 +3,12 @@ back to the step a run resumes from."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import resource
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -15,14 +19,46 @@ LOCK = "run.lock"
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Replaces `path` by `text` at once: a kill leaves the old file or the new one, never a mix.
-    The temporary file is named by process, so ranks racing to write the same file do no harm."""
+    """Replaces `path` by `text` at once: a kill leaves the old file or the new one, never a mix; a
+    failed write (a full disk) leaves the old one and no temporary file. The temporary file is named
+    by process, so ranks racing to write the same file do no harm."""
     tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+# Below this much free space, a write error that gives no reason (torch.save's "file write failed")
+# is taken for a full disk: one that failed for want of space leaves next to nothing free
+NEARLY_FULL = 64 * 2**20
+
+
+def write_failure(err: BaseException, path: Path) -> str:
+    """Why a write under `path` failed, in a few words: the errno's text ("No space left on
+    device", "File too large" past `ulimit -f`), else the error's first line."""
+    seen = err
+    while seen is not None:  # the OSError may be the cause of a library's own error
+        if isinstance(seen, OSError) and seen.strerror:
+            return seen.strerror
+        seen = seen.__cause__ or seen.__context__
+    try:
+        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
+    except (OSError, StopIteration):
+        free = None
+    if free is not None and free < NEARLY_FULL:
+        return f"No space left on device ({free // 2**20} MiB free)"
+    lines = str(err).strip().splitlines()
+    first = re.sub(r"^\[enforce fail at [^\]]*\]\s*\.?\s*", "", lines[0] if lines else type(err).__name__)[:200]
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+    if limit != resource.RLIM_INFINITY:  # past it a write fails, and torch.save does not say why
+        first += f"; a file size limit is set (ulimit -f {limit // 1024})"
+    return first
 
 
 def prepare(out: Path) -> None:

@@ -267,7 +267,10 @@ def loop(s: Setup, start: Start) -> int:
                 previous, pending = pending, None
                 finish(*previous, eval_due=False)
             step += 1
-            stopping = ctx.any(stop.raised)
+            # one host all-reduce: 1 a stop signal; 2 rank 0's metrics.jsonl cannot be written, so
+            # the steps since the last checkpoint are saved while that may still be possible
+            halt = ctx.maximum(2 if logger.failure else 1 if stop.raised else 0)
+            stopping = halt > 0
             save_due = recipe.checkpoint.save and (stopping or step == max_steps or (every and step % every == 0))
             eval_due = bool(recipe.eval.every_steps) and (step % recipe.eval.every_steps == 0 or step == max_steps)
             read_now = (save_due or eval_due or stopping or step == max_steps or bool(result.event)
@@ -280,10 +283,17 @@ def loop(s: Setup, start: Start) -> int:
                 pending = (record, readout)
                 continue
             finish(record, readout, eval_due)
+            unlogged = logger.failure or "rank 0 cannot write metrics.jsonl" if halt == 2 else None
             if save_due:
-                last_good = checkpoint.save(engine, s.data, state, step, out, recipe, ctx, s.settings,
-                                            start.checkpoint)
+                try:
+                    last_good = checkpoint.save(engine, s.data, state, step, out, recipe, ctx, s.settings,
+                                                start.checkpoint)
+                except RunError as err:
+                    raise RunError(f"{unlogged}; {err}") if unlogged else err
                 last_saved = step
+            if unlogged:
+                saved = f"checkpoint saved at step {step}" if save_due else "checkpoint.save is off"
+                raise RunError(f"{unlogged}; {saved}: free space, then re-run to resume")
             if stopping:
                 if s.is_main:
                     saved = "checkpoint saved, re-run to resume" if recipe.checkpoint.save else "checkpoint.save is off"
@@ -293,11 +303,15 @@ def loop(s: Setup, start: Start) -> int:
         if pending is not None:  # the last step that ended is logged, though the one after it failed
             with contextlib.suppress(Exception):
                 finish(*pending, eval_due=False)
+        logger.close()
         raise
     if last_saved != step and recipe.checkpoint.save:
         checkpoint.save(engine, s.data, state, step, out, recipe, ctx, s.settings, start.checkpoint)
     logger.close()
     ctx.barrier()
+    if logger.failure:  # the last step's row, after its checkpoint
+        raise RunError(f"{logger.failure}; " + (f"checkpoint saved at step {step}" if recipe.checkpoint.save
+                                                 else "checkpoint.save is off"))
     return step
 
 
