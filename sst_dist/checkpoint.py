@@ -171,6 +171,30 @@ def prune(output_dir: str | Path, keep: int, written: Path, resumed_from: Path |
         shutil.rmtree(partial, ignore_errors=True)
 
 
+def estimated_size(model) -> int:
+    """A checkpoint's bytes, about: every parameter and buffer in its own dtype, and for each trainable
+    element the optimizer's two fp32 moments, an fp32 age (sst_dist.optim; only resettable groups keep
+    one) and an fp32 master where the parameter is narrower. An overestimate where a group keeps no
+    age, or GaLore's projected moments."""
+    total = sum(b.numel() * b.element_size() for b in model.buffers())
+    for param in model.parameters():
+        numel = getattr(param, "ds_numel", param.numel())  # ZeRO-3 leaves an empty tensor in place
+        total += numel * param.element_size()
+        if param.requires_grad:
+            total += numel * (12 + (4 if param.element_size() < 4 else 0))
+    return total
+
+
+def check_free_space(out: Path, model) -> None:
+    """Before the first step: one warning line when the output folder's disk cannot hold another
+    checkpoint (a save writes the new one before it prunes an old one)."""
+    need, free = estimated_size(model), shutil.disk_usage(out).free
+    if free < need:
+        print(f"warning: --output-dir {out}: {free / 2**30:.2f} GiB free, a checkpoint takes about "
+              f"{need / 2**30:.2f} GiB; free space, or the first save will fail and stop the run",
+              file=sys.stderr, flush=True)
+
+
 def run_settings(recipe: dict, *, engine: str, zero_stage: int | None, world_size: int,
                  vocab_size: int) -> dict:
     """What a checkpoint records about the run that wrote it, for `check_resume`."""

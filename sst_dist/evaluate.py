@@ -52,6 +52,23 @@ def run_eval(model, data, recipe: Recipe, device) -> dict:
     return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
 
 
+def check_held_out(data, recipe: Recipe, eval_only: bool) -> None:
+    """Before the first step: the held-out split holds a block for the evaluations the run will make,
+    else DataError in one line. Found at the first evaluation, it would cost every re-run the steps
+    up to it (the shipped recipes: 1,000)."""
+    if not (eval_only or recipe.eval.every_steps) or data.val.num_blocks:
+        return
+    from sst_dist.data.shards import read_manifest
+
+    manifest = read_manifest(data.folder) or {}
+    total = manifest.get("train_tokens", 0) + manifest.get("val_tokens", 0)
+    who = "--eval-only" if eval_only else f"eval.every_steps={recipe.eval.every_steps}"
+    raise DataError(f"{who}: the held-out split of {data.folder} ({manifest.get('val_tokens', 0):,} of the "
+                    f"corpus's {total:,} tokens, data.val_fraction={recipe.data.val_fraction}) holds no block "
+                    f"of model.seq_len + 1 = {recipe.model.seq_len + 1} tokens; raise data.val_fraction, "
+                    "add data, lower model.seq_len" + ("" if eval_only else ", or set eval.every_steps=0"))
+
+
 def evaluate_checkpoint(engine, data, recipe: Recipe, device, out: Path, checkpoint_dir, step: int,
                         ctx) -> dict:
     """The periodic evaluation, run once on a loaded checkpoint; appended to eval.jsonl."""

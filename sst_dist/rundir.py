@@ -76,6 +76,17 @@ def prepare(out: Path) -> None:
     for path in (out, out / "checkpoints", out / "metrics.jsonl", out / "recipe.json"):
         if path.exists() and not os.access(path, os.W_OK | (os.X_OK if path.is_dir() else 0)):
             raise RunError(f"--output-dir {out}: {path} is read-only")
+    # a read-only mount, a full disk or a quota passes the permission check (and root passes it always)
+    for folder in (out, out / "checkpoints"):
+        probe = folder / f".write-probe.{os.getpid()}"
+        try:
+            if folder.is_dir():
+                probe.write_bytes(bytes(4096))
+                probe.unlink()
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                probe.unlink()
+            raise RunError(f"--output-dir {out}: cannot write in {folder} ({write_failure(err, folder)})") from None
 
 
 def process_start(pid: int) -> str | None:

@@ -20,7 +20,7 @@ from sst_dist.engines import DistributedContext, build_engine, distributed_conte
 from sst_dist.engines.base import Engine
 from sst_dist.errors import ConfigError, RunError
 from sst_dist.build import Materializer, build_on_meta
-from sst_dist.evaluate import evaluate_checkpoint, lm_loss, run_eval
+from sst_dist.evaluate import check_held_out, evaluate_checkpoint, lm_loss, run_eval
 from sst_dist.methods import Method, ProbePass, build_method
 from sst_dist.metrics import MetricsLogger, PhaseClock, StepReadout
 from sst_dist.models import (build_model, check_attn_implementation, compile_blocks, enable_activation_checkpointing,
@@ -192,12 +192,15 @@ def setup(run: Run, lock: rundir.RunLock) -> Setup:
     ctx.barrier(patient=True)
     data = open_data(recipe.data, seq_len=recipe.model.seq_len, global_batch=recipe.train.global_batch,
                      seed=recipe.seed, rank=ctx.rank, world_size=ctx.world_size)
+    check_held_out(data, recipe, run.eval_only)
 
     built = time.perf_counter()
     vocab = model_vocab(recipe.model.size, data.vocab_size)
     method, engine = build_run(recipe, run.engine, ctx, device=device, dtype=dtype, vocab_size=vocab,
                                micro_batch=micro, accumulation=accumulation, ds_config=run.ds_config)
     init_s = ctx.maximum(time.perf_counter() - built)
+    if is_main and recipe.checkpoint.save and not run.eval_only:
+        checkpoint.check_free_space(run.output_dir, engine.model)
     settings = checkpoint.run_settings(recipe.to_dict(), engine=run.engine, world_size=ctx.world_size,
                                        zero_stage=getattr(engine, "zero_stage", None), vocab_size=vocab)
     return Setup(run, ctx, device, micro, data, method, engine, settings, claim["checkpoints"], init_s)
