@@ -1,7 +1,8 @@
 """Distributed faults on 2 gloo ranks: a stalled rank ends the job within
 train.collective_timeout_s with one line naming the rank; stopping a DeepSpeed job the ways the
-README gives checkpoints every rank."""
+README gives checkpoints every rank; so does killing the launcher outright."""
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -84,3 +85,48 @@ def test_stopping_a_deepspeed_job_checkpoints_every_rank(tmp_path, how):
     assert len(shards) == 2, shards  # both ranks' ZeRO partitions: every rank saved
     if how == "kill the wrapper":
         assert proc.returncode == 0, err[-3000:]
+
+
+@pytest.mark.parametrize("launcher", ["launch/deepspeed_run.py", "torchrun"])
+def test_ranks_checkpoint_and_exit_when_their_launcher_is_killed(tmp_path, launcher):
+    """SIGKILL leaves the launcher no chance to pass anything on: the ranks notice it is gone
+    (sst_dist.runtime.watch_launcher) and all stop as on a SIGTERM."""
+    port, out = free_port(), tmp_path / "out"
+    args = ["launch/pretrain.py", "--recipe", "recipes/tiny-sst.yaml", "--output-dir", str(out),
+            "--set", "wandb.mode=disabled", "--max-steps", "100000"]
+    if launcher == "torchrun":
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+               *args, "--engine", "fsdp"]
+    else:
+        cmd = [sys.executable, launcher, "--num_gpus", "2", "--master_port", str(port), *args,
+               "--ds-config", "ds_configs/zero2.json"]
+    # the output into files: a pipe nobody reads while the ranks run would fill and block them
+    with open(tmp_path / "stdout", "w") as stdout, open(tmp_path / "stderr", "w") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=quiet_env(), stdout=stdout, stderr=stderr)
+    ranks = []
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline and proc.poll() is None:
+            if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3:
+                break
+            time.sleep(0.2)
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        ranks = [p for p in tree if "launch/pretrain.py" in " ".join(p.cmdline()) and
+                 not any(s in " ".join(p.cmdline()) for s in ("deepspeed.launcher", "torch.distributed.run"))]
+        assert len(ranks) == 2, [p.cmdline() for p in tree]
+        proc.kill()
+        proc.wait()
+        _, alive = psutil.wait_procs(ranks, timeout=240)
+        assert not alive  # no rank trains on unattended
+    finally:
+        for p in [*ranks, *(psutil.Process(proc.pid).children(recursive=True) if proc.poll() is None else [])]:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        remove_shm_buffers(port)
+    err = (tmp_path / "stderr").read_text()
+    assert "Traceback" not in err, err[-3000:]
+    assert "is gone; checkpointing and stopping" in err, err[-3000:]  # the first rank to see it stops all
+    stopped = len(read_metrics(out))
+    candidates, warning = resolve(out)
+    assert warning is None and candidates[0].name == step_name(stopped)
+    assert not (out / "run.lock").exists()
