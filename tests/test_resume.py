@@ -319,7 +319,7 @@ def test_the_lock_names_its_holder_and_stale_ones_are_taken_over(tmp_path):
     holder = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
         theirs = RunLock(tmp_path)
-        theirs.me = {"host": socket.gethostname(), "pid": holder.pid, "start": rundir._start_time(holder.pid)}
+        theirs.me = {"host": socket.gethostname(), "pid": holder.pid, "start": rundir.process_start(holder.pid)}
         assert theirs.acquire() is None
         with pytest.raises(RunError, match=f"in use by pid {holder.pid}"):
             RunLock(tmp_path).acquire()
@@ -453,7 +453,7 @@ def test_zero_checkpoints_resume_only_on_their_world_size_and_stage(tmp_path):
 @pytest.mark.slow
 def test_a_held_lock_stops_every_rank(tmp_path):
     tmp_path.joinpath(rundir.LOCK).write_text(json.dumps(
-        {"host": socket.gethostname(), "pid": os.getpid(), "start": rundir._start_time(os.getpid())}))
+        {"host": socket.gethostname(), "pid": os.getpid(), "start": rundir.process_start(os.getpid())}))
     # (torchrun prints its own traceback for any rank that exits non-zero; deepspeed's launcher does not)
     proc = pretrain(tmp_path, RECIPE, "--ds-config", "ds_configs/zero2.json", launcher="deepspeed", nproc=2,
                     timeout=300, check=False)
