@@ -109,8 +109,11 @@ def watch_launcher(interval_s: float = 1.0) -> threading.Thread | None:
         while True:
             for name, alive in watched:
                 if not alive():
-                    print(f"warning: rank {os.environ.get('RANK', '0')}: {name} is gone; checkpointing and "
-                          "stopping", file=sys.stderr, flush=True)
+                    try:  # the launcher may have held the other end of the output
+                        print(f"warning: rank {os.environ.get('RANK', '0')}: {name} is gone; checkpointing "
+                              "and stopping", file=sys.stderr, flush=True)
+                    except OSError:
+                        pass
                     os.kill(os.getpid(), signal.SIGTERM)
                     return
             time.sleep(interval_s)
