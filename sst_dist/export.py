@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import os
-import re
 import shutil
 import sys
 from dataclasses import dataclass, field
@@ -39,7 +38,7 @@ from sst_dist import checkpoint, methods  # noqa: F401 (methods: registers each 
 from sst_dist.config import Recipe, _build, upgrade_saved, validate
 from sst_dist.errors import ConfigError, DataError, RunError
 from sst_dist.registry import METHODS, spec
-from sst_dist.rundir import write_atomic
+from sst_dist.rundir import write_atomic, write_failure
 from sst_dist.sst import kept_count  # noqa: F401 (export --keep-singular's count, re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -341,7 +340,7 @@ def export(output_dir: str | Path, out: str | Path, step: int | None = None, dty
             model.save_pretrained(staging)  # safetensors; the tied head is stored once
             tokenizer.save_pretrained(staging)
         except Exception as err:  # OSError, or safetensors' own error wrapping the OS one
-            raise RunError(f"--out {out}: cannot write the export ({_write_error(err)}); nothing in "
+            raise RunError(f"--out {out}: cannot write the export ({write_failure(err, out)}); nothing in "
                            f"{out} changed") from None
         record = {"written_by": "sst_dist.export", "checkpoint": str(ckpt.path), "step": ckpt.step,
                   "dtype": dtype, "keep_singular": keep_singular}
@@ -426,17 +425,6 @@ def _remove_empty(folders: list[Path]) -> None:
             return
 
 
-def _write_error(err: Exception) -> str:
-    """'No space left on device' and the like from an OSError or a library's message wrapping one."""
-    if isinstance(err, OSError) and err.strerror:
-        return err.strerror + (f": {err.filename}" if err.filename else "")
-    # safetensors: "I/O error: No space left on device (os error 28)" or IoError(Os { message: "..." })
-    found = re.search(r'I/O error: ([^(\n]+?) \(os error|message: "([^"]+)"', str(err))
-    if found:
-        return found.group(1) or found.group(2)
-    return _first_line(err)
-
-
 def _install(staging: Path, out: Path, earlier: list[str], record: dict) -> None:
     """Moves the staged export into `out`: the whole folder if `out` is new, else file by file,
     replacing only `earlier` (what an earlier export wrote). MARKER always lists every file of
@@ -463,7 +451,7 @@ def _install(staging: Path, out: Path, earlier: list[str], record: dict) -> None
             os.replace(staging / name, out / name)
         os.replace(staging / MARKER, out / MARKER)
     except OSError as err:
-        raise RunError(f"--out {out}: cannot move the export in ({_write_error(err)})") from None
+        raise RunError(f"--out {out}: cannot move the export in ({write_failure(err, out)})") from None
 
 
 def parse_args(argv=None):

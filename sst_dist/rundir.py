@@ -47,6 +47,10 @@ def write_failure(err: BaseException, path: Path) -> str:
         if isinstance(seen, OSError) and seen.strerror:
             return seen.strerror
         seen = seen.__cause__ or seen.__context__
+    # safetensors wraps the OS error in its own: "I/O error: No space left on device (os error 28)"
+    wrapped = re.search(r'I/O error: ([^(\n]+?) \(os error|message: "([^"]+)"', str(err))
+    if wrapped:
+        return wrapped.group(1) or wrapped.group(2)
     try:
         free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
     except (OSError, StopIteration):
