@@ -18,6 +18,7 @@ import yaml
 
 from sst_dist.errors import ConfigError
 from sst_dist.registry import METHODS, OPT_TARGETS, TARGETS, family  # noqa: F401 (re-exported: a recipe's choices)
+from sst_dist.schedule import DECAYS
 SST_PATHS = ("dense", "materialized", "factored", "functional")  # how an SSTLinear computes (SSTConfig.path)
 WANDB_MODES = ("offline", "online", "disabled")
 FROZEN_DTYPES = ("float32", "bfloat16")  # model.frozen_dtype
@@ -101,6 +102,10 @@ class OptimConfig:
     lowrank_lr: float = 1e-3  # s, u_active, vh_active; LoRA/ReLoRA* factors
     warmup_steps: int = 2000
     rewarm_steps: int = 20  # linear lr re-warm of the low-rank group after each reset
+    # after the warm-up: constant (the SST paper's OPT runs) | cosine (GaLore's LLaMA runs: every
+    # group's lr decays to min_lr_ratio x its peak at train.max_steps; a re-warm multiplies on top)
+    schedule: str = "constant"
+    min_lr_ratio: float = 0.1
     weight_decay: float = 0.0
     beta1: float = 0.9
     beta2: float = 0.999
@@ -331,6 +336,10 @@ def validate(recipe: Recipe) -> Recipe:
     # the method's own checks (targets, rank, what it supports): sst_dist.registry
     METHODS[recipe.method].check(recipe, lambda: min_target_dim(recipe.model.size, recipe.targets))
     _choice("optim.reset", recipe.optim.reset, ("exact", "moments"))
+    _choice("optim.schedule", recipe.optim.schedule, DECAYS)
+    if not 0.0 <= recipe.optim.min_lr_ratio <= 1.0:
+        raise ConfigError(f"optim.min_lr_ratio: {recipe.optim.min_lr_ratio!r} must be in [0, 1] "
+                          "(the last step's lr over the peak's)")
     _choice("galore.proj_type", recipe.galore.proj_type, ("std", "reverse_std", "left", "right"))
     _choice("galore.projector", recipe.galore.projector, ("auto", "svd", "randomized"))
     _choice("train.device", recipe.train.device, ("auto", "cpu", "cuda"))

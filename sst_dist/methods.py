@@ -225,8 +225,8 @@ class GaLorePart(Hooks):
         return [{"params": [layer.B for layer in self.layers.values()], "lr": self.lr, "name": "galore"}]
 
     def learning_rates(self, step: int) -> dict[str, float]:
-        # GaLore has no restarts: warm-up only, like the full-rank group
-        return {"galore": self.lr * self.schedule.warmup_factor(step)}
+        # GaLore has no restarts: warm-up and decay only, like the full-rank group
+        return {"galore": self.lr * self.schedule.lr_factor(step)}
 
     def attach(self, backend, recipe: Recipe) -> None:
         self.backend = backend
@@ -279,7 +279,8 @@ def build_method(recipe: Recipe, model: nn.Module) -> Method:
 
 def _schedule(recipe: Recipe, **periodic) -> Schedule:
     o = recipe.optim
-    return Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps, **periodic)
+    return Schedule(o.lr, o.lowrank_lr, o.warmup_steps, o.rewarm_steps, decay=o.schedule,
+                    min_lr_ratio=o.min_lr_ratio, max_steps=recipe.train.max_steps, **periodic)
 
 
 def frozen_dtype(recipe: Recipe) -> torch.dtype | None:

@@ -220,7 +220,7 @@ def read_ds_config(path: str | None, recipe) -> dict:
                           "(train.dtype: float32, or bfloat16 on a GPU); remove the fp16 section")
     if "scheduler" in config:
         raise ConfigError(f"{where}: has a scheduler, but the recipe owns the lr schedule (optim.warmup_steps,"
-                          " optim.rewarm_steps); remove the scheduler section")
+                          " optim.schedule, optim.rewarm_steps); remove the scheduler section")
     optimizer = config.get("optimizer")
     if optimizer is None:
         return config
