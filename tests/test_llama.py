@@ -223,13 +223,17 @@ def test_activation_formulas_match_what_autograd_keeps(method, path):
 @pytest.mark.parametrize("size, steps, galore_rank", [("60m", 10_000, 128), ("130m", 20_000, 256),
                                                       ("350m", 60_000, 256), ("1b", 100_000, 512)])
 def test_recipes_at_galores_published_settings(size, steps, galore_rank):
-    for method in ("full", "sst", "galore"):
+    lora = ("lora",) if size in ("60m", "130m") else ()
+    for method in ("full", "sst", "galore", *lora):
         r = load_recipe(f"recipes/llama-{size}-{method}.yaml")
         assert (r.method, r.model.size, r.model.seq_len, r.data.source) == (method, f"llama-{size}", 256, "c4")
         assert (r.train.global_batch, r.train.max_steps, r.optim.warmup_steps) == (512, steps, steps // 10)
+        assert (r.optim.schedule, r.optim.min_lr_ratio) == ("cosine", 0.1)  # GaLore's decay
         assert r.targets == list(LLAMA_TARGETS)
     galore = load_recipe(f"recipes/llama-{size}-galore.yaml")
     assert (galore.rank, galore.galore.lr, galore.galore.scale, galore.galore.update_proj_gap) == (galore_rank, 0.01,
                                                                                                    0.25, 200)
     sst = load_recipe(f"recipes/llama-{size}-sst.yaml")
     assert (sst.optim.lowrank_lr, sst.sst.steps_per_iteration) == (1e-3, 200)
+    if lora:  # GaLore's LoRA baseline at GaLore's rank
+        assert load_recipe(f"recipes/llama-{size}-lora.yaml").rank == galore_rank

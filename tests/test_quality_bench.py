@@ -177,6 +177,16 @@ def test_user_errors_are_one_line(tmp_path, capsys, args, message):
     assert not (tmp_path / "out").exists()  # nothing started
 
 
+def test_llama_60m_plans_its_four_recipes_with_the_cosine_over_the_bench_steps(tmp_path):
+    quality = load_bench()
+    args = quality.parse_args(["--size", "llama-60m", "--methods", "full,lora,sst,galore", "--steps", "2000",
+                               "--device", "cpu", "--out", str(tmp_path)])
+    specs = quality.plan(args)
+    assert [(s.method, s.recipe.name) for s in specs] == [(m, f"llama-60m-{m}.yaml") for m in ("full", "lora", "sst", "galore")]
+    for s in specs:  # the decay ends at the bench's last step, not the recipe's
+        assert s.resolved["optim"]["schedule"] == "cosine" and s.resolved["train"]["max_steps"] == 2000
+
+
 def test_sweeps_and_per_method_sets_plan_one_folder_per_variant(tmp_path):
     quality = load_bench()
     args = quality.parse_args(tiny_args(str(tmp_path), "--methods", "full,sst+galore", "--set", "optim.grad_clip=0.5",
