@@ -231,6 +231,10 @@ def resume(s: Setup) -> Start:
         print(f"resuming from {path} at step {state['step']}", flush=True)
         if changed:
             print(f"resuming with changed settings: {', '.join(changed)}", flush=True)
+        if recipe.optim.schedule == "cosine" and any(c.startswith("train.max_steps ") for c in changed):
+            # the decay ends at train.max_steps: a new end re-stretches it, and the lr steps there
+            print(f"warning: optim.schedule=cosine decays to train.max_steps, now {recipe.train.max_steps}: "
+                  f"the lr at step {state['step']} is re-read on the new cosine, not the old one's", flush=True)
     return Start(state, path)
 
 

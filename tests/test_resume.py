@@ -353,6 +353,10 @@ def test_resume_settings_are_checked_up_front(run_copy):
     assert len(changed) == 1 and "optim.lr 0.003 -> 0.001" in changed[0] and "train.max_steps 4 -> 6" in changed[0]
     assert json.loads((run_copy / "recipe.json").read_text())["optim"]["lr"] == 1e-3
     steps_once(run_copy, 6)
+    # a cosine ends at train.max_steps: moving the end re-stretches it, said in one warning line
+    proc = pretrain(run_copy, RECIPE, "--max-steps", "7", "--set", "optim.lr=1e-3", "--set", "optim.schedule=cosine")
+    warned = [line for line in proc.stdout.splitlines() if line.startswith("warning: optim.schedule=cosine")]
+    assert len(warned) == 1 and "now 7" in warned[0] and "step 6" in warned[0], proc.stdout
 
 
 def test_check_resume_world_size_matters_for_zero_only():
