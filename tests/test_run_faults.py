@@ -122,7 +122,10 @@ def test_sighup_checkpoints_even_when_the_terminal_is_gone(tmp_path):
     cmd = [sys.executable, "launch/pretrain.py", "--recipe", "recipes/tiny-sst.yaml", "--output-dir",
            str(tmp_path), "--set", "wandb.mode=disabled", "--max-steps", "100000"]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=quiet_env(), stdin=subprocess.DEVNULL, stdout=slave,
-                            stderr=slave, start_new_session=True)
+                            stderr=slave, start_new_session=True,
+                            # as a terminal's job starts: a SIGHUP ignored here (pytest under nohup) would be
+                            # inherited, and the run rightly keeps ignoring it
+                            preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL))
     os.close(slave)
     os.set_blocking(master, False)
     try:
