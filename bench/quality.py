@@ -1051,6 +1051,11 @@ def main(argv=None) -> int:
 
             args.device = "cuda" if torch.cuda.is_available() else "cpu"
         specs = plan(args)
+        cosine = next((spec for spec in specs if spec.resolved["optim"]["schedule"] == "cosine"), None)
+        if args.best_to and cosine is not None:  # its decay ends at --steps: continued, it would re-stretch
+            raise BenchError(f"--best-to {args.best_to}: {cosine.method}'s recipe decays on a cosine that ends "
+                             f"at --steps {args.steps}, so a continued run's lr would jump back up; run "
+                             f"--steps {args.best_to} instead, or --set optim.schedule=constant")
         if args.dry_run:
             for spec in specs:
                 print(shlex.join(launch_command(spec, out)))

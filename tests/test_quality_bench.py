@@ -168,6 +168,7 @@ def test_a_failed_run_is_reported_with_its_log_and_the_exit_is_nonzero(tmp_path)
     (["--seeds", "0,-1"], "error: --seeds '0,-1': expected a comma list of integers >= 0"),
     (["--seeds", "0,1", "--sweep", "seed=2,3"], "use --seeds"),
     (["--set", "sst:optim.reset=zero"], "optim.reset: 'zero' is not one of exact, moments"),
+    (["--set", "sst:optim.schedule=cosine", "--best-to", "40"], "sst's recipe decays on a cosine that ends at"),
 ])
 def test_user_errors_are_one_line(tmp_path, capsys, args, message):
     quality = load_bench()
