@@ -38,7 +38,7 @@ from sst_dist import checkpoint, methods  # noqa: F401 (methods: registers each 
 from sst_dist.config import Recipe, _build, upgrade_saved, validate
 from sst_dist.errors import ConfigError, DataError, RunError
 from sst_dist.registry import METHODS, spec
-from sst_dist.rundir import write_atomic, write_failure
+from sst_dist.rundir import nearest_existing_folder, write_atomic, write_failure
 from sst_dist.sst import kept_count  # noqa: F401 (export --keep-singular's count, re-exported)
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -372,11 +372,7 @@ def _earlier_export(out: Path) -> list[str] | None:
 def check_out(out: Path, force: bool) -> list[str]:
     """Refuses an --out this export must not write, before anything is read; returns the names
     an earlier export wrote there (replaced by this one): [] for a new or empty folder."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        where = "is a file, not a folder" if existing == out else f"is inside {existing}, which is a file"
-        raise RunError(f"--out {out} {where}")
-    if existing == out:
+    if nearest_existing_folder(out, "--out") == out:
         if not os.access(out, os.W_OK | os.X_OK):
             raise RunError(f"--out {out}: is read-only")
         try:

@@ -65,12 +65,19 @@ def write_failure(err: BaseException, path: Path) -> str:
     return first
 
 
+def nearest_existing_folder(path: Path, flag: str) -> Path:
+    """`path` or its nearest existing parent, which must be a folder: else RunError naming `flag`
+    (a file where the folder, or one of its parents, would go)."""
+    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    if not existing.is_dir():
+        where = "is a file, not a folder" if existing == path else f"is inside {existing}, which is a file"
+        raise RunError(f"{flag} {path} {where}")
+    return existing
+
+
 def prepare(out: Path) -> None:
     """Creates the output folder, or says in one line why it cannot hold a run."""
-    existing = next((p for p in (out, *out.parents) if p.exists()), Path("."))
-    if not existing.is_dir():
-        where = "is a file, not a folder" if existing == out else f"is inside {existing}, which is a file"
-        raise RunError(f"--output-dir {out} {where}")
+    nearest_existing_folder(out, "--output-dir")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
