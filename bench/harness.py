@@ -88,7 +88,8 @@ def build(size: str, method: str, rank: int, seq: int, micro_batch: int, device_
     t0 = time.perf_counter()
     # initialised where it will run: CPU init of 1.3B weights takes longer than the bench
     built, engine = build_run(recipe, engine_name, ctx, device=device,
-                              dtype=torch.bfloat16 if cuda else torch.float32, vocab_size=default_vocab(size),
+                              dtype=torch.bfloat16 if cuda or recipe.train.dtype == "bfloat16" else torch.float32,
+                              vocab_size=default_vocab(size),
                               micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config,
                               init_device=device)
     return BenchRun(recipe, built, engine, device, cuda, round(time.perf_counter() - t0, 1))

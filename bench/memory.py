@@ -6,7 +6,10 @@
 
 One engine for all: DeepSpeed (ds_configs/zero2.json unless --ds-config; bf16 with fp32 masters
 on a GPU) on one process, set up exactly as the trainer does it (sst_dist.engines.deepspeed, which
-fills the config's "auto" fields with load_ds_config). Each (size, method, rank) runs in a fresh
+fills the config's "auto" fields with load_ds_config); or `--engine fsdp`, FSDP2 on one process
+(fp32 weights, gradients and AdamW, bf16 gathers), where `model.frozen_dtype` decides how every
+method's frozen tensors are stored (DeepSpeed's bf16 casts the whole module to bf16, whatever it
+says), compared with `python -m sst_dist.memory --engine fsdp`. Each (size, method, rank) runs in a fresh
 subprocess so peaks never mix; inside it the micro-batches run in increasing order, with the peak
 counter reset before each. Batches are random tokens. GaLore is also run at --galore-ranks.
 
@@ -64,8 +67,11 @@ def worker(job: dict) -> dict:
     report["sst_path"] = run.recipe.sst.path
     # the trainer trains GaLore in its layer form (GaLoreLinear / GaLoreEmbedding) under every engine
     report["galore_form"] = "layer"
-    report["zero_stage"] = int(engine.config.get("zero_optimization", {}).get("stage", 0))
-    report["bf16"] = bool(engine.config.get("bf16", {}).get("enabled"))
+    if job["ds_config"]:
+        report["zero_stage"] = int(engine.config.get("zero_optimization", {}).get("stage", 0))
+        report["bf16"] = bool(engine.config.get("bf16", {}).get("enabled"))
+    report["frozen_dtype"] = run.recipe.model.frozen_dtype
+    report["checkpointing"] = run.recipe.model.gradient_checkpointing
     report["setup_s"] = run.setup_s
 
     step = 0
@@ -159,8 +165,18 @@ def run_job(job: dict, out: Path, timeout: int) -> dict:
 
 def estimates(job: dict, report: dict, mb: int) -> dict:
     """The estimator's numbers for the configuration the worker actually ran."""
-    from sst_dist.memory import estimate
+    from sst_dist.memory import estimate, estimate_engine
 
+    if not job["ds_config"]:  # FSDP2 on one process
+        est = estimate_engine(job["size"], job["method"], job["rank"], "fsdp", 1, mb, job["seq"],
+                              frozen_dtype=report.get("frozen_dtype", "float32"),
+                              checkpointing=report.get("checkpointing", False),
+                              sst_path=report.get("sst_path", "dense"),
+                              galore_rank=job["rank"] if METHODS[job["method"]].uses_galore else None)
+        states = est["weights"] + est["gradients"] + est["optimizer"]
+        return {"est_states_gib": states / GIB, "est_activations_gib": est["activations"] / GIB,
+                "est_total_gib": est["total"] / GIB,
+                "est_resident_gib": (est["weights"] + est["optimizer"]) / GIB}
     bf16 = report.get("bf16", job["device"] == "cuda")
     est = estimate(job["size"], job["method"], job["rank"], report.get("zero_stage", job["zero"]), 1, mb,
                    job["seq"], precision="bf16" if bf16 else "fp32",
@@ -262,6 +278,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per micro-batch")
     p.add_argument("--steps", type=int, default=3, help="timed steps per micro-batch")
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
+    p.add_argument("--engine", default="deepspeed", choices=("deepspeed", "fsdp"),
+                   help="fsdp: FSDP2 on one process, frozen tensors stored as model.frozen_dtype says")
     p.add_argument("--ds-config", default="ds_configs/zero2.json")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every run, e.g. sst.path=factored")
@@ -290,13 +308,15 @@ def plan(args) -> tuple[list[dict], dict[str, str]]:
     if not ds_config.is_file():
         raise ConfigError(f"--ds-config {args.ds_config}: no such file")
     zero = int(json.loads(ds_config.read_text()).get("zero_optimization", {}).get("stage", 0))
+    if args.engine == "fsdp":
+        ds_config, zero = None, None
     try:
         micro_batches = sorted({int(m) for m in args.micro_batches.split(",") if m})
         galore_ranks = [int(r) for r in args.galore_ranks.split(",") if r]
     except ValueError:
         raise ConfigError("--micro-batches, --galore-ranks: comma lists of integers") from None
     base = {"seq": args.seq, "warmup": args.warmup, "steps": args.steps, "device": args.device,
-            "ds_config": str(ds_config.resolve()), "zero": zero, "set": args.set,
+            "ds_config": str(ds_config.resolve()) if ds_config else None, "zero": zero, "set": args.set,
             "micro_batches": micro_batches}
     skipped = {m: why for m in dict.fromkeys(methods) if (why := supported(m))}
     jobs = []
@@ -354,7 +374,8 @@ def main(argv=None) -> int:
 
     zero = jobs[0]["zero"] if jobs else "?"
     kind = next((r["memory_kind"] for r in rows if r.get("memory_kind")), "")
-    print(f"\nDeepSpeed ZeRO-{zero}, 1 process, seq {args.seq}, {args.warmup} warm-up + {args.steps} timed "
+    engine = "FSDP2" if args.engine == "fsdp" else f"DeepSpeed ZeRO-{zero}"
+    print(f"\n{engine}, 1 process, seq {args.seq}, {args.warmup} warm-up + {args.steps} timed "
           f"steps per micro-batch; GiB ({kind}); sweep took {time.perf_counter() - t_start:.0f} s")
     print_table(rows)
     print("est states = weights + grads (with the step's copies) + masters + Adam; est total = the estimated "

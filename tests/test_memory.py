@@ -292,13 +292,20 @@ def test_activation_formula_matches_what_autograd_keeps(method, path):
 
 
 @pytest.mark.slow
-def test_the_benchmark_runs_end_to_end_on_cpu(tmp_path):
-    """bench/memory.py's whole flow (subprocess per method, DeepSpeed ZeRO-2 on gloo, CSV) on CPU."""
+@pytest.mark.parametrize("engine", [
+    [],  # DeepSpeed ZeRO-2 on gloo
+    # FSDP2 on one process, every method's frozen tensors stored in bf16 on the meta build
+    ["--engine", "fsdp", "--set", "model.frozen_dtype=bfloat16", "--set", "train.dtype=bfloat16",
+     "--set", "model.build=meta"],
+], ids=["deepspeed", "fsdp-frozen-bf16"])
+def test_the_benchmark_runs_end_to_end_on_cpu(tmp_path, engine):
+    """bench/memory.py's whole flow (subprocess per method, the engine on one process, CSV) on CPU."""
     proc = subprocess.run([sys.executable, "-m", "bench.memory", "--device", "cpu", "--sizes", "tiny",
                            "--methods", "full,sst,galore", "--galore-ranks", "", "--micro-batches", "1",
-                           "--seq", "32", "--warmup", "1", "--steps", "1", "--out", str(tmp_path)],
+                           "--seq", "32", "--warmup", "1", "--steps", "1", "--out", str(tmp_path), *engine],
                           cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    assert ("FSDP2, 1 process" in proc.stdout) == bool(engine)
     rows = {r["method"]: r for r in csv.DictReader(open(tmp_path / "memory.csv"))}
     assert rows["full"]["status"] == rows["sst"]["status"] == "ok"
     assert float(rows["sst"]["tokens_per_s"]) > 0 and float(rows["sst"]["est_total_gib"]) > 0
