@@ -2,8 +2,8 @@
 
 A targeted linear layer keeps its weight as a full SVD, W = U diag(s) Vh with k = min(out, in).
 All k singular values train; r active singular vectors (columns U[:, S], rows Vh[S, :]) train as
-the fixed-shape parameters `u_active` (out x r) and `vh_active` (r x in); the rest of U and Vh are
-frozen, non-trainable parameters. See docs/design.md §1.
+the fixed-shape parameters `u_active` (out x r) and `vh_active` (r x in); U and Vh are frozen, one
+non-trainable parameter. See docs/design.md §1.
 
 Plain tensor functions, the autograd function and the layer; no distributed code. The periodic
 work that applies these formulas to every layer through an engine (resample, re-SVD, the per-step
@@ -129,7 +129,7 @@ class _SSTMatmul(torch.autograd.Function):
 
     ∂L/∂s_i = u_iᵀ G v_i as usual, but the active vectors get G v_i and Gᵀ u_i (no σ_i factor),
     computed here rather than by dividing the exact gradient by σ_i, which can be 0. G = gyᵀ x.
-    The frozen U, Vh get no gradient.
+    The frozen factors (U, Vh) get no gradient.
 
     `layer` (materialized path): its W, formed once per step, and its sum of G over the step's
     micro-batches: while it holds its gradient, G is added to the sum and the factor gradients
@@ -138,8 +138,9 @@ class _SSTMatmul(torch.autograd.Function):
 
     @staticmethod
     @autocast_forward
-    def forward(ctx, x, U, Vh, spectral, idx, bias, path, layer):
+    def forward(ctx, x, factors, spectral, idx, bias, path, layer):
         # the bias goes into the last GEMM's epilogue (F.linear), as nn.Linear's does
+        U, Vh = layer.split_factors(factors)
         if path == "factored":
             s, u_active, vh_active = layer.split(spectral)
             sync_active(U, Vh, u_active, vh_active, idx)
@@ -152,23 +153,24 @@ class _SSTMatmul(torch.autograd.Function):
             y = F.linear(x, weight, bias)
             # the dense path forms W again in the backward rather than holding it
             ctx.save_for_backward(x, spectral, idx, kept)
-        # U and Vh by reference, not saved: sync_active writes their active columns / rows in
+        # the factors by reference, not saved: sync_active writes their active columns / rows in
         # place, which would fail the saved-tensor version check of an earlier forward through
-        # this layer whose backward has not run yet (a layer used twice before one backward)
-        ctx.frozen, ctx.path, ctx.layer = (U, Vh), path, layer
+        # this layer whose backward has not run yet (a layer used twice before one backward). The
+        # parameter itself, split again in the backward: an engine may have gathered it anew
+        ctx.frozen, ctx.path, ctx.layer = factors, path, layer
         return y
 
     @staticmethod
     @autocast_backward
     def backward(ctx, gy):
         x, spectral, idx, extra = ctx.saved_tensors
-        U, Vh = ctx.frozen
         layer = ctx.layer
+        U, Vh = layer.split_factors(ctx.frozen)
         s, u_active, vh_active = layer.split(spectral)
         x2 = x.reshape(-1, x.shape[-1])
         g2 = gy.reshape(-1, gy.shape[-1])
         grad_x = grad_s = grad_u = grad_vh = grad_bias = None
-        if ctx.needs_input_grad[5]:
+        if ctx.needs_input_grad[4]:
             grad_bias = g2.sum(0)
         if ctx.path == "factored":
             sync_active(U, Vh, u_active, vh_active, idx)
@@ -179,7 +181,7 @@ class _SSTMatmul(torch.autograd.Function):
             grad_s = (gh * h2).sum(0)
             grad_u = g2.T @ h2[:, idx]
             grad_vh = gh[:, idx].T @ x2
-            return grad_x, None, None, layer.pack(grad_s, grad_u, grad_vh), None, grad_bias, None, None
+            return grad_x, None, layer.pack(grad_s, grad_u, grad_vh), None, grad_bias, None, None
         if ctx.needs_input_grad[0]:
             weight = extra if extra is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
             grad_x = gy @ weight
@@ -188,7 +190,7 @@ class _SSTMatmul(torch.autograd.Function):
         if ctx.path == "materialized" and (layer.holds_gradient or layer.gradient_sum is not None):
             layer.gradient_sum = _sum_product(layer.gradient_sum, g2.T, x2)
             if layer.holds_gradient:  # zeros, not None: engines' gradient hooks expect a tensor
-                return grad_x, None, None, torch.zeros_like(spectral), None, grad_bias, None, None
+                return grad_x, None, torch.zeros_like(spectral), None, grad_bias, None, None
             G = layer.gradient_sum.to(x2.dtype)
             layer.gradient_sum = None
         else:
@@ -197,7 +199,7 @@ class _SSTMatmul(torch.autograd.Function):
         # since the forward)
         sync_active(U, Vh, u_active, vh_active, idx)
         grads = factor_gradients(G, U, Vh, u_active, vh_active, idx.to(G.device))
-        return grad_x, None, None, layer.pack(*grads), None, grad_bias, None, None
+        return grad_x, None, layer.pack(*grads), None, grad_bias, None, None
 
 
 def factor_gradients(G, U, Vh, u_active, vh_active, idx):
@@ -216,25 +218,25 @@ class _SpectralWeight(torch.autograd.Function):
     """The "functional" path's W = U_eff diag(s) Vh_eff, with SST's enhanced gradient
     (factor_gradients of the dense gradient autograd brings back to W).
 
-    A pure function of its tensors: no layer state, and U, Vh are copied with the active vectors
+    A pure function of its tensors: no layer state, and U, Vh (views of `factors`) are copied with the active vectors
     in rather than synced in place, so torch.compile traces it, and the F.linear after it, into
     the graph of the block it sits in (model.compile), where the other paths stay eager. `dtype`:
     what W is formed in (the autocast dtype, or the trainables' own); `shape`: (out, rank, in).
     """
 
     @staticmethod
-    def forward(ctx, U, Vh, spectral, idx, dtype, shape):
-        ctx.save_for_backward(U, Vh, spectral, idx)
+    def forward(ctx, factors, spectral, idx, dtype, shape):
+        ctx.save_for_backward(factors, spectral, idx)
         ctx.shape = shape
-        U, Vh, s, _, _ = _effective_factors(U, Vh, spectral, idx, shape, dtype)
+        U, Vh, s, _, _ = _effective_factors(factors, spectral, idx, shape, dtype)
         return dense_from_factors(U, s, Vh)
 
     @staticmethod
     def backward(ctx, G):
-        U, Vh, spectral, idx = ctx.saved_tensors
-        U, Vh, _, u_active, vh_active = _effective_factors(U, Vh, spectral, idx, ctx.shape, G.dtype)
+        factors, spectral, idx = ctx.saved_tensors
+        U, Vh, _, u_active, vh_active = _effective_factors(factors, spectral, idx, ctx.shape, G.dtype)
         grad_s, grad_u, grad_vh = factor_gradients(G, U, Vh, u_active, vh_active, idx)
-        return None, None, pack_spectral(grad_s.to(spectral.dtype), grad_u, grad_vh), None, None, None
+        return None, pack_spectral(grad_s.to(spectral.dtype), grad_u, grad_vh), None, None, None
 
 
 def split_spectral(packed: torch.Tensor, out: int, rank: int, inp: int):
@@ -249,9 +251,22 @@ def pack_spectral(s, u_active, vh_active) -> torch.Tensor:
     return torch.cat([s.reshape(-1), u_active.reshape(-1).to(s.dtype), vh_active.reshape(-1).to(s.dtype)])
 
 
-def _effective_factors(U, Vh, spectral, idx, shape, dtype):
-    """(U_eff, Vh_eff, s, u_active, vh_active) in `dtype`, out of place: copies of U and Vh with
-    the active vectors of the packed `spectral` at `idx`. shape: (out, rank, in)."""
+def split_factors(packed: torch.Tensor, out: int, inp: int):
+    """Views (U (out, k), Vh (k, in)) of a flat tensor in SSTLinear.factors' layout: U, then Vh,
+    row-major; k = min(out, in)."""
+    k = min(out, inp)
+    return packed[:out * k].view(out, k), packed[out * k:out * k + k * inp].view(k, inp)
+
+
+def pack_factors(U, Vh) -> torch.Tensor:
+    """The inverse of split_factors: one flat tensor in U's dtype."""
+    return torch.cat([U.reshape(-1), Vh.reshape(-1).to(U.dtype)])
+
+
+def _effective_factors(factors, spectral, idx, shape, dtype):
+    """(U_eff, Vh_eff, s, u_active, vh_active) in `dtype`, out of place: copies of U and Vh (of the
+    packed `factors`) with the active vectors of the packed `spectral` at `idx`. shape: (out, rank, in)."""
+    U, Vh = split_factors(factors, shape[0], shape[2])
     s, u_active, vh_active = split_spectral(spectral.to(dtype), *shape)
     U = U.to(dtype).index_copy(1, idx, u_active)
     Vh = Vh.to(dtype).index_copy(0, idx, vh_active)
@@ -269,13 +284,18 @@ def kept_count(fraction: float, k: int) -> int:
 class SSTLinear(nn.Module):
     """A linear layer trained in its spectral form. Parameters:
 
-    U (out, k), Vh (k, in): frozen (requires_grad=False) so an engine shards them like any weight;
-    their columns / rows at the active indices are overwritten with the trained vectors whenever
+    factors (out·k + k·in,): frozen (requires_grad=False) so an engine shards it like any weight.
+    It packs U (out, k) and Vh (k, in), which are views of it (the properties U and Vh, of
+    whatever tensor the parameter is at the time: FSDP2's unsharded one, ZeRO-3's gathered one).
+    Their columns / rows at the active indices are overwritten with the trained vectors whenever
     the layer computes (sync_active), so they never go stale where read.
     spectral (k + out·r + r·in,), bias (out,): trainable. `spectral` packs s (k,), u_active
-    (out, r) and vh_active (r, in), which are views of it: one tensor where there would be three,
-    because an engine's per-tensor work (gradient hooks, overflow checks, norms) costs time per
-    tensor whatever its size; packed, the layer has nn.Linear's two.
+    (out, r) and vh_active (r, in), which are views of it.
+    One tensor where there would be two, and one where there would be three, because an engine's
+    per-tensor work (FSDP2's copy-in and cast at each unshard, ZeRO-3's fetch and release per
+    module, gradient hooks, overflow checks, norms) costs time per tensor whatever its size; the
+    trainables packed, the layer has nn.Linear's two trained parameters and one frozen one.
+    A state dict of the older layout (prefix.U, prefix.Vh) loads: they are packed on load.
     Buffer active_indices (r,): which singular indices the active slots hold.
 
     How it computes (`path`, docs/design.md §4): "dense" forms W in each forward and again in the
@@ -302,11 +322,12 @@ class SSTLinear(nn.Module):
         self._kept: tuple | None = None  # materialized: (what W was formed from, W)
         self.holds_gradient = False  # materialized: a micro-batch before the step's last
         self.gradient_sum: torch.Tensor | None = None  # materialized: G summed over micro-batches
-        self.U = nn.Parameter(torch.empty(out_features, k, **factory), requires_grad=False)
-        self.Vh = nn.Parameter(torch.empty(k, in_features, **factory), requires_grad=False)
+        self.factors_numel = out_features * k + k * in_features  # of U ‖ Vh
+        self.factors = nn.Parameter(torch.empty(self.factors_numel, **factory), requires_grad=False)
         self.spectral = nn.Parameter(torch.empty(k + out_features * rank + rank * in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer("active_indices", torch.arange(rank, device=device))
+        self.register_load_state_dict_pre_hook(_upgrade_on_load)
 
     @staticmethod
     def owns_state(prefix: str, state: dict) -> bool:
@@ -315,13 +336,19 @@ class SSTLinear(nn.Module):
 
     @staticmethod
     def dense_from_state(prefix: str, state: dict, recipe, keep_singular: float | None = None):
-        """Export: the layer's entries popped from `state`, merged into U diag(s) Vh (float64),
-        its ceil(F·k) largest singular values kept at keep_singular F; (weight, (k, kept, (out, in)))."""
-        U, Vh = state.pop(f"{prefix}.U"), state.pop(f"{prefix}.Vh")
+        """Export: the layer's entries popped from `state` (either layout, upgrade_state), merged
+        into U diag(s) Vh (float64), its ceil(F·k) largest singular values kept at keep_singular F;
+        (weight, (k, kept, (out, in)))."""
+        from sst_dist.models import target_shapes
+
+        upgrade_state(prefix, state)
         idx = state.pop(f"{prefix}.active_indices").long()
-        (out, k), inp = U.shape, Vh.shape[1]
+        # the flat factors keep no shape: the layer's is its model's (a target's (out, in))
+        out, inp = target_shapes(recipe.model.size)[prefix.rsplit(".", 1)[-1]]
+        k = min(out, inp)
+        U, Vh = split_factors(state.pop(f"{prefix}.{FROZEN}").double(), out, inp)
         s, u_active, vh_active = split_spectral(state.pop(f"{prefix}.spectral").double(), out, idx.numel(), inp)
-        U, Vh = merged_factors(U.double(), Vh.double(), u_active, vh_active, idx)
+        U, Vh = merged_factors(U, Vh, u_active, vh_active, idx)
         n = k if keep_singular is None else kept_count(keep_singular, k)
         if n < k:
             keep = torch.topk(s.abs(), n).indices.sort().values
@@ -347,8 +374,7 @@ class SSTLinear(nn.Module):
         U, s, Vh = m.share(self, drawn)
         idx = sample_active(s.cpu(), self.rank, layer_generator(m.seed, m.index(self), 0), m.uniform_mix)
         spectral = self.pack(s.to(m.dtype), U[:, idx.to(U.device)].to(m.dtype), Vh[idx.to(Vh.device)].to(m.dtype))
-        m.swap_in(self.U, U)
-        m.swap_in(self.Vh, Vh)
+        m.swap_in(self.factors, pack_factors(U, Vh))
         m.swap_in(self.spectral, spectral)
         self.active_indices = idx.to(m.device)
         m.fill(self, "bias", 0.0)
@@ -367,6 +393,14 @@ class SSTLinear(nn.Module):
         """The inverse of split: one flat tensor in s's dtype."""
         return pack_spectral(s, u_active, vh_active)
 
+    def split_factors(self, packed: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views (U, Vh) of a tensor laid out as `factors` (its value, or a read of it)."""
+        return split_factors(packed, self.out_features, self.in_features)
+
+    def pack_factors(self, U, Vh) -> torch.Tensor:
+        """The inverse of split_factors: one flat tensor in U's dtype."""
+        return pack_factors(U, Vh)
+
     def slot_elements(self, slots: torch.Tensor) -> torch.Tensor:
         """Where the active slots `slots` live in `spectral`: u_active's columns and vh_active's
         rows, as flat indices (what an optimizer-state reset of those slots zeroes)."""
@@ -375,6 +409,16 @@ class SSTLinear(nn.Module):
         columns = a + torch.arange(self.out_features, device=slots.device)[:, None] * self.rank + slots[None, :]
         rows = b + slots[:, None] * self.in_features + torch.arange(self.in_features, device=slots.device)[None, :]
         return torch.cat([columns.reshape(-1), rows.reshape(-1)])
+
+    @property
+    def U(self) -> torch.Tensor:
+        """(out, k), a view of `factors`: writes land in it."""
+        return self.split_factors(self.factors)[0]
+
+    @property
+    def Vh(self) -> torch.Tensor:
+        """(k, in), a view of `factors`: writes land in it."""
+        return self.split_factors(self.factors)[1]
 
     @property
     def s(self) -> torch.Tensor:
@@ -413,7 +457,7 @@ class SSTLinear(nn.Module):
     def load_factors(self, U, s, Vh, idx):
         """Sets the whole spectral state from a factorisation and an active set (plain tensors)."""
         idx = idx.to(self.active_indices.device)
-        self.U.copy_(U)
+        self.U.copy_(U)  # views of `factors`
         self.Vh.copy_(Vh)
         self.s.copy_(s)
         self.active_indices.copy_(idx)
@@ -429,14 +473,13 @@ class SSTLinear(nn.Module):
         if self.path == "functional":
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.spectral.dtype
-            weight = _SpectralWeight.apply(self.U, self.Vh, self.spectral, self.active_indices, dtype,
+            weight = _SpectralWeight.apply(self.factors, self.spectral, self.active_indices, dtype,
                                            (self.out_features, self.rank, self.in_features))
             return F.linear(x, weight, self.bias)
-        return _SSTMatmul.apply(x, self.U, self.Vh, self.spectral, self.active_indices, self.bias,
-                                self.path, self)
+        return _SSTMatmul.apply(x, self.factors, self.spectral, self.active_indices, self.bias, self.path, self)
 
     def _factors(self) -> tuple:
-        return self.U, self.Vh, *self.split(self.spectral), self.active_indices
+        return *self.split_factors(self.factors), *self.split(self.spectral), self.active_indices
 
     @torch.no_grad()
     def kept_weight(self) -> torch.Tensor:
@@ -449,7 +492,7 @@ class SSTLinear(nn.Module):
         return self._kept[1]
 
     def _weight_key(self) -> tuple:
-        return tuple((t.data_ptr(), t._version) for t in (self.U, self.Vh, self.spectral, self.active_indices))
+        return tuple((t.data_ptr(), t._version) for t in (self.factors, self.spectral, self.active_indices))
 
     def drop_kept_weight(self) -> None:
         """At a step boundary (the factors are about to change or just did)."""
@@ -487,6 +530,24 @@ class SSTLinear(nn.Module):
                 f"rank={self.rank}, path={self.path}")
 
 
+FROZEN = "factors"  # SSTLinear's frozen parameter, U ‖ Vh flattened
+
+
+def upgrade_state(prefix: str, state: dict) -> bool:
+    """A state dict of the older layout, in place: the module `prefix`'s separate U and Vh become
+    one `factors` entry (U ‖ Vh flattened, as SSTLinear holds them). True if it changed anything."""
+    u, vh, factors = (f"{prefix}.{name}" if prefix else name for name in ("U", "Vh", FROZEN))
+    if u not in state or vh not in state or factors in state:
+        return False
+    state[factors] = pack_factors(state.pop(u), state.pop(vh))
+    return True
+
+
+def _upgrade_on_load(module, state, prefix, *_):
+    """SSTLinear's load_state_dict pre-hook (`prefix` ends in a dot, or is empty)."""
+    upgrade_state(prefix[:-1], state)
+
+
 def resvd_factors(U, Vh, s, u_active, vh_active, idx):
     """A fresh SVD of the layer's current W, in float32 (float64 if the inputs are)."""
     dtype = compute_dtype(U, s, u_active)
@@ -503,7 +564,7 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
 
     init (sst.init): svd, the SVD of each linear's weight; haar / auto, fresh factors of an
     N(0, init_std²) W0 drawn directly where sst_dist.spectral_init says so (the weight is dropped).
-    frozen_dtype: the storage of U and Vh (model.frozen_dtype). A model on the meta device gets
+    frozen_dtype: the storage of `factors`, U and Vh (model.frozen_dtype). A model on the meta device gets
     layers on the meta device (sst_dist.build materialises them).
     Returns the new layers by qualified name, in model order (their index is their owner key).
     """
@@ -521,4 +582,5 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
 
 __all__ = ["SSTLinear", "apply_sst", "sample_active", "assign_slots", "layer_generator",
            "resvd_factors", "merged_factors", "dense_from_factors", "spectral_weight", "sync_active",
-           "sampling_probabilities", "compute_dtype"]
+           "sampling_probabilities", "compute_dtype", "split_factors", "pack_factors", "upgrade_state",
+           "FROZEN"]

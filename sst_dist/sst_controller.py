@@ -162,7 +162,7 @@ class SSTController:
         parts = [layer.split(packed) for layer, packed in zip(self.layers, trainables)]
         draws = self._draw([s for s, _, _ in parts], iteration, redraw_all=False)
         for layer, (s, u_active, vh_active), (new_idx, slots) in zip(self.layers, parts, draws):
-            U, Vh = backend.read(layer.U), backend.read(layer.Vh)  # copies of their own
+            U, Vh = layer.split_factors(backend.read(layer.factors))  # views of a copy of its own
             sync_active(U, Vh, u_active, vh_active, layer.active_indices)  # the trained vectors back in
             self._load(layer, U, Vh, s, new_idx, slots)
 
@@ -174,7 +174,7 @@ class SSTController:
         results = {}
         trainables = backend.read_many([layer.spectral for layer in self.layers])
         for index, (layer, packed) in enumerate(zip(self.layers, trainables)):
-            tensors = [backend.read(layer.U), backend.read(layer.Vh), *layer.split(packed)]
+            tensors = [*layer.split_factors(backend.read(layer.factors)), *layer.split(packed)]
             if backend.owner(index) == backend.rank:
                 results[index] = resvd_factors(*[t.to(dev) for t in tensors], layer.active_indices.to(dev))
         # σ of every layer first, for the draws; then each layer's factors, loaded as they arrive
@@ -186,11 +186,11 @@ class SSTController:
         for index, (layer, s, (new_idx, slots)) in enumerate(zip(self.layers, sigmas, draws)):
             if index in results:
                 U, _, Vh = results.pop(index)
-            else:  # receive buffers
-                dtype = compute_dtype(layer.spectral)
-                U = torch.empty(layer.out_features, layer.k, dtype=dtype, device=dev)
-                Vh = torch.empty(layer.k, layer.in_features, dtype=dtype, device=dev)
-            U, Vh = (backend.broadcast(t, backend.owner(index)) for t in (U, Vh))
+                packed = layer.pack_factors(U, Vh)
+            else:  # a receive buffer
+                packed = torch.empty(layer.factors_numel, dtype=compute_dtype(layer.spectral), device=dev)
+            # U and Vh in one broadcast, in the layout of the one frozen parameter they go to
+            U, Vh = layer.split_factors(backend.broadcast(packed, backend.owner(index)))
             self._load(layer, U, Vh, s, new_idx, slots)
 
     def _draw(self, singular_values, iteration: int, redraw_all: bool):
@@ -214,8 +214,7 @@ class SSTController:
         backend = self.backend
         new_idx = new_idx.to(U.device)
         layer.drop_kept_weight()
-        backend.write(layer.U, U)
-        backend.write(layer.Vh, Vh)
+        backend.write(layer.factors, layer.pack_factors(U, Vh))
         layer.active_indices.copy_(new_idx)
         backend.write(layer.spectral, layer.pack(s.to(U.device), U[:, new_idx], Vh[new_idx]))
         reset = [layer.slot_elements(slots)] if slots.numel() else []

@@ -54,9 +54,10 @@ def test_parameters_are_the_spectral_factors():
     _, layer = make_layer(12, 8, rank=3)
     trainable = {n: tuple(p.shape) for n, p in layer.named_parameters() if p.requires_grad}
     frozen = {n: tuple(p.shape) for n, p in layer.named_parameters() if not p.requires_grad}
-    # s (8,), u_active (12, 3) and vh_active (3, 8) packed in one tensor, as views of it
+    # s (8,), u_active (12, 3) and vh_active (3, 8) packed in one tensor, as views of it; U (12, 8)
+    # and Vh (8, 8) in another
     assert trainable == {"spectral": (8 + 12 * 3 + 3 * 8,), "bias": (12,)}
-    assert frozen == {"U": (12, 8), "Vh": (8, 8)}
+    assert frozen == {"factors": (12 * 8 + 8 * 8,)}
     assert layer.active_indices.dtype == torch.long and layer.active_indices.shape == (3,)
     assert [tuple(t.shape) for t in (layer.s, layer.u_active, layer.vh_active)] == [(8,), (12, 3), (3, 8)]
     numbered = torch.arange(layer.spectral.numel(), dtype=torch.float64)
@@ -69,6 +70,63 @@ def test_parameters_are_the_spectral_factors():
     with torch.no_grad():
         layer.u_active[:, 1] = 7.0  # the views write the parameter
     assert (layer.spectral[8 + 1:8 + 36:3] == 7.0).all()
+
+
+@pytest.mark.parametrize("shape", [(12, 8), (8, 12)])
+def test_u_and_vh_are_views_of_the_one_frozen_parameter(shape):
+    """U and Vh live in `factors` (U, then Vh, row-major): views of its storage, so an in-place
+    write to either, and a re-SVD written through the engine's seam, lands in the parameter."""
+    out_f, in_f = shape
+    k = min(shape)
+    _, layer = make_layer(out_f, in_f, rank=3)
+    U, Vh = layer.U, layer.Vh
+    assert U.shape == (out_f, k) and Vh.shape == (k, in_f)
+    for view, offset in ((U, 0), (Vh, out_f * k)):
+        assert view.untyped_storage().data_ptr() == layer.factors.untyped_storage().data_ptr()
+        assert view.storage_offset() == offset and view.is_contiguous()
+    torch.testing.assert_close(torch.cat([U.flatten(), Vh.flatten()]), layer.factors.detach(), rtol=0, atol=0)
+    with torch.no_grad():
+        layer.Vh[1, 2] = 5.0
+    assert layer.factors[out_f * k + in_f + 2] == 5.0
+    # a re-SVD through the controller: the parameter is written in place, and holds the new U, Vh
+    _, layer = make_layer(out_f, in_f, rank=3)
+    opt = AdamW([{"params": [layer.spectral], "resettable": True}, {"params": [layer.bias]}], lr=0.05)
+    train_a_little(layer)
+    storage, before = layer.factors.data_ptr(), layer.factors.detach().clone()
+    SSTController({"0": layer}, TorchBackend(opt), seed=0).resvd(iteration=1)
+    assert layer.factors.data_ptr() == storage and not torch.equal(layer.factors, before)
+    U, Vh = layer.U, layer.Vh
+    torch.testing.assert_close(U.T @ U, torch.eye(k), rtol=0, atol=1e-10)  # a fresh SVD's factors
+    torch.testing.assert_close(Vh @ Vh.T, torch.eye(k), rtol=0, atol=1e-10)
+    torch.testing.assert_close(layer.u_active, U[:, layer.active_indices], rtol=0, atol=0)
+
+
+def test_an_old_layout_state_dict_loads_to_identical_weights():
+    """A checkpoint written when U and Vh were two parameters (torch engine's state.pt, ZeRO-1's
+    module states): load_state_dict packs them into `factors`, strict, with the same values."""
+    trained = _model()
+    for i in (0, 2):
+        train_a_little(trained[i])
+    new = {key: value.clone() for key, value in trained.state_dict().items()}
+    old = {}
+    for key, value in new.items():
+        if key.endswith(".factors"):
+            U, Vh = trained.get_submodule(key.rsplit(".", 1)[0]).split_factors(value)
+            old[key.replace(".factors", ".U")], old[key.replace(".factors", ".Vh")] = U.clone(), Vh.clone()
+        else:
+            old[key] = value.clone()
+    assert not any(key.endswith(".factors") for key in old)
+    fresh = _model(seed=1)
+    assert not torch.equal(fresh[0].factors, trained[0].factors)
+    fresh.load_state_dict(old)  # strict: no key missing, none unexpected
+    for key, value in new.items():
+        assert torch.equal(fresh.state_dict()[key], value), key
+    x = torch.randn(4, 8)
+    torch.testing.assert_close(fresh(x), trained(x), rtol=0, atol=0)
+    # the layer as the root module (keys with no prefix)
+    alone = _model(seed=1)[2]
+    alone.load_state_dict({key[2:]: value for key, value in old.items() if key.startswith("2.")})
+    assert torch.equal(alone.factors, new["2.factors"])
 
 
 @pytest.mark.parametrize("shape", [(12, 8), (8, 12)])  # both sides of the dense path's k-deep product
@@ -201,8 +259,8 @@ def test_sampling_without_replacement_and_reproducible():
     assert not torch.equal(a, sample_active(s, 16, layer_generator(0, 3, 8)))
 
 
-def _model(rank=3, path="dense"):
-    torch.manual_seed(0)
+def _model(rank=3, path="dense", seed=0):
+    torch.manual_seed(seed)
     model = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 8)).double()
     for i in (0, 2):
         model[i] = SSTLinear.from_linear(model[i], rank, torch.Generator().manual_seed(i), path=path)

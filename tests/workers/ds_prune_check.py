@@ -71,7 +71,7 @@ def main():
     for layer, old_idx in zip(layers, old):
         changed = (layer.active_indices != old_idx).nonzero().flatten()
         kept = (layer.active_indices == old_idx).nonzero().flatten()
-        U = backend.read(layer.U)
+        U, _ = layer.split_factors(backend.read(layer.factors))
         u_master = layer.split(backend.read(layer.spectral))[1]
         entry = {"changed": changed.tolist(),
                  "master_holds_new_vectors": float((u_master - U[:, layer.active_indices]).abs().max()),

@@ -101,7 +101,7 @@ def layer_report(engine, layer, old_idx):
     slots, now = torch.arange(layer.rank), layer.active_indices.cpu()
     changed = slots if old_idx is None else (now != old_idx.cpu()).nonzero().flatten()
     kept = slots[:0] if old_idx is None else (now == old_idx.cpu()).nonzero().flatten()
-    U, Vh = backend.read(layer.U).cpu(), backend.read(layer.Vh).cpu()
+    U, Vh = layer.split_factors(backend.read(layer.factors).cpu())
     _, u_master, vh_master = layer.split(backend.read(layer.spectral).cpu())
     entry = {"changed": changed.tolist(),
              "master_holds_new_vectors": max(float((u_master - U[:, now]).abs().max()),
