@@ -41,7 +41,7 @@ def is_meta(module: nn.Module) -> bool:
 
 class Materializer:
     """Called on a module (the whole model, or one block at a time), materialises every meta
-    tensor under it on `device`. Trainable tensors in `dtype`; frozen ones (SST's U and Vh, LoRA's
+    tensor under it on `device`. Trainable tensors in `dtype`; frozen ones (SST's factors U ‖ Vh, LoRA's
     W, GaLore's W and projector) in `frozen_dtype` (model.frozen_dtype; None: `dtype`).
 
     torch's own modules (nn.Linear, nn.Embedding, nn.LayerNorm) are initialised here, as OPT

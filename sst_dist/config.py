@@ -45,7 +45,7 @@ class ModelConfig:
     # continued pretraining: start from a transformers OPT folder (a local path, or a hub name when
     # the hub is reachable) instead of a fresh initialisation; every method's surgery follows
     init_from: str | None = None
-    # storage of every method's frozen tensors (SST's U and Vh, LoRA's and ReLoRA*'s W, GaLore's W
+    # storage of every method's frozen tensors (SST's factors U ‖ Vh, LoRA's and ReLoRA*'s W, GaLore's W
     # and projector): bfloat16 halves the largest tensors a low-rank method holds (they have no
     # gradient, master or optimizer state); what trains stays float32. Needs bfloat16 compute.
     frozen_dtype: str = "float32"

@@ -12,7 +12,7 @@ parameters: `footprint()`), so a change in the code changes the numbers. Bytes p
            partition: flattened 2 and fp32 4 (DeepSpeed's estimator counts 2 + 4 for gradients)
     fp32   weights 4, gradients 4, Adam 4 + 4; the flattened copy 4; no masters
 
-Only trainable parameters have gradients, masters and Adam moments; frozen ones (SST's U and Vh,
+Only trainable parameters have gradients, masters and Adam moments; frozen ones (SST's factors U ‖ Vh,
 LoRA's W, GaLoreLinear's W and projector) are weights only, in bf16 under DeepSpeed's bf16, which
 casts every weight (model.frozen_dtype changes nothing there). ZeRO-1 shards masters and Adam
 moments (and the step's gradient copies, made per partition) over the GPUs, ZeRO-2 also the

@@ -155,7 +155,7 @@ def partition(param, key: str | None = None) -> torch.Tensor:
 
 
 def frozen_partition(param) -> tuple[torch.Tensor, int] | None:
-    """ZeRO-3, a parameter outside the optimizer (SST's frozen U, Vh): this rank's partition
+    """ZeRO-3, a parameter outside the optimizer (SST's frozen factors): this rank's partition
     `ds_tensor` and where it starts in the flattened parameter, as ZeRO-3's own partitioning puts
     it (partition size x rank in the parameter's group); None where the partition is not a plain
     resident tensor (quantized non-trainable weights, an NVMe partition swapped out)."""
