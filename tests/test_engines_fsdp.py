@@ -73,6 +73,25 @@ def test_the_prune_check_detects_a_skipped_reset(prune_reports):
                for report in prune_reports)
 
 
+def test_an_sst_layer_holds_and_gathers_its_frozen_factors_as_one_parameter(tmp_path):
+    """Per SST layer FSDP2 shards, and gathers at each unshard, exactly three tensors (the frozen
+    factors, the packed trainables, the bias): U and Vh are views of the one gathered `factors`,
+    and the sharded forward is the unsharded single-process one (float64)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+           "--master_port", str(free_port()), "tests/workers/fsdp_factors_check.py", "--out", str(tmp_path)]
+    proc = subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    for rank in (0, 1):
+        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert report["layers"] == 12  # tiny: 2 blocks of q, k, v, out, fc1, fc2
+        assert len(report["params"]) == len(report["fsdp_params"]) == len(report["gathered"]) == 12
+        for name, params in report["params"].items():
+            assert params == {"factors": True, "spectral": True, "bias": True}, name  # each sharded
+            assert sorted(report["fsdp_params"][name]) == ["bias", "factors", "spectral"], name
+            assert report["gathered"][name], name
+        assert report["logits_max_diff"] < 1e-12
+
+
 # ----------------------------------------------------------------------------- curves
 
 @pytest.fixture(scope="module")
