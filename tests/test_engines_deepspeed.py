@@ -131,6 +131,44 @@ def test_zero_resume_continues_the_curve_exactly(tmp_path, recipe, stage):
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
 
 
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_an_older_checkpoints_separate_u_and_vh_fragments_become_one(tmp_path, ranks):
+    """ZeRO-2/3 save each frozen parameter by name and load it back by name: a model-states file
+    from when SSTLinear held U and Vh apart gets one `factors` fragment, ZeRO-2's whole (1 file)
+    and ZeRO-3's this rank's partition of U ‖ Vh, zero-padded as ZeRO-3 pads (put together from
+    every rank's file). (Resuming real older checkpoints of both stages gave their curves exactly.)"""
+    import torch
+
+    from sst_dist.engines.deepspeed import upgrade_frozen_fragments
+
+    U, Vh = torch.randn(5, 3), torch.randn(3, 6)  # 15 + 18 = 33 elements: 17 per rank, 1 padded
+    packed = torch.cat([U.flatten(), Vh.flatten()])
+    other = torch.randn(4)
+
+    def partition(t, rank):
+        size = -(-t.numel() // ranks)
+        piece = t.flatten()[rank * size:(rank + 1) * size]
+        return torch.cat([piece, piece.new_zeros(size - piece.numel())])
+
+    files = []
+    for rank in range(ranks):
+        name = f"zero_pp_rank_{rank}_mp_rank_00_model_states.pt" if ranks > 1 else "mp_rank_00_model_states.pt"
+        torch.save({"frozen_param_fragments": {"a.q.U": partition(U, rank), "a.q.Vh": partition(Vh, rank),
+                                               "a.w": other},
+                    "frozen_param_shapes": {"a.q.U": U.shape, "a.q.Vh": Vh.shape, "a.w": other.shape}},
+                   tmp_path / name)
+        files.append(tmp_path / name)
+    for rank, file in enumerate(files):
+        state = torch.load(file, weights_only=False)
+        upgrade_frozen_fragments(state, file, ["a.q"])
+        assert set(state["frozen_param_fragments"]) == set(state["frozen_param_shapes"]) == {"a.q.factors", "a.w"}
+        assert torch.equal(state["frozen_param_fragments"]["a.q.factors"], partition(packed, rank))
+        assert state["frozen_param_shapes"]["a.q.factors"] == (33,)
+        assert torch.equal(state["frozen_param_fragments"]["a.w"], other)
+        upgrade_frozen_fragments(state, file, ["a.q"])  # a file of this layout is left as it is
+        assert torch.equal(state["frozen_param_fragments"]["a.q.factors"], partition(packed, rank))
+
+
 def test_another_deepspeed_minor_is_refused_in_one_line():
     """The backend reaches into DeepSpeed internals of one minor release; another stops with one
     line that names the version it needs, before anything starts."""

@@ -183,6 +183,50 @@ def test_resume_on_two_ranks_continues_the_curve_exactly(tmp_path, fsdp_sst, sto
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
 
 
+def older_layout(checkpoint):
+    """Rewrites a DCP checkpoint as it was written when SSTLinear held U and Vh as two parameters
+    (whole tensors, which DCP reshards as it does shards), its manifest's file sizes updated."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    from sst_dist.models import target_shapes
+    from sst_dist.sst import split_factors
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is unavailable")
+        state = _load_state_dict_from_keys(checkpoint_id=str(checkpoint))
+    model, rewritten = state["model"], 0
+    for name in [n for n in model if n.endswith(".factors")]:
+        prefix = name[:-len(".factors")]
+        U, Vh = split_factors(model.pop(name), *target_shapes("tiny")[prefix.rsplit(".", 1)[-1]])
+        model[f"{prefix}.U"], model[f"{prefix}.Vh"] = U.clone(), Vh.clone()
+        rewritten += 1
+    assert rewritten == 12
+    for file in [*checkpoint.glob("*.distcp"), checkpoint / ".metadata"]:
+        file.unlink()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is")
+        dcp.save(state, checkpoint_id=str(checkpoint), no_dist=True)
+    manifest = json.loads((checkpoint / "trainer.json").read_text())
+    manifest["files"] = {f.name: f.stat().st_size for f in checkpoint.iterdir() if f.name != "trainer.json"}
+    (checkpoint / "trainer.json").write_text(json.dumps(manifest))
+
+
+def test_an_older_layout_checkpoint_resumes_the_curve_exactly(tmp_path, fsdp_sst, stopped_at_20):
+    """A DCP checkpoint with SST's U and Vh apart (the older layout) loads into the one frozen
+    parameter per layer: the resumed run continues the uninterrupted curve."""
+    split = resumed_copy(stopped_at_20, tmp_path / "split")
+    older_layout(split / "checkpoints" / "step_0000020")
+    proc = fsdp_run(split, "recipes/tiny-sst.yaml")
+    assert "resuming from" in proc.stdout and "step_0000020" in proc.stdout
+    a, b = losses(fsdp_sst), losses(split)
+    assert sorted(b) == list(range(1, 41))
+    for step in range(21, 41):
+        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
 def test_checkpoints_reshard_across_world_sizes(tmp_path, single_process_curves, stopped_at_20):
     """2 ranks write step 20, 1 rank resumes it to step 30 and writes, 2 ranks resume that to 40;
     the joined curve follows the single-process one, across the re-SVD at step 21."""

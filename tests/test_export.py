@@ -410,6 +410,31 @@ def test_keep_singular_one_is_the_plain_export_and_smaller_keeps_ceil(runs):
     assert pruning.factored_params(dense) == expected < dense
 
 
+def test_an_older_layout_checkpoint_exports_the_same_weights(runs):
+    """A checkpoint from when SST's U and Vh were two entries (prefix.U, prefix.Vh) merges to the
+    same dense weights as the one parameter that holds both now, pruned or not."""
+    from sst_dist.export import dense_state_dict, engine_state_dict, read_checkpoint
+    from sst_dist.models import target_shapes
+
+    run, _, _ = runs("sst")
+    ckpt = read_checkpoint(run)
+    state = engine_state_dict(ckpt)
+    older = {}
+    for key, value in state.items():
+        if key.endswith(".factors"):
+            prefix = key[:-len(".factors")]
+            out, inp = target_shapes(ckpt.recipe.model.size)[prefix.rsplit(".", 1)[-1]]
+            k = min(out, inp)
+            older[f"{prefix}.U"], older[f"{prefix}.Vh"] = value[:out * k].view(out, k), value[out * k:].view(k, inp)
+        else:
+            older[key] = value
+    assert len(older) == len(state) + 12
+    for keep in (None, 0.3):
+        new, _ = dense_state_dict(state, ckpt.recipe, keep)
+        old, _ = dense_state_dict(older, ckpt.recipe, keep)
+        assert new.keys() == old.keys() and all(torch.equal(new[k], old[k]) for k in new)
+
+
 def load_prune_bench():
     return importlib.import_module("bench.prune")
 
