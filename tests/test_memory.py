@@ -43,7 +43,7 @@ def test_lora_counts(method):
 def test_sst_counts(path):
     k = [min(out, inp) for out, inp in SHAPES]
     # per targeted layer: s (k) + u_active (out, r) + vh_active (r, in) + bias (out) train;
-    # U (out, k) and Vh (k, in) are frozen parameters
+    # U (out, k) and Vh (k, in) are frozen, packed in one parameter
     trainable = L * sum(kk + out * R + R * inp + out for (out, inp), kk in zip(SHAPES, k))
     frozen = L * sum(out * kk + kk * inp for (out, inp), kk in zip(SHAPES, k))
     c = count_parameters("125m", "sst", R, sst_path=path)
