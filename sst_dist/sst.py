@@ -218,8 +218,8 @@ class _SpectralWeight(torch.autograd.Function):
     """The "functional" path's W = U_eff diag(s) Vh_eff, with SST's enhanced gradient
     (factor_gradients of the dense gradient autograd brings back to W).
 
-    A pure function of its tensors: no layer state, and U, Vh (views of `factors`) are copied with the active vectors
-    in rather than synced in place, so torch.compile traces it, and the F.linear after it, into
+    A pure function of its tensors: no layer state, and U, Vh (of `factors`) are copied with the
+    active vectors in rather than synced in place, so torch.compile traces it, and the F.linear after it, into
     the graph of the block it sits in (model.compile), where the other paths stay eager. `dtype`:
     what W is formed in (the autocast dtype, or the trainables' own); `shape`: (out, rank, in).
     """
@@ -564,8 +564,8 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
 
     init (sst.init): svd, the SVD of each linear's weight; haar / auto, fresh factors of an
     N(0, init_std²) W0 drawn directly where sst_dist.spectral_init says so (the weight is dropped).
-    frozen_dtype: the storage of `factors`, U and Vh (model.frozen_dtype). A model on the meta device gets
-    layers on the meta device (sst_dist.build materialises them).
+    frozen_dtype: the storage of U and Vh, `factors` (model.frozen_dtype). A model on the meta
+    device gets layers on the meta device (sst_dist.build materialises them).
     Returns the new layers by qualified name, in model order (their index is their owner key).
     """
     from sst_dist.spectral_init import init_generator, uses_haar, haar_factors

@@ -186,9 +186,10 @@ class DeepSpeedBackend(Backend):
 def upgrade_frozen_fragments(state: dict, file: Path, prefixes) -> None:
     """A model-states file from when SSTLinear held U and Vh as two parameters, in place: ZeRO-2/3
     save each frozen parameter's fragment by name, and DeepSpeed copies them back by name. Each
-    `prefix`'s U and Vh fragments become one `factors` fragment (sst.upgrade_state). ZeRO-2's are
-    whole tensors; ZeRO-3's are this rank's partitions of each, so the layer's whole U and Vh are
-    put together from every rank's file, and this rank's partition of U ‖ Vh cut from them."""
+    `prefix`'s U and Vh fragments become one `factors` fragment (as sst.upgrade_state packs a state
+    dict). ZeRO-2's are whole tensors; ZeRO-3's are this rank's partitions of each, so the layer's
+    whole U and Vh are put together from every rank's file, and this rank's partition of U ‖ Vh
+    cut from them."""
     fragments, shapes = state["frozen_param_fragments"], state["frozen_param_shapes"]
     old = [p for p in prefixes if f"{p}.U" in fragments and f"{p}.{FROZEN}" not in fragments]
     if not old:
@@ -390,7 +391,10 @@ class DeepSpeedEngine(Engine):
                 upgrade_frozen_fragments(state, Path(file), prefixes)
             return state
 
-        engine.load = upgraded  # the module's own state dict is upgraded by SSTLinear's load hook
+        # DeepSpeed reads the model-states files through its checkpoint engine and copies the frozen
+        # fragments in by name, with no hook between: each file read is upgraded as it comes (the
+        # module's own state dict is upgraded by SSTLinear's load hook)
+        engine.load = upgraded
         try:
             loaded, _ = self.model.load_checkpoint(str(path), tag="engine", load_lr_scheduler_states=False)
         finally:
