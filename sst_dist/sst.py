@@ -291,10 +291,9 @@ class SSTLinear(nn.Module):
     the layer computes (sync_active), so they never go stale where read.
     spectral (k + out·r + r·in,), bias (out,): trainable. `spectral` packs s (k,), u_active
     (out, r) and vh_active (r, in), which are views of it.
-    One tensor where there would be two, and one where there would be three, because an engine's
-    per-tensor work (FSDP2's copy-in and cast at each unshard, ZeRO-3's fetch and release per
-    module, gradient hooks, overflow checks, norms) costs time per tensor whatever its size; the
-    trainables packed, the layer has nn.Linear's two trained parameters and one frozen one.
+    Packed, the layer holds three parameters where it would hold six: an engine's per-tensor work
+    (FSDP2's copy-in and cast at each unshard, ZeRO-3's fetch and release per module, gradient
+    hooks, overflow checks, norms) costs time per tensor whatever its size.
     A state dict of the older layout (prefix.U, prefix.Vh) loads: they are packed on load.
     Buffer active_indices (r,): which singular indices the active slots hold.
 
