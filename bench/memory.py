@@ -280,7 +280,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", choices=("cuda", "cpu"))
     p.add_argument("--engine", default="deepspeed", choices=("deepspeed", "fsdp"),
                    help="fsdp: FSDP2 on one process, frozen tensors stored as model.frozen_dtype says")
-    p.add_argument("--ds-config", default="ds_configs/zero2.json")
+    p.add_argument("--ds-config", help="--engine deepspeed's config (default ds_configs/zero2.json)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="recipe override for every run, e.g. sst.path=factored")
     # SST's setup at 1.3B (an SVD per layer) alone took 250 s on a shared H200
@@ -303,7 +303,10 @@ def plan(args) -> tuple[list[dict], dict[str, str]]:
     if unknown or not methods:
         raise ConfigError(f"--methods: {', '.join(unknown) or 'empty'}; choose from {', '.join(METHODS)}")
     sizes = [resolve_model(s) for s in args.sizes.split(",") if s]
-    ds_config = Path(args.ds_config)
+    if args.engine == "fsdp" and args.ds_config:
+        raise ConfigError(f"--ds-config {args.ds_config}: a DeepSpeed config, which --engine fsdp does not use; "
+                          "drop one of the two")
+    ds_config = Path(args.ds_config or "ds_configs/zero2.json")
     if not ds_config.is_absolute() and not ds_config.exists():
         ds_config = ROOT / ds_config  # the repository's ds_configs/ from any directory
     if not ds_config.is_file():

@@ -291,6 +291,19 @@ def test_activation_formula_matches_what_autograd_keeps(method, path):
     assert formula == pytest.approx(kept, rel=0.01)
 
 
+@pytest.mark.parametrize("argv, says", [
+    (["--engine", "fsdp", "--ds-config", "ds_configs/zero3.json"], "which --engine fsdp does not use"),
+    (["--ds-config", "no-such.json"], "no such file"),
+    (["--methods", "full,dora"], "--methods: dora"),
+])
+def test_the_benchmark_refuses_bad_flags_in_one_line(capsys, argv, says):
+    from bench.memory import main as bench_main
+
+    assert bench_main(["--device", "cpu", "--sizes", "tiny", *argv]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error: ") and says in err[0], err
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("engine", [
     [],  # DeepSpeed ZeRO-2 on gloo
