@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sst_dist.config import SST_PATHS as PATHS
+from sst_dist.layouts import pack_older, qualified, upgrade_on_load
 from sst_dist.precision import autocast_backward, autocast_forward
 from sst_dist.spectral_init import init_factors, init_generator
 from sst_dist.surgery import swap_modules, target_linears
@@ -294,7 +295,8 @@ class SSTLinear(nn.Module):
     Packed, the layer holds three parameters where it would hold six: an engine's per-tensor work
     (FSDP2's copy-in and cast at each unshard, ZeRO-3's fetch and release per module, gradient
     hooks, overflow checks, norms) costs time per tensor whatever its size.
-    A state dict of the older layout (prefix.U, prefix.Vh) loads: they are packed on load.
+    A state dict of the older layout (prefix.U, prefix.Vh) loads: they are packed on load, as
+    `older_layout` declares (sst_dist.layouts, which the engines' checkpoint loads use too).
     Buffer active_indices (r,): which singular indices the active slots hold.
 
     How it computes (`path`, docs/design.md §4): "dense" forms W in each forward and again in the
@@ -305,6 +307,8 @@ class SSTLinear(nn.Module):
     autograd keeps for the backward as it keeps nn.Linear's weight (+1 W per layer until then), so
     that torch.compile traces the layer with its block (model.compile).
     """
+
+    older_layout = {"factors": ("U", "Vh")}  # sst_dist.layouts: factors = U ‖ Vh, row-major
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  path: str = "dense", device=None, dtype=None):
@@ -326,7 +330,7 @@ class SSTLinear(nn.Module):
         self.spectral = nn.Parameter(torch.empty(k + out_features * rank + rank * in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
         self.register_buffer("active_indices", torch.arange(rank, device=device))
-        self.register_load_state_dict_pre_hook(_upgrade_on_load)
+        self.register_load_state_dict_pre_hook(upgrade_on_load)
 
     @staticmethod
     def owns_state(prefix: str, state: dict) -> bool:
@@ -335,12 +339,12 @@ class SSTLinear(nn.Module):
 
     @staticmethod
     def dense_from_state(prefix: str, state: dict, recipe, keep_singular: float | None = None):
-        """Export: the layer's entries popped from `state` (either layout, upgrade_state), merged
+        """Export: the layer's entries popped from `state` (either layout, older_layout), merged
         into U diag(s) Vh (float64), its ceil(F·k) largest singular values kept at keep_singular F;
         (weight, (k, kept, (out, in)))."""
         from sst_dist.models import target_shapes
 
-        upgrade_state(prefix, state)
+        pack_older(state, qualified(SSTLinear.older_layout, prefix))
         idx = state.pop(f"{prefix}.active_indices").long()
         # the flat factors keep no shape: the layer's is its model's (a target's (out, in))
         out, inp = target_shapes(recipe.model.size)[prefix.rsplit(".", 1)[-1]]
@@ -532,21 +536,6 @@ class SSTLinear(nn.Module):
 FROZEN = "factors"  # SSTLinear's frozen parameter, U ‖ Vh flattened
 
 
-def upgrade_state(prefix: str, state: dict) -> bool:
-    """A state dict of the older layout, in place: the module `prefix`'s separate U and Vh become
-    one `factors` entry (U ‖ Vh flattened, as SSTLinear holds them). True if it changed anything."""
-    u, vh, factors = (f"{prefix}.{name}" if prefix else name for name in ("U", "Vh", FROZEN))
-    if u not in state or vh not in state or factors in state:
-        return False
-    state[factors] = pack_factors(state.pop(u), state.pop(vh))
-    return True
-
-
-def _upgrade_on_load(module, state, prefix, *_):
-    """SSTLinear's load_state_dict pre-hook (`prefix` ends in a dot, or is empty)."""
-    upgrade_state(prefix[:-1], state)
-
-
 def resvd_factors(U, Vh, s, u_active, vh_active, idx):
     """A fresh SVD of the layer's current W, in float32 (float64 if the inputs are)."""
     dtype = compute_dtype(U, s, u_active)
@@ -581,5 +570,5 @@ def apply_sst(model: nn.Module, rank: int, targets: Iterable[str], *, seed: int 
 
 __all__ = ["SSTLinear", "apply_sst", "sample_active", "assign_slots", "layer_generator",
            "resvd_factors", "merged_factors", "dense_from_factors", "spectral_weight", "sync_active",
-           "sampling_probabilities", "compute_dtype", "split_factors", "pack_factors", "upgrade_state",
+           "sampling_probabilities", "compute_dtype", "split_factors", "pack_factors",
            "FROZEN"]

@@ -144,6 +144,7 @@ def test_an_older_checkpoints_separate_u_and_vh_fragments_become_one(tmp_path, r
     U, Vh = torch.randn(5, 3), torch.randn(3, 6)  # 15 + 18 = 33 elements: 17 per rank, 1 padded
     packed = torch.cat([U.flatten(), Vh.flatten()])
     other = torch.randn(4)
+    names = {"a.q.factors": ["a.q.U", "a.q.Vh"]}  # layouts.older_names of a model with one layer "a.q"
 
     def partition(t, rank):
         size = -(-t.numel() // ranks)
@@ -160,12 +161,12 @@ def test_an_older_checkpoints_separate_u_and_vh_fragments_become_one(tmp_path, r
         files.append(tmp_path / name)
     for rank, file in enumerate(files):
         state = torch.load(file, weights_only=False)
-        upgrade_frozen_fragments(state, file, ["a.q"])
+        upgrade_frozen_fragments(state, file, names)
         assert set(state["frozen_param_fragments"]) == set(state["frozen_param_shapes"]) == {"a.q.factors", "a.w"}
         assert torch.equal(state["frozen_param_fragments"]["a.q.factors"], partition(packed, rank))
         assert state["frozen_param_shapes"]["a.q.factors"] == (33,)
         assert torch.equal(state["frozen_param_fragments"]["a.w"], other)
-        upgrade_frozen_fragments(state, file, ["a.q"])  # a file of this layout is left as it is
+        upgrade_frozen_fragments(state, file, names)  # a file of this layout is left as it is
         assert torch.equal(state["frozen_param_fragments"]["a.q.factors"], partition(packed, rank))
 
 

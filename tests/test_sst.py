@@ -116,6 +116,10 @@ def test_an_old_layout_state_dict_loads_to_identical_weights():
         else:
             old[key] = value.clone()
     assert not any(key.endswith(".factors") for key in old)
+    # the names the engines convert their checkpoints' entries by, from the layers' older_layout
+    from sst_dist.layouts import older_names
+    assert older_names(trained) == {key: [key.replace(".factors", ".U"), key.replace(".factors", ".Vh")]
+                                    for key in new if key.endswith(".factors")}
     fresh = _model(seed=1)
     assert not torch.equal(fresh[0].factors, trained[0].factors)
     fresh.load_state_dict(old)  # strict: no key missing, none unexpected

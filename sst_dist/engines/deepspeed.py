@@ -25,8 +25,8 @@ from sst_dist.engines import deepspeed_internals as internals
 from sst_dist.engines.base import Backend, Engine, Shard
 from sst_dist.engines.deepspeed_internals import is_zero3
 from sst_dist.errors import ConfigError
+from sst_dist.layouts import older_names, pack
 from sst_dist.optim import RESET_KEYS, build_optimizer
-from sst_dist.sst import FROZEN
 
 
 def _resident_full(param) -> bool:
@@ -183,46 +183,43 @@ class DeepSpeedBackend(Backend):
         return contextlib.nullcontext()
 
 
-def upgrade_frozen_fragments(state: dict, file: Path, prefixes) -> None:
-    """A model-states file from when SSTLinear held U and Vh as two parameters, in place: ZeRO-2/3
-    save each frozen parameter's fragment by name, and DeepSpeed copies them back by name. Each
-    `prefix`'s U and Vh fragments become one `factors` fragment (as sst.upgrade_state packs a state
-    dict). ZeRO-2's are whole tensors; ZeRO-3's are this rank's partitions of each, so the layer's
-    whole U and Vh are put together from every rank's file, and this rank's partition of U ‖ Vh
-    cut from them."""
+def upgrade_frozen_fragments(state: dict, file: Path, names: dict) -> None:
+    """A model-states file of an older parameter layout, in place: ZeRO-2/3 save each frozen
+    parameter's fragment by name, and DeepSpeed copies them back by name. `names` (layouts.
+    older_names): {new name: [old names]}; each new name's old fragments become one fragment (as
+    layouts.pack_older packs a state dict). ZeRO-2's are whole tensors; ZeRO-3's are this rank's
+    partitions of each, so the whole old tensors are put together from every rank's file, and
+    this rank's partition of the packed one cut from them."""
     fragments, shapes = state["frozen_param_fragments"], state["frozen_param_shapes"]
-    old = [p for p in prefixes if f"{p}.U" in fragments and f"{p}.{FROZEN}" not in fragments]
+    old = {new: olds for new, olds in names.items()
+           if new not in fragments and all(name in fragments for name in olds)}
     if not old:
         return
-    whole = all(fragments[f"{p}.{n}"].numel() == math.prod(shapes[f"{p}.{n}"]) for p in old for n in ("U", "Vh"))
+    whole = all(fragments[name].numel() == math.prod(shapes[name]) for olds in old.values() for name in olds)
     if whole:
         parts, rank = [state], 0
     else:  # ZeRO-3's files are zero_pp_rank_<r>_mp_rank_<m>_model_states.pt, one per rank
         pattern = re.compile(r"zero_pp_rank_(\d+)_(mp_rank_\d+_model_states\.pt)")
         match = pattern.fullmatch(file.name)
         if match is None:
-            raise ConfigError(f"checkpoint {file.parent}: holds SST's U and Vh as two partitioned parameters "
-                              "in a layout this version cannot read; resume it with the version that wrote it")
+            raise ConfigError(f"checkpoint {file.parent}: holds partitioned parameters of an older layout "
+                              "in files this version cannot read; resume it with the version that wrote it")
         rank = int(match.group(1))
         files = sorted(file.parent.glob(f"zero_pp_rank_*_{match.group(2)}"),
                        key=lambda f: int(pattern.fullmatch(f.name).group(1)))
         parts = [state if f == file else torch.load(f, map_location="cpu", weights_only=False) for f in files]
-    for prefix in old:
-        factors = []
-        for name in ("U", "Vh"):
-            key = f"{prefix}.{name}"
-            numel = math.prod(shapes[key])
-            factors.append(torch.cat([part["frozen_param_fragments"][key].reshape(-1) for part in parts])[:numel])
-        packed = torch.cat(factors)
+    for new, olds in old.items():
+        packed = pack(torch.cat([part["frozen_param_fragments"][name].reshape(-1) for part in parts])
+                      [:math.prod(shapes[name])] for name in olds)
+        shapes[new] = torch.Size([packed.numel()])
         if not whole:  # this rank's partition: ceil(numel / ranks) elements, zero-padded at the end
             size = -(-packed.numel() // len(parts))
             piece = packed[rank * size:(rank + 1) * size]
             packed = torch.cat([piece, piece.new_zeros(size - piece.numel())])
-        for name in ("U", "Vh"):
-            fragments.pop(f"{prefix}.{name}")
-            shapes.pop(f"{prefix}.{name}")
-        fragments[f"{prefix}.{FROZEN}"] = packed
-        shapes[f"{prefix}.{FROZEN}"] = torch.Size([sum(t.numel() for t in factors)])
+        for name in olds:
+            fragments.pop(name)
+            shapes.pop(name)
+        fragments[new] = packed
 
 
 STAGES = (1, 2, 3)  # stage 0 keeps no per-parameter link to the Adam state, which SST resets
@@ -381,19 +378,18 @@ class DeepSpeedEngine(Engine):
         self.model.save_checkpoint(str(path), tag="engine", save_latest=False)
 
     def load(self, path):
-        prefixes = [name[:-len(FROZEN) - 1] for name, _ in self.model.module.named_parameters()
-                    if name.endswith(f".{FROZEN}")]
+        names = older_names(self.model.module)
         engine, read = self.model.checkpoint_engine, self.model.checkpoint_engine.load
 
         def upgraded(file, *args, **kwargs):
             state = read(file, *args, **kwargs)
             if isinstance(state, dict) and state.get("frozen_param_fragments"):
-                upgrade_frozen_fragments(state, Path(file), prefixes)
+                upgrade_frozen_fragments(state, Path(file), names)
             return state
 
         # DeepSpeed reads the model-states files through its checkpoint engine and copies the frozen
         # fragments in by name, with no hook between: each file read is upgraded as it comes (the
-        # module's own state dict is upgraded by SSTLinear's load hook)
+        # module's own state dict is upgraded by its layers' load hooks, layouts.upgrade_on_load)
         engine.load = upgraded
         try:
             loaded, _ = self.model.load_checkpoint(str(path), tag="engine", load_lr_scheduler_states=False)

@@ -26,9 +26,9 @@ from torch.distributed.tensor import DTensor, Shard as ShardPlacement
 
 from sst_dist.engines.base import Backend, Engine, Shard
 from sst_dist.errors import ConfigError
+from sst_dist.layouts import older_names, pack
 from sst_dist.models import decoder_blocks
 from sst_dist.optim import RESET_KEYS, build_optimizer
-from sst_dist.sst import FROZEN, pack_factors
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -68,24 +68,22 @@ def _plain_failures():
         raise RuntimeError(str(err).strip().splitlines()[-1] if str(err).strip() else "DCP failed") from None
 
 
-def _older_factors(path, model_state: dict) -> dict:
-    """A DCP checkpoint from when SSTLinear held U and Vh as two parameters: each layer's `factors`
-    entry of `model_state` is replaced by whole, plain tensors of the U and Vh the checkpoint holds
-    (DCP reads them whole on every rank), to be packed into the sharded `factors` after the load.
-    Returns {factors' name: (its sharded tensor, U's name, Vh's name)}; empty for a checkpoint of
-    this layout."""
+def _older_entries(path, model_state: dict, names: dict) -> dict:
+    """A DCP checkpoint of an older parameter layout (`names`, layouts.older_names: {new name:
+    [old names]}): each new name's entry of `model_state` that the checkpoint holds only as its old
+    entries is replaced by whole, plain tensors of those (DCP reads them whole on every rank), to
+    be packed into the sharded new one after the load. Returns {new name: (its sharded tensor, old
+    names)}; empty for a checkpoint of this layout."""
     saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
     older = {}
-    for name in [n for n in model_state if n.endswith(f".{FROZEN}")]:
-        prefix = name[:-len(FROZEN) - 1]
-        u, vh = f"{prefix}.U", f"{prefix}.Vh"
-        if f"model.{name}" in saved or f"model.{u}" not in saved or f"model.{vh}" not in saved:
+    for name, olds in names.items():
+        if name not in model_state or f"model.{name}" in saved or not all(f"model.{o}" in saved for o in olds):
             continue
         sharded = model_state.pop(name)
-        for key in (u, vh):
+        for key in olds:
             meta = saved[f"model.{key}"]
             model_state[key] = torch.empty(meta.size, dtype=meta.properties.dtype, device=sharded.device)
-        older[name] = (sharded, u, vh)
+        older[name] = (sharded, olds)
     return older
 
 
@@ -255,11 +253,11 @@ class FSDPEngine(Engine):
             raise ConfigError(f"checkpoint {path}: no DCP metadata; was it written by another engine?")
         state = self._state()  # the sharded layout of this world size; DCP reshards into it
         with _plain_failures():
-            older = _older_factors(path, state["model"])
+            older = _older_entries(path, state["model"], older_names(self.model))
             dcp.load(state, checkpoint_id=str(path))
-        for name, (sharded, u, vh) in older.items():
+        for name, (sharded, olds) in older.items():
             local, start = local_rows(sharded)
-            packed = pack_factors(state["model"].pop(u), state["model"].pop(vh))
+            packed = pack(state["model"].pop(old) for old in olds)
             local.copy_(packed[start:start + local.shape[0]].to(local.dtype))
             state["model"][name] = sharded
         for alias, name in self._aliases.items():
