@@ -173,14 +173,20 @@ def resumed_copy(source, target):
     return target
 
 
-def test_resume_on_two_ranks_continues_the_curve_exactly(tmp_path, fsdp_sst, stopped_at_20):
-    split = resumed_copy(stopped_at_20, tmp_path / "split")
+def assert_resumes_the_curve(split, uninterrupted):
+    """Runs `split` (stopped at step 20) on to step 40: it resumes there and follows the
+    uninterrupted run's losses."""
     proc = fsdp_run(split, "recipes/tiny-sst.yaml")
     assert "resuming from" in proc.stdout and "step_0000020" in proc.stdout
-    a, b = losses(fsdp_sst), losses(split)
+    a, b = losses(uninterrupted), losses(split)
     assert sorted(b) == list(range(1, 41))
     for step in range(21, 41):
         assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_resume_on_two_ranks_continues_the_curve_exactly(tmp_path, fsdp_sst, stopped_at_20):
+    split = resumed_copy(stopped_at_20, tmp_path / "split")
+    assert_resumes_the_curve(split, fsdp_sst)
 
 
 def older_layout(checkpoint):
@@ -219,12 +225,7 @@ def test_an_older_layout_checkpoint_resumes_the_curve_exactly(tmp_path, fsdp_sst
     parameter per layer: the resumed run continues the uninterrupted curve."""
     split = resumed_copy(stopped_at_20, tmp_path / "split")
     older_layout(split / "checkpoints" / "step_0000020")
-    proc = fsdp_run(split, "recipes/tiny-sst.yaml")
-    assert "resuming from" in proc.stdout and "step_0000020" in proc.stdout
-    a, b = losses(fsdp_sst), losses(split)
-    assert sorted(b) == list(range(1, 41))
-    for step in range(21, 41):
-        assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+    assert_resumes_the_curve(split, fsdp_sst)
 
 
 def test_checkpoints_reshard_across_world_sizes(tmp_path, single_process_curves, stopped_at_20):
