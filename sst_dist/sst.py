@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sst_dist.config import SST_PATHS as PATHS
-from sst_dist.layouts import pack_older, qualified, upgrade_on_load
+from sst_dist.layouts import pack, pack_older, qualified, upgrade_on_load
 from sst_dist.precision import autocast_backward, autocast_forward
 from sst_dist.spectral_init import init_factors, init_generator
 from sst_dist.surgery import swap_modules, target_linears
@@ -260,8 +260,9 @@ def split_factors(packed: torch.Tensor, out: int, inp: int):
 
 
 def pack_factors(U, Vh) -> torch.Tensor:
-    """The inverse of split_factors: one flat tensor in U's dtype."""
-    return torch.cat([U.reshape(-1), Vh.reshape(-1).to(U.dtype)])
+    """The inverse of split_factors: one flat tensor in U's dtype (the layout older U and Vh are
+    packed into on load)."""
+    return pack((U, Vh))
 
 
 def _effective_factors(factors, spectral, idx, shape, dtype):
