@@ -227,9 +227,10 @@ def refresh_bytes(counts: ParamCounts, micro_batches: int = 1, refresh_layers: i
 def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str = "bf16",
                      extra_saved_width: int = 0, vocab_size: int | None = None,
                      checkpointing: bool = False) -> int:
-    """Bytes autograd holds at the peak of one micro-batch: Hugging Face OPT, SDPA (flash or
-    memory-efficient kernels, which keep no s x s matrix), no activation checkpointing, no dropout
-    (the recipes train without it), then sst_dist.evaluate.lm_loss's fp32 cross-entropy.
+    """Bytes autograd holds at the peak of one micro-batch: Hugging Face OPT or LLaMA, SDPA (flash
+    or memory-efficient kernels, which keep no s x s matrix), with or without activation
+    checkpointing, no dropout (the recipes train without it), then sst_dist.evaluate.lm_loss's fp32
+    cross-entropy.
 
     Each term was checked against torch.autograd.graph.saved_tensors_hooks and a profiled peak on
     CPU; on a GPU the caching allocator adds rounding and fragmentation on top.
@@ -241,9 +242,9 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
     e = 2 if precision == "bf16" else 4  # bytes per activation element
     tokens = micro_batch * seq
     logits = 12 * (vocab_size or default_vocab(size))  # the loss, as below
+    h, heads, layers = dims["hidden_size"], dims["num_attention_heads"], dims["num_hidden_layers"]
     if family(size) == "llama":
-        h, f = dims["hidden_size"], dims["intermediate_size"]
-        heads, layers = dims["num_attention_heads"], dims["num_hidden_layers"]
+        f = dims["intermediate_size"]
         # Per decoder layer and token: each RMSNorm keeps its input cast to fp32 (4h), its rsqrt (4)
         # and its normed output in the weights' dtype (eh); q/k/v's shared input, q and k after the
         # rotary embedding, v, SDPA's output and o_proj's input (6eh) and SDPA's log-sum-exp (one
@@ -252,27 +253,24 @@ def activation_bytes(model: str, micro_batch: int, seq: int, *, precision: str =
         # the rotary cos/sin.
         per_layer = 2 * ((4 + e) * h + 4) + 6 * e * h + 4 * e * f + heads * 4
         edges = 2 * 8 + (4 + e) * h + 4 + e * h + e * (h // heads)
-        if checkpointing:
-            return tokens * (layers * h * e + per_layer + extra_saved_width * e // layers + edges + logits)
-        return tokens * (layers * per_layer + extra_saved_width * e + edges + logits)
-    h, f = dims["hidden_size"], dims["ffn_dim"]
-    heads, layers = dims["num_attention_heads"], dims["num_hidden_layers"]
-    proj = dims.get("word_embed_proj_dim", h)
-    pre_ln = dims.get("do_layer_norm_before", True)
-    # Per decoder layer and token, kept for backward: the two LayerNorm inputs (2h); the input of
-    # q/k/v, one tensor shared by the three (h); q, k, v, kept by SDPA (3h); the attention output,
-    # kept by SDPA and, being the same tensor, by out_proj as its input (h); fc1's input (h); ReLU's
-    # output, kept by ReLU and by fc2 as its input (f) (fc1's own output is freed). In fp32: each
-    # LayerNorm's mean and rstd (2 x 2) and SDPA's log-sum-exp (one per head).
-    # The layout holds for post-LayerNorm 350m as well: the residual sum, not the input, is normed.
-    per_layer = (8 * h + f) * e + 2 * 2 * 4 + heads * 4
-    # Outside the layers: token and position ids (int64); the LM head's input; pre-LN models keep
-    # the final LayerNorm's input and statistics; 350m keeps project_in's and project_out's inputs.
-    edges = 2 * 8 + proj * e
-    if pre_ln:
-        edges += h * e + 2 * 4
-    if proj != h:
-        edges += proj * e + h * e
+    else:
+        f = dims["ffn_dim"]
+        proj = dims.get("word_embed_proj_dim", h)
+        pre_ln = dims.get("do_layer_norm_before", True)
+        # Per decoder layer and token, kept for backward: the two LayerNorm inputs (2h); the input of
+        # q/k/v, one tensor shared by the three (h); q, k, v, kept by SDPA (3h); the attention output,
+        # kept by SDPA and, being the same tensor, by out_proj as its input (h); fc1's input (h); ReLU's
+        # output, kept by ReLU and by fc2 as its input (f) (fc1's own output is freed). In fp32: each
+        # LayerNorm's mean and rstd (2 x 2) and SDPA's log-sum-exp (one per head).
+        # The layout holds for post-LayerNorm 350m as well: the residual sum, not the input, is normed.
+        per_layer = (8 * h + f) * e + 2 * 2 * 4 + heads * 4
+        # Outside the layers: token and position ids (int64); the LM head's input; pre-LN models keep
+        # the final LayerNorm's input and statistics; 350m keeps project_in's and project_out's inputs.
+        edges = 2 * 8 + proj * e
+        if pre_ln:
+            edges += h * e + 2 * 4
+        if proj != h:
+            edges += proj * e + h * e
     # The loss: cross-entropy keeps fp32 log-probabilities (b·s·V); the peak is its backward, which
     # holds those, the gradient coming in and the gradient going out, all fp32: 12 bytes per logit.
     # (The forward's bf16 logits and fp32 copy, 6 bytes, are gone by then.)
