@@ -61,8 +61,7 @@ class Schedule:
 
     def lr_factor(self, step: int) -> float:
         """Every group's lr over its peak at `step`, but for the low-rank group's re-warm."""
-        warm = self.warmup_factor(step)
-        return warm if self.decay == "constant" else warm * self.decay_factor(step)
+        return self.warmup_factor(step) * self.decay_factor(step)
 
     def rewarm_factor(self, step: int) -> float:
         """After every reset the low-rank group's lr climbs back linearly over rewarm_steps."""
