@@ -52,8 +52,8 @@ def write_failure(err: BaseException, path: Path) -> str:
     if wrapped:
         return wrapped.group(1) or wrapped.group(2)
     try:
-        free = shutil.disk_usage(next(p for p in (path, *path.parents) if p.exists())).free
-    except (OSError, StopIteration):
+        free = shutil.disk_usage(nearest_existing(path)).free
+    except OSError:
         free = None
     if free is not None and free < NEARLY_FULL:
         return f"No space left on device ({free // 2**20} MiB free)"
@@ -65,10 +65,16 @@ def write_failure(err: BaseException, path: Path) -> str:
     return first
 
 
+def nearest_existing(path: Path) -> Path:
+    """`path` or its nearest existing parent (the working folder for a relative path none of whose
+    parents exist)."""
+    return next((p for p in (path, *path.parents) if p.exists()), Path("."))
+
+
 def nearest_existing_folder(path: Path, flag: str) -> Path:
     """`path` or its nearest existing parent, which must be a folder: else RunError naming `flag`
     (a file where the folder, or one of its parents, would go)."""
-    existing = next((p for p in (path, *path.parents) if p.exists()), Path("."))
+    existing = nearest_existing(path)
     if not existing.is_dir():
         where = "is a file, not a folder" if existing == path else f"is inside {existing}, which is a file"
         raise RunError(f"{flag} {path} {where}")
