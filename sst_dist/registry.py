@@ -23,6 +23,8 @@ TARGETS = {"opt": OPT_TARGETS, "llama": LLAMA_TARGETS}
 def family(size: str) -> str:
     """The model family of a model.size: llama for `llama-*`, else opt."""
     return "llama" if size.startswith("llama-") else "opt"
+
+
 ENGINES = ("torch", "deepspeed", "fsdp")
 
 
