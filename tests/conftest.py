@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -62,6 +63,21 @@ def pretrain(output_dir, recipe, *extra, launcher=None, nproc=1, timeout=600, ch
 def read_metrics(output_dir) -> list[dict]:
     path = Path(output_dir) / "metrics.jsonl"
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def wait_for_rows(out, rows, proc, timeout=300):
+    """Until `out`/metrics.jsonl holds `rows` rows; AssertionError if `proc` (the run) ends first,
+    with the tail of `out`.log where the run writes one, or after `timeout` seconds."""
+    deadline = time.time() + timeout
+    path, log = Path(out) / "metrics.jsonl", Path(f"{out}.log")
+    while time.time() < deadline:
+        if path.exists() and len(path.read_text().splitlines()) >= rows:
+            return
+        if proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log.is_file() else ""
+            raise AssertionError(f"run ended early ({proc.returncode}): {tail}")
+        time.sleep(0.1)
+    raise AssertionError(f"no {rows} rows in {path} after {timeout} s")
 
 
 def losses(output_dir) -> dict[int, float]:

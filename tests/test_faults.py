@@ -12,7 +12,7 @@ import time
 import psutil
 import pytest
 
-from conftest import ROOT, free_port, quiet_env, read_metrics, remove_shm_buffers, run_deepspeed
+from conftest import ROOT, free_port, quiet_env, read_metrics, remove_shm_buffers, run_deepspeed, wait_for_rows
 from sst_dist.checkpoint import resolve, step_name
 
 pytestmark = pytest.mark.slow
@@ -55,11 +55,7 @@ def test_stopping_a_deepspeed_job_checkpoints_every_rank(tmp_path, how):
     port = free_port()
     proc = start_deepspeed(tmp_path, port, via_wrapper=how == "kill the wrapper")
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (tmp_path / "metrics.jsonl").exists() and len(read_metrics(tmp_path)) >= 3:
-                break
-            time.sleep(0.2)
+        wait_for_rows(tmp_path, 3, proc, timeout=240)
         tree = psutil.Process(proc.pid).children(recursive=True)
         ranks = [p for p in tree if "--local_rank=" in " ".join(p.cmdline())]
         assert len(ranks) == 2, [p.cmdline() for p in tree]
@@ -105,11 +101,7 @@ def test_ranks_checkpoint_and_exit_when_their_launcher_is_killed(tmp_path, launc
         proc = subprocess.Popen(cmd, cwd=ROOT, env=quiet_env(), stdout=stdout, stderr=stderr)
     ranks = []
     try:
-        deadline = time.time() + 240
-        while time.time() < deadline and proc.poll() is None:
-            if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3:
-                break
-            time.sleep(0.2)
+        wait_for_rows(out, 3, proc, timeout=240)
         tree = psutil.Process(proc.pid).children(recursive=True)
         ranks = [p for p in tree if "launch/pretrain.py" in " ".join(p.cmdline()) and
                  not any(s in " ".join(p.cmdline()) for s in ("deepspeed.launcher", "torch.distributed.run"))]

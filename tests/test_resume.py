@@ -8,14 +8,13 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from conftest import ROOT, free_port, losses, pretrain, quiet_env, read_metrics
+from conftest import ROOT, free_port, losses, pretrain, quiet_env, read_metrics, wait_for_rows
 from sst_dist import checkpoint, rundir
 from sst_dist.errors import RunError
 from sst_dist.rundir import RunLock
@@ -53,18 +52,6 @@ def spawn(out, *extra, launcher=None, nproc=1, recipe=RECIPE):
     with open(f"{out}.log", "w") as log:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=quiet_env(), stdout=log, stderr=subprocess.STDOUT)
     return proc, port
-
-
-def wait_for_rows(out, rows, proc, timeout=300):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        path = Path(out) / "metrics.jsonl"
-        if path.exists() and len(path.read_text().splitlines()) >= rows:
-            return
-        if proc.poll() is not None:
-            raise AssertionError(f"run ended early ({proc.returncode}): {Path(f'{out}.log').read_text()[-3000:]}")
-        time.sleep(0.1)
-    raise AssertionError(f"no {rows} rows in {out}/metrics.jsonl after {timeout} s")
 
 
 def kill_9(proc, port):
