@@ -290,7 +290,7 @@ def loop(s: Setup, start: Start) -> int:
                 pending = (record, readout)
                 continue
             finish(record, readout, eval_due)
-            unlogged = logger.failure or "rank 0 cannot write metrics.jsonl" if halt == 2 else None
+            unlogged = (logger.failure or "rank 0 cannot write metrics.jsonl") if halt == 2 else None
             if save_due:
                 try:
                     last_good = checkpoint.save(engine, s.data, state, step, out, recipe, ctx, s.settings,
