@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import shutil
 import time
 
 import numpy as np
@@ -202,8 +204,6 @@ def test_errors_are_one_clear_line(tmp_path, small_folder):
 
 
 def _corrupt_copy(tmp_path, small_folder):
-    import shutil
-
     cache = tmp_path / "cache"
     src = open_data(small_folder, seq_len=8, global_batch=2, seed=0).folder
     shutil.copytree(src, cache / src.name)
@@ -372,7 +372,6 @@ def test_a_changed_local_source_is_not_reused(tmp_path):
     with pytest.raises(DataError) as err:
         prepare(cfg, progress=False)
     assert "other names or times" in one_line(err)
-    import shutil
 
     shutil.rmtree(folder)
     assert prepare(cfg, progress=False) == folder  # prepared again from the new files
@@ -467,6 +466,39 @@ def test_a_manifest_missing_fields_is_one_line(tmp_path, small_folder, edit, pro
         with pytest.raises(DataError) as err:
             read()
         assert one_line(err) == f"{path}: {problem}; delete {folder} and prepare again"
+
+
+def test_a_second_prepare_of_one_folder_waits_for_the_first(tmp_path):
+    """Two benches started together on one cache: the second waits for the first's lock, then finds
+    the folder complete, where it had cleared away the other's .partial shards."""
+    import fcntl
+    import threading
+
+    cfg = local_cfg(tmp_path, make_docs(60, seed=4))
+    folder = prepare(cfg, progress=False)
+    reference = {p.name: p.read_bytes() for p in folder.glob("*.bin")}
+    shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    with open(folder / ".prepare.lock", "a") as held:  # the first process, mid-way
+        fcntl.flock(held, fcntl.LOCK_EX)
+        second = threading.Thread(target=prepare, args=(cfg,), kwargs={"progress": False})
+        second.start()
+        second.join(timeout=1.0)
+        assert second.is_alive() and not (folder / "manifest.json").exists()
+        (folder / "train_00000.bin.partial").write_bytes(b"the first's part")  # left alone while waiting
+        assert (folder / "train_00000.bin.partial").exists()
+    second.join(timeout=60)
+    assert not second.is_alive()
+    assert prep.read_manifest(folder)["complete"]
+    assert {p.name: p.read_bytes() for p in folder.glob("*.bin")} == reference
+    assert not list(folder.glob("*.partial"))
+
+
+def test_a_write_error_not_from_a_full_disk_does_not_blame_the_space(tmp_path):
+    err = OSError(errno.ENOENT, "No such file or directory")
+    msg = str(prep.cannot_write(tmp_path / "train_00000.bin.partial", err))
+    assert "free some space" not in msg and str(tmp_path) in msg and "\n" not in msg
+    assert "free some space" in str(prep.cannot_write(tmp_path / "x", OSError(errno.ENOSPC, "No space left")))
 
 
 def test_a_write_error_during_prepare_is_one_line_and_leaves_no_partial_shard(tmp_path):

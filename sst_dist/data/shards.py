@@ -21,6 +21,7 @@ validation documents in order, the others with its training documents (c4_docume
 from __future__ import annotations
 
 import contextlib
+import errno
 import gzip
 import hashlib
 import itertools
@@ -440,8 +441,36 @@ def _ordered_map(pool, fn, tasks, window: int):
 
 
 def cannot_write(path: Path, err: OSError) -> DataError:
-    return DataError(f"{path}: cannot write ({err.strerror or err}); free some space, or set data.cache_dir "
-                     "to another disk, and prepare again (it resumes)")
+    if err.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        hint = "free some space, or set data.cache_dir to another disk"
+    else:
+        hint = f"check that this process may write there and that nothing else removes files in {path.parent}"
+    return DataError(f"{path}: cannot write ({err.strerror or err}); {hint}, and prepare again (it resumes)")
+
+
+@contextlib.contextmanager
+def _preparing_alone(folder: Path):
+    """One process at a time prepares a folder: two benches started together on one cache would
+    otherwise write the same part's .partial files, and each clear the other's away. The second
+    waits, then finds the folder complete (or resumes it, if the first failed)."""
+    try:
+        import fcntl
+    except ImportError:  # not POSIX: no lock
+        yield
+        return
+    lock = folder / ".prepare.lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = open(lock, "a")
+    except OSError as err:
+        raise cannot_write(lock, err) from None
+    with handle:  # closing it releases the lock, also when the process dies
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"waiting: another process is preparing {folder}", file=sys.stderr, flush=True)
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        yield
 
 
 class _ShardWriter:
@@ -539,6 +568,11 @@ def prepare(cfg, progress: bool = True) -> Path:
     docs = itertools.chain([first], docs)
     tok = load_tokenizer(cfg.tokenizer, cfg.source)
     folder = Path(cfg.cache_dir).expanduser() / folder_name(cfg, tok.name)
+    with _preparing_alone(folder):
+        return _prepare_folder(cfg, folder, tok, docs, progress)
+
+
+def _prepare_folder(cfg, folder: Path, tok: Tok, docs: Iterator[str], progress: bool) -> Path:
     settings = _settings(cfg, tok)
     manifest = read_manifest(folder)
     if manifest is not None:
