@@ -51,11 +51,11 @@ methods() {
   bench --methods relora,sst+galore --seeds 0,1
 }
 
-ablations() {
-  bench --methods sst --seeds 1,2 --sweep sst:sst.steps_per_iteration=50,100,400
+ablations() {  # the lr first: the moment reset's lead (2026-12-03) asks whether SST's lr is short
+  bench --methods sst --seeds 1,2 --sweep sst:optim.lowrank_lr=5e-4,2e-3
   bench --methods sst --seeds 1,2 --sweep sst:optim.reset=moments
   bench --methods sst --seeds 1,2 --sweep sst:rank=128
-  bench --methods sst --seeds 1,2 --sweep sst:optim.lowrank_lr=5e-4,2e-3
+  bench --methods sst --seeds 1,2 --sweep sst:sst.steps_per_iteration=50,100,400
 }
 
 case "$what" in
