@@ -162,9 +162,10 @@ class SSTController:
         parts = [layer.split(packed) for layer, packed in zip(self.layers, trainables)]
         draws = self._draw([s for s, _, _ in parts], iteration, redraw_all=False)
         for layer, (s, u_active, vh_active), (new_idx, slots) in zip(self.layers, parts, draws):
-            U, Vh = layer.split_factors(backend.read(layer.factors))  # views of a copy of its own
-            sync_active(U, Vh, u_active, vh_active, layer.active_indices)  # the trained vectors back in
-            self._load(layer, U, Vh, s, new_idx, slots)
+            factors = backend.read(layer.factors)  # a copy of its own
+            # the trained vectors back in, through views of the copy
+            sync_active(*layer.split_factors(factors), u_active, vh_active, layer.active_indices)
+            self._load(layer, factors, s, new_idx, slots)
 
     @torch.no_grad()
     def resvd(self, iteration: int):
@@ -190,8 +191,7 @@ class SSTController:
             else:  # a receive buffer
                 packed = torch.empty(layer.factors_numel, dtype=compute_dtype(layer.spectral), device=dev)
             # U and Vh in one broadcast, in the layout of the one frozen parameter they go to
-            U, Vh = layer.split_factors(backend.broadcast(packed, backend.owner(index)))
-            self._load(layer, U, Vh, s, new_idx, slots)
+            self._load(layer, backend.broadcast(packed, backend.owner(index)), s, new_idx, slots)
 
     def _draw(self, singular_values, iteration: int, redraw_all: bool):
         """Each layer's next active set and the slots whose vectors change, as (new_idx, slots) on
@@ -210,11 +210,13 @@ class SSTController:
         pieces = torch.cat(chosen).to(self.backend.compute_device).split([t.numel() for t in chosen])
         return list(zip(pieces[0::2], pieces[1::2]))
 
-    def _load(self, layer: SSTLinear, U, Vh, s, new_idx, slots):
+    def _load(self, layer: SSTLinear, factors, s, new_idx, slots):
+        """`factors`: the layer's new U ‖ Vh, whole, in the parameter's layout (written as it is)."""
         backend = self.backend
+        U, Vh = layer.split_factors(factors)
         new_idx = new_idx.to(U.device)
         layer.drop_kept_weight()
-        backend.write(layer.factors, layer.pack_factors(U, Vh))
+        backend.write(layer.factors, factors)
         layer.active_indices.copy_(new_idx)
         backend.write(layer.spectral, layer.pack(s.to(U.device), U[:, new_idx], Vh[new_idx]))
         reset = [layer.slot_elements(slots)] if slots.numel() else []
