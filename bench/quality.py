@@ -2,7 +2,8 @@
 
     python -m bench.quality --size 125m --steps 20000 --gpus 6 --device cuda --out runs/quality \\
         [--methods full,lora,relora,sst,galore,sst+galore] [--set KEY=V] [--set METHOD:KEY=V] \\
-        [--sweep [METHOD:]KEY=V1,V2,...] [--seeds 0,1,2] [--eval-every E] [--eval-tokens T] [--warmup W]
+        [--sweep [METHOD:]KEY=V1,V2,... [--one-at-a-time]] [--seeds 0,1,2] [--eval-every E] [--eval-tokens T]
+        [--warmup W]
     python -m bench.quality --plot-only --out runs/quality
 
 Each run is `python launch/pretrain.py` (single process) on recipes/<size>-<method>.yaml
@@ -177,7 +178,11 @@ def plan(args) -> list[RunSpec]:
         except ConfigError as err:
             raise BenchError(f"{err} or drop {method} from --methods") from None
         mine = [(key, values) for m, key, values in sweeps if m in (None, method)]
-        for combo in itertools.product(*[[(key, v) for v in values] for key, values in mine]):
+        if args.one_at_a_time and mine:  # an ablation: each value moves one key from the recipe's
+            combos = [((key, v),) for key, values in mine for v in values]
+        else:
+            combos = itertools.product(*[[(key, v) for v in values] for key, values in mine])
+        for combo in combos:
             variant_sets = [f"{key}={value}" for key, value in combo]
             variant = " ".join(variant_sets)
             where = f"{method} {variant}".strip()
@@ -1005,6 +1010,9 @@ def parse_args(argv=None):
                    help="recipe override for every run, or with METHOD: for that method's runs (repeatable)")
     p.add_argument("--sweep", action="append", default=[], metavar="[METHOD:]KEY=V1,V2,...",
                    help="one run per value (per method, or only METHOD's); several --sweep: every combination")
+    p.add_argument("--one-at-a-time", action="store_true",
+                   help="several --sweep: each value its own variant, every other key at the recipe's value "
+                        "(an ablation), not every combination; the folders are those of one --sweep each")
     p.add_argument("--seeds", metavar="S1,S2,...",
                    help="run every method and variant once per seed (the recipe key `seed`); default: the "
                         "recipe's own seed")

@@ -51,11 +51,10 @@ methods() {
   bench --methods relora,sst+galore --seeds 0,1
 }
 
-ablations() {  # the lr first: the moment reset's lead (2026-12-03) asks whether SST's lr is short
-  bench --methods sst --seeds 1,2 --sweep sst:optim.lowrank_lr=5e-4,2e-3
-  bench --methods sst --seeds 1,2 --sweep sst:optim.reset=moments
-  bench --methods sst --seeds 1,2 --sweep sst:rank=128
-  bench --methods sst --seeds 1,2 --sweep sst:sst.steps_per_iteration=50,100,400
+ablations() {  # one bench, so 4 runs are always on each GPU; the lr first (the moment reset's lead on
+  # 2026-12-03 asks whether SST's lr is short), then rank, T3, and last the moment reset (run on 12-03)
+  bench --methods sst --seeds 1,2 --one-at-a-time --sweep sst:optim.lowrank_lr=2e-3,5e-4 --sweep sst:rank=128 \
+    --sweep sst:sst.steps_per_iteration=400,100,50 --sweep sst:optim.reset=moments
 }
 
 case "$what" in

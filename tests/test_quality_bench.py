@@ -370,6 +370,33 @@ def test_sweeps_compose_with_seeds_and_the_recipes_own_seed_keeps_its_folder(tmp
     assert [(s.name, s.seed) for s in plain] == [("sst", 0)] and not any("seed=" in o for o in plain[0].overrides)
 
 
+def test_one_at_a_time_moves_one_key_per_variant_in_the_folders_of_single_sweeps(tmp_path):
+    """--one-at-a-time: an ablation, each value a variant with every other swept key at the recipe's
+    value, in the folders a separate --sweep per key would use (so the two forms reuse each other's runs)."""
+    quality = load_bench()
+    sweeps = ("--sweep", "sst:optim.lowrank_lr=2e-3,5e-4", "--sweep", "sst:sst.steps_per_iteration=5")
+    args = quality.parse_args(tiny_args(str(tmp_path), "--methods", "full,sst", "--seeds", "1,2",
+                                        "--one-at-a-time", *sweeps))
+    specs = quality.plan(args)
+    assert [(s.method, s.variant, s.seed) for s in specs] == [
+        ("full", "", 1), ("full", "", 2),  # no sweep of its own: its one plain run per seed
+        ("sst", "optim.lowrank_lr=2e-3", 1), ("sst", "optim.lowrank_lr=2e-3", 2),
+        ("sst", "optim.lowrank_lr=5e-4", 1), ("sst", "optim.lowrank_lr=5e-4", 2),
+        ("sst", "sst.steps_per_iteration=5", 1), ("sst", "sst.steps_per_iteration=5", 2),
+    ]
+    recipe = quality.plan(quality.parse_args(tiny_args(str(tmp_path), "--methods", "sst")))[0].resolved
+    by_variant = {s.variant: s.resolved for s in specs if s.method == "sst"}
+    lr, t3 = by_variant["optim.lowrank_lr=5e-4"], by_variant["sst.steps_per_iteration=5"]
+    assert lr["optim"]["lowrank_lr"] == 5e-4 and lr["sst"]["steps_per_iteration"] == recipe["sst"]["steps_per_iteration"]
+    assert t3["sst"]["steps_per_iteration"] == 5 and t3["optim"]["lowrank_lr"] == recipe["optim"]["lowrank_lr"]
+    single = [s.name for item in ("sst:optim.lowrank_lr=2e-3,5e-4", "sst:sst.steps_per_iteration=5")
+              for s in quality.plan(quality.parse_args(tiny_args(str(tmp_path), "--methods", "sst",
+                                                                 "--seeds", "1,2", "--sweep", item)))]
+    assert [s.name for s in specs if s.method == "sst"] == single
+    product = quality.plan(quality.parse_args(tiny_args(str(tmp_path), "--methods", "sst", "--seeds", "1,2", *sweeps)))
+    assert len(product) == 4 and all(len(s.variant.split()) == 2 for s in product)  # without it: every combination
+
+
 def write_run(folder, evals, method, seed, steps=None, warmup=0, tokens_per_step=100):
     """A run folder as the bench leaves it: metrics.jsonl with eval losses at the given steps."""
     folder.mkdir(parents=True)
