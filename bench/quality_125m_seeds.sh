@@ -51,10 +51,10 @@ methods() {
   bench --methods relora,sst+galore --seeds 0,1
 }
 
-ablations() {  # one bench, so 4 runs are always on each GPU; the lr first (the moment reset's lead on
-  # 2026-12-03 asks whether SST's lr is short), then rank, T3, and last the moment reset (run on 12-03)
-  bench --methods sst --seeds 1,2 --one-at-a-time --sweep sst:optim.lowrank_lr=2e-3,5e-4 --sweep sst:rank=128 \
-    --sweep sst:sst.steps_per_iteration=400,100,50 --sweep sst:optim.reset=moments
+ablations() {  # one bench, so 4 runs are always on each GPU; rank and T3 first, then the lr (its
+  # 12-07 pilot reached step 800) and last the moment reset (run on 12-03)
+  bench --methods sst --seeds 1,2 --one-at-a-time --sweep sst:rank=128 --sweep sst:sst.steps_per_iteration=400,100,50 \
+    --sweep sst:optim.lowrank_lr=2e-3,5e-4 --sweep sst:optim.reset=moments
 }
 
 case "$what" in
