@@ -51,9 +51,9 @@ methods() {
   bench --methods relora,sst+galore --seeds 0,1
 }
 
-ablations() {  # one bench, so 4 runs are always on each GPU; rank and T3 first, then the lr (its
-  # 12-07 pilot reached step 800) and last the moment reset (run on 12-03)
-  bench --methods sst --seeds 1,2 --one-at-a-time --sweep sst:rank=128 --sweep sst:sst.steps_per_iteration=400,100,50 \
+ablations() {  # one bench, so 4 runs are always on each GPU; T3 100 and 50 first (never run),
+  # then rank 128 and T3 400 (12-07 pilots to step 700), the lr (to step 800), the moment reset (12-03)
+  bench --methods sst --seeds 1,2 --one-at-a-time --sweep sst:sst.steps_per_iteration=100,50,400 --sweep sst:rank=128 \
     --sweep sst:optim.lowrank_lr=2e-3,5e-4 --sweep sst:optim.reset=moments
 }
 
