@@ -70,6 +70,7 @@ class AdamW(torch.optim.AdamW):
     def __init__(self, params, **kwargs):
         super().__init__(params, **kwargs)
         self._tables: dict[tuple, BiasCorrection] = {}
+        self._batch_cache: dict[int, tuple] = {}  # id(group) -> (group, _batches' last result)
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -83,6 +84,9 @@ class AdamW(torch.optim.AdamW):
             for group in groups:
                 if group.get("resettable"):
                     self._resettable_step(group)
+            live = {id(group) for group in groups}
+            for key in [key for key in self._batch_cache if key not in live]:  # groups replaced
+                del self._batch_cache[key]
         if plain:
             # torch's own implementation (fused or foreach) for every other group; engines such as
             # ZeRO swap param_groups themselves, so swapping here composes with theirs
@@ -109,50 +113,73 @@ class AdamW(torch.optim.AdamW):
         """The per-element-age update as list operations (torch._foreach_*): a few kernel launches
         per batch of tensors, however many tensors the group has (FSDP2 holds one shard per
         parameter, where ZeRO holds one flat partition). Elementwise, so batching changes nothing
-        but the launches."""
+        but the launches. The batches of local tensors are built once (_batches); a step reads
+        only the gradients, so its host work does not grow with the number of tensors."""
         beta1, beta2 = (float(b) for b in group["betas"])
         lr, eps, decay = float(group["lr"]), group["eps"], group["weight_decay"]
-        batches: dict[tuple, list[list]] = {}  # (dtype, device) -> batches of (param, grad, m, v, age)
-        filled: dict[tuple, int] = {}  # (dtype, device) -> elements in its last batch
-        for p in group["params"]:
-            if p.grad is None:
-                continue
+        stepped, batches = self._batches(group)
+        if not stepped:
+            return
+        # each tensor's own count, kept for tools that read it
+        torch._foreach_add_([self.state[p]["step"] for p in stepped], 1)
+        for dtype, device, members, params, exp_avgs, exp_avg_sqs, ages, sizes in batches:
+            grads = [_local(p.grad) for p in members]
+            table = self._table(beta1, beta2, dtype, device)
+            torch._foreach_add_(ages, 1)
+            # one table lookup for the batch: its ages side by side (FSDP2's shards of a flat
+            # parameter are 1-D already: no reshape, no view back)
+            flat1d = all(a.dim() == 1 for a in ages)
+            flat = ages[0].reshape(-1) if len(ages) == 1 else torch.cat(ages if flat1d else [a.reshape(-1) for a in ages])
+            bc1, bc2_sqrt = (c.split(sizes) for c in table.lookup(flat))
+            if not flat1d:
+                bc1 = [b.view_as(a) for b, a in zip(bc1, ages)]
+                bc2_sqrt = [b.view_as(a) for b, a in zip(bc2_sqrt, ages)]
+            if decay:
+                torch._foreach_mul_(params, 1.0 - lr * decay)
+            torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+            torch._foreach_mul_(exp_avg_sqs, beta2)
+            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+            denom = torch._foreach_sqrt(exp_avg_sqs)
+            torch._foreach_div_(denom, bc2_sqrt)
+            torch._foreach_add_(denom, eps)
+            torch._foreach_addcdiv_(params, torch._foreach_div(exp_avgs, bc1), denom, value=-lr)
+
+    def _batches(self, group: dict) -> tuple[list, list]:
+        """(the group's parameters that have a gradient, their batches), each batch (dtype, device,
+        parameters, local params, exp_avgs, exp_avg_sqs, ages, sizes). Built again only when the
+        parameters stepped or their state tensors are other objects than last time (a first step,
+        a checkpoint load): the cache holds those objects, so their ids cannot be reused."""
+        stepped = [p for p in group["params"] if p.grad is not None]
+        for p in stepped:
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                state["age"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["step"] += 1  # the tensor's own count, kept for tools that read it
+                for key in RESET_KEYS:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        objects = [(p, *(self.state[p][key] for key in ("step", *RESET_KEYS))) for p in stepped]
+        _, cached, batches = self._batch_cache.get(id(group), (None, None, None))
+        if cached is not None and len(cached) == len(objects) and all(
+                a is b for old, new in zip(cached, objects) for a, b in zip(old, new)):
+            return stepped, batches
+        kinds: dict[tuple, list[list]] = {}  # (dtype, device) -> batches of (p, param, m, v, age)
+        filled: dict[tuple, int] = {}  # (dtype, device) -> elements in its last batch
+        for p in stepped:
             param = _local(p)
-            row = (param, _local(p.grad), *(_local(state[k]) for k in RESET_KEYS))
             key = (param.dtype, param.device)
-            kind = batches.setdefault(key, [[]])
+            kind = kinds.setdefault(key, [[]])
             if kind[-1] and filled[key] + param.numel() > self.BATCH:
                 kind.append([])
                 filled[key] = 0
-            kind[-1].append(row)
+            kind[-1].append((p, param, *(_local(self.state[p][k]) for k in RESET_KEYS)))
             filled[key] = filled.get(key, 0) + param.numel()
-        for (dtype, device), kind in batches.items():
-            table = self._table(beta1, beta2, dtype, device)
+        batches = []
+        for (dtype, device), kind in kinds.items():
             for batch in kind:
-                params, grads, exp_avgs, exp_avg_sqs, ages = (list(column) for column in zip(*batch))
-                torch._foreach_add_(ages, 1)
-                # one table lookup for the batch: its ages side by side
-                flat = ages[0].reshape(-1) if len(ages) == 1 else torch.cat([a.reshape(-1) for a in ages])
-                bc1, bc2_sqrt = table.lookup(flat)
-                sizes = [a.numel() for a in ages]
-                bc1 = [b.view_as(a) for b, a in zip(bc1.split(sizes), ages)]
-                bc2_sqrt = [b.view_as(a) for b, a in zip(bc2_sqrt.split(sizes), ages)]
-                if decay:
-                    torch._foreach_mul_(params, 1.0 - lr * decay)
-                torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-                torch._foreach_mul_(exp_avg_sqs, beta2)
-                torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-                denom = torch._foreach_sqrt(exp_avg_sqs)
-                torch._foreach_div_(denom, bc2_sqrt)
-                torch._foreach_add_(denom, eps)
-                torch._foreach_addcdiv_(params, torch._foreach_div(exp_avgs, bc1), denom, value=-lr)
+                members, params, exp_avgs, exp_avg_sqs, ages = (list(column) for column in zip(*batch))
+                batches.append((dtype, device, members, params, exp_avgs, exp_avg_sqs, ages,
+                                [a.numel() for a in ages]))
+        self._batch_cache[id(group)] = (group, objects, batches)
+        return stepped, batches
 
 
 # the devices whose plain groups step with torch's fused AdamW: one pass over each tensor. On the

@@ -36,12 +36,9 @@ class _RenormPlan:
         self.rank = rank
         self.sums = torch.zeros(n * 2 * rank, dtype=torch.float64, device=device)
         self.s_scale = torch.ones(n, max(layer.k for layer in layers), dtype=torch.float64, device=device)
-        # per dtype of the tensors written: s copies and their scale spans; u / vh views and
-        # their divisors (views of a per-dtype copy of the norms, refreshed each step)
+        # per dtype of the tensors written: s copies and their scale spans
         self.s_lists: dict[torch.dtype, tuple[list, list]] = {}
-        self.div_lists: dict[torch.dtype, tuple[list, list]] = {}
         self.scale_cast: dict[torch.dtype, torch.Tensor] = {}
-        self.norms_cast: dict[torch.dtype, torch.Tensor] = {}
         pieces, owned_pieces = [], []  # (view, layer index, (kind, first slot, slot count))
         for i, (layer, (s_shards, u_shards, vh_shards)) in enumerate(zip(layers, shards)):
             for shard in s_shards[0] + s_shards[1]:
@@ -56,38 +53,42 @@ class _RenormPlan:
                     for view, row, col in row_pieces(group, width):
                         # u_active (out, r): a slot per column; vh_active (r, in): a slot per row
                         first, count = (col, view.shape[1]) if kind == 0 else (row, view.shape[0])
-                        if view.dtype not in self.norms_cast:
-                            self.norms_cast[view.dtype] = torch.empty(n, 2, rank, dtype=view.dtype, device=device)
                         pieces.append((view, i, (kind, first, count)))
                         if is_owned:
                             owned_pieces.append((view, i, (kind, first, count)))
-        for views, i, step, m, (kind, first, count) in strided_runs(pieces):
-            norms = self.norms_cast[views.dtype][i:i + step * (m - 1) + 1:step, kind, first:first + count]
-            lists = self.div_lists.setdefault(views.dtype, ([], []))
-            lists[0].append(views)
-            lists[1].append(norms[:, None, :] if kind == 0 else norms[:, :, None])
         # owned runs of one shape are concatenated for one norm kernel; the slots follow that order
-        by_shape: dict[tuple, list] = {}
-        for views, i, step, m, (kind, first, count) in strided_runs(owned_pieces):
-            by_shape.setdefault((kind, tuple(views.shape[1:]), views.dtype), []).append((views, i, step, first, count))
         self.norm_groups, slots = [], []
-        for (kind, shape, _), runs in by_shape.items():
-            per_stack = max(1, self.MAX_STACK // max(1, shape[0] * shape[1]))
-            stack, members = [], 0
-            for views, i, step, first, count in runs:
-                a = 0
-                while a < views.shape[0]:
-                    b = min(views.shape[0], a + per_stack - members)
-                    stack.append(views[a:b])
-                    slots += [(i + j * step, kind, first, count) for j in range(a, b)]
-                    members, a = members + b - a, b
-                    if members == per_stack:
-                        self.norm_groups.append((kind, stack))
-                        stack, members = [], 0
-            if stack:
+        for (kind, _, _), stacks in _stacks(owned_pieces, self.MAX_STACK).items():
+            for stack, rows in stacks:
                 self.norm_groups.append((kind, stack))
+                slots += rows
         flat = [(i * 2 + kind) * rank + first + j for i, kind, first, count in slots for j in range(count)]
         self.slot_index = torch.tensor(flat, dtype=torch.long, device=device)
+        # every run (mirrors too) of one shape divided by its norms in one kernel: a list division
+        # whose divisors broadcast takes torch's per-tensor fallback, a kernel and a launch per
+        # view (two per layer under FSDP2, which holds each layer apart). So the runs of a stack are
+        # copied into one scratch tensor, divided there and copied back (a list copy of equal
+        # shapes, one kernel); a stack of one run is divided in place.
+        self.div_groups = []  # (runs, divisor index, divisor shape, scratch or None, its pieces)
+        scratch_numel: dict[torch.dtype, int] = {}
+        for (kind, shape, dtype), stacks in _stacks(pieces, self.MAX_STACK).items():
+            for stack, rows in stacks:
+                index = torch.tensor([(i * 2 + kind) * rank + first + j for i, kind, first, count in rows
+                                      for j in range(count)], dtype=torch.long, device=device)
+                count = rows[0][3]
+                total = sum(view.shape[0] for view in stack)
+                divisor_shape = (total, 1, count) if kind == 0 else (total, count, 1)
+                if len(stack) > 1:
+                    scratch_numel[dtype] = max(scratch_numel.get(dtype, 0), total * shape[0] * shape[1])
+                self.div_groups.append([stack, index, divisor_shape, dtype, (total, *shape)])
+        scratch = {dtype: torch.empty(numel, dtype=dtype, device=device) for dtype, numel in scratch_numel.items()}
+        for group in self.div_groups:  # one scratch per dtype, shared: the stacks run one by one
+            stack, index, divisor_shape, dtype, whole_shape = group
+            if len(stack) == 1:
+                group[3:] = [None, None]
+                continue
+            whole = scratch[dtype][:whole_shape[0] * whole_shape[1] * whole_shape[2]].view(whole_shape)
+            group[3:] = [whole, list(whole.split([view.shape[0] for view in stack]))]
 
     def matches(self, shards) -> bool:
         return signature(shards) == self.signature
@@ -108,16 +109,59 @@ class _RenormPlan:
             sums.index_add_(0, self.slot_index, torch.cat(partials).square_())
         norms = backend.all_reduce_sum(sums).view(n, 2, rank).sqrt_()
         norms.clamp_(min=torch.finfo(torch.float32).tiny)
-        active = torch.stack([layer.active_indices.to(self.device) for layer in layers])
-        self.s_scale.fill_(1.0).scatter_(1, active, norms[:, 0] * norms[:, 1])
+        self.s_scale.fill_(1.0).scatter_(1, self._active(layers), norms[:, 0] * norms[:, 1])
         for dtype, (values, spans) in self.s_lists.items():
             if self.scale_cast[dtype] is not self.s_scale:
                 self.scale_cast[dtype].copy_(self.s_scale)
             torch._foreach_mul_(values, spans)
             torch._foreach_clamp_min_(values, 0.0)
-        for dtype, (views, divisors) in self.div_lists.items():
-            self.norms_cast[dtype].copy_(norms)
-            torch._foreach_div_(views, divisors)
+        flat = norms.view(-1)
+        for stack, index, divisor_shape, whole, pieces in self.div_groups:
+            # the norms rounded to the views' dtype, then the division in that dtype
+            divisor = flat.index_select(0, index).to(stack[0].dtype).view(divisor_shape)
+            if whole is None:
+                stack[0].div_(divisor)
+                continue
+            torch.cat(stack, out=whole)
+            whole.div_(divisor)
+            torch._foreach_copy_(stack, pieces)
+
+    def _active(self, layers) -> torch.Tensor:
+        """Every layer's active indices stacked (n, r), stacked again only when one changed (a
+        resample, a re-SVD, a load: each bumps the buffer's version or replaces it)."""
+        known = getattr(self, "_active_key", None)
+        if known is None or any(index is not t or version != t._version
+                                for (t, version), index in zip(known, (layer.active_indices for layer in layers))):
+            self._active_stack = torch.stack([layer.active_indices.to(self.device) for layer in layers])
+            self._active_key = [(layer.active_indices, layer.active_indices._version) for layer in layers]
+        return self._active_stack
+
+
+def _stacks(pieces, limit: int) -> dict[tuple, list]:
+    """strided_runs of `pieces`, by (kind, row shape, dtype), cut into stacks of at most `limit`
+    elements: {(kind, shape, dtype): [(views, rows)]}, rows: (layer index, kind, first slot,
+    slot count) per row of the stack's views, in order."""
+    by_shape: dict[tuple, list] = {}
+    for views, i, step, m, (kind, first, count) in strided_runs(pieces):
+        by_shape.setdefault((kind, tuple(views.shape[1:]), views.dtype), []).append((views, i, step, first, count))
+    out: dict[tuple, list] = {}
+    for key, runs in by_shape.items():
+        shape = key[1]
+        per_stack = max(1, limit // max(1, shape[0] * shape[1]))
+        stacks, stack, rows = out.setdefault(key, []), [], []
+        for views, i, step, first, count in runs:
+            a = 0
+            while a < views.shape[0]:
+                b = min(views.shape[0], a + per_stack - len(rows))
+                stack.append(views[a:b])
+                rows += [(i + j * step, key[0], first, count) for j in range(a, b)]
+                a = b
+                if len(rows) == per_stack:
+                    stacks.append((stack, rows))
+                    stack, rows = [], []
+        if stack:
+            stacks.append((stack, rows))
+    return out
 
 
 class SSTController:
@@ -162,7 +206,10 @@ class SSTController:
         parts = [layer.split(packed) for layer, packed in zip(self.layers, trainables)]
         draws = self._draw([s for s, _, _ in parts], iteration, redraw_all=False)
         for layer, (s, u_active, vh_active), (new_idx, slots) in zip(self.layers, parts, draws):
-            factors = backend.read(layer.factors)  # a copy of its own
+            # a copy of its own, in the trainables' dtype: under bf16 storage (model.frozen_dtype)
+            # a bf16 copy would round the kept slots' trained vectors, synced in below, at every
+            # resample; only the newly drawn slots come from the stored (rounded) factors
+            factors = backend.read(layer.factors).to(compute_dtype(layer.spectral))
             # the trained vectors back in, through views of the copy
             sync_active(*layer.split_factors(factors), u_active, vh_active, layer.active_indices)
             self._load(layer, factors, s, new_idx, slots)

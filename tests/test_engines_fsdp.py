@@ -73,16 +73,20 @@ def test_the_prune_check_detects_a_skipped_reset(prune_reports):
                for report in prune_reports)
 
 
+def factors_reports(out, nproc, *overrides):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+           "--master_port", str(free_port()), "tests/workers/fsdp_factors_check.py", "--out", str(out),
+           *(arg for key in overrides for arg in ("--set", key))]
+    proc = subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return [json.loads((out / f"rank{rank}.json").read_text()) for rank in range(nproc)]
+
+
 def test_an_sst_layer_holds_and_gathers_its_frozen_factors_as_one_parameter(tmp_path):
     """Per SST layer FSDP2 shards, and gathers at each unshard, exactly three tensors (the frozen
     factors, the packed trainables, the bias): U and Vh are views of the one gathered `factors`,
     and the sharded forward is the unsharded single-process one (float64)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", str(free_port()), "tests/workers/fsdp_factors_check.py", "--out", str(tmp_path)]
-    proc = subprocess.run(cmd, cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    for rank in (0, 1):
-        report = json.loads((tmp_path / f"rank{rank}.json").read_text())
+    for report in factors_reports(tmp_path, 2):
         assert report["layers"] == 12  # tiny: 2 blocks of q, k, v, out, fc1, fc2
         assert len(report["params"]) == len(report["fsdp_params"]) == len(report["gathered"]) == 12
         for name, params in report["params"].items():
@@ -90,6 +94,19 @@ def test_an_sst_layer_holds_and_gathers_its_frozen_factors_as_one_parameter(tmp_
             assert sorted(report["fsdp_params"][name]) == ["bias", "factors", "spectral"], name
             assert report["gathered"][name], name
         assert report["logits_max_diff"] < 1e-12
+
+
+def test_on_one_process_fsdp_leaves_the_functional_paths_frozen_factors_alone(tmp_path):
+    """One process, sst.path=functional: FSDP2 holds two tensors per SST layer, as per nn.Linear
+    (the packed trainables and the bias); the frozen factors stay a plain tensor, whole, which the
+    layer casts itself, and the forward is the single-process one (float64)."""
+    (report,) = factors_reports(tmp_path, 1, "sst.path=functional")
+    assert report["layers"] == len(report["managed"]) == len(report["fsdp_params"]) == 12
+    for name, managed in report["managed"].items():
+        assert managed == {"factors": False, "spectral": True, "bias": True}, name
+        assert sorted(report["fsdp_params"][name]) == ["bias", "spectral"], name
+        assert report["gathered"][name], name  # U and Vh: views of the one factors tensor
+    assert report["logits_max_diff"] < 1e-12
 
 
 # ----------------------------------------------------------------------------- curves
@@ -236,5 +253,19 @@ def test_checkpoints_reshard_across_world_sizes(tmp_path, single_process_curves,
     assert "step_0000020" in one.stdout
     two = fsdp_run(run, "recipes/tiny-sst.yaml")
     assert "step_0000030" in two.stdout
+    assert_curves_match(reference(single_process_curves, "recipes/tiny-sst.yaml"), losses(run),
+                        rel=1e-4, steps=40)
+
+
+def test_one_process_plain_factors_and_two_ranks_shards_load_into_each_other(tmp_path, single_process_curves):
+    """The functional path on one process holds the frozen factors as plain tensors, not FSDP2's
+    (unsharded_frozen): 1 rank writes step 20, 2 ranks resume it to 30 and write, 1 rank resumes
+    that to 40; the joined curve follows the single-process one."""
+    run, path = tmp_path / "run", ("--set", "sst.path=functional")
+    fsdp_run(run, "recipes/tiny-sst.yaml", "--max-steps", "20", *path, nproc=1)
+    two = fsdp_run(run, "recipes/tiny-sst.yaml", "--max-steps", "30", *path)
+    assert "step_0000020" in two.stdout
+    one = fsdp_run(run, "recipes/tiny-sst.yaml", *path, nproc=1)
+    assert "step_0000030" in one.stdout
     assert_curves_match(reference(single_process_curves, "recipes/tiny-sst.yaml"), losses(run),
                         rel=1e-4, steps=40)

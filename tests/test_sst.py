@@ -279,6 +279,43 @@ def _step(model, opt, seed):
     opt.zero_grad()
 
 
+def test_a_resample_under_bf16_storage_keeps_the_kept_slots_trained_vectors_exactly():
+    """model.frozen_dtype bfloat16: U and Vh are stored in bf16 and the active vectors train in
+    float32. A resample leaves a kept slot's trained vectors as they were, bit for bit (the sync
+    into a bf16 copy of the factors used to round them at every resample); a new slot takes the
+    stored, rounded vector."""
+    _, layer = make_layer(12, 8, rank=3, path="functional")  # the path that forms W in one dtype
+    layer.float()
+    layer.factors.data = layer.factors.data.to(torch.bfloat16)
+    opt = AdamW([{"params": [layer.spectral], "resettable": True}, {"params": [layer.bias]}], lr=0.05)
+    controller = SSTController({"0": layer}, TorchBackend(opt), seed=0)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):  # the active vectors move off the bf16 grid
+        layer(torch.randn(5, 8, generator=g, dtype=torch.float32)).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    old = layer.active_indices.clone()
+    before_u, before_vh = layer.u_active.detach().clone(), layer.vh_active.detach().clone()
+    assert not torch.equal(before_u, before_u.bfloat16().float())
+    for iteration in range(1, 50):  # a draw that changes some slots and keeps others
+        drawn = sample_active(layer.s.detach(), 3, layer_generator(0, 0, iteration))
+        if 0 < int(torch.isin(drawn, old).sum()) < 3:
+            break
+    stored_U, stored_Vh = layer.U.detach().float().clone(), layer.Vh.detach().float().clone()
+    controller.resample(iteration)
+    assert layer.factors.dtype == torch.bfloat16 and layer.spectral.dtype == torch.float32
+    for slot, index in enumerate(layer.active_indices.tolist()):
+        if index in old.tolist():
+            where = old.tolist().index(index)
+            assert slot == where  # a kept index stays in its slot
+            assert torch.equal(layer.u_active[:, slot], before_u[:, where])
+            assert torch.equal(layer.vh_active[slot], before_vh[where])
+        else:
+            assert torch.equal(layer.u_active[:, slot], stored_U[:, index])
+            assert torch.equal(layer.vh_active[slot], stored_Vh[index])
+    assert (layer.active_indices != old).any() and (layer.active_indices == old).any()
+
+
 def test_resample_prunes_exactly_the_resampled_slots():
     model = _model()
     layers = {"0": model[0], "2": model[2]}
@@ -414,9 +451,14 @@ def test_post_step_coalesces_layers_laid_out_in_one_flat_buffer():
 
     apart, flat, controllers = _apart_and_flat(blocks)
     assert flat[2].spectral.data_ptr() == flat[0].spectral.data_ptr() + 2 * flat[0].spectral.numel() * 8
-    views, _ = controllers[1]._plan.div_lists[torch.float64]
+    views = _divided(controllers[1])
     assert [tuple(v.shape) for v in views] == [(4, 8, 3), (4, 3, 8)]  # u of all layers, vh of all
-    assert len(controllers[0]._plan.div_lists[torch.float64][0]) == 8  # separate storages: per layer
+    assert all(whole is None for *_, whole, _ in controllers[1]._plan.div_groups)  # in place
+    # separate storages (FSDP2's shards): a view per layer, and still one division per shape, in a
+    # scratch tensor that the views are copied into and back from
+    assert len(_divided(controllers[0])) == 8
+    groups = controllers[0]._plan.div_groups
+    assert len(groups) == 2 and all(whole is not None and len(stack) == 4 for stack, *_, whole, _ in groups)
 
 
 def test_post_step_scales_each_layer_once_in_the_flat_buffer_of_two_opt_blocks():
@@ -432,9 +474,14 @@ def test_post_step_scales_each_layer_once_in_the_flat_buffer_of_two_opt_blocks()
         return model
 
     _, _, controllers = _apart_and_flat(blocks)
-    views, _ = controllers[1]._plan.div_lists[torch.float64]
+    views = _divided(controllers[1])
     assert sum(v.shape[0] for v in views) == 2 * 12  # u and vh of each layer, once
     assert max(v.shape[0] for v in views) > 1  # and still coalesced
+
+
+def _divided(controller):
+    """The views post_step's plan divides by the norms, in its order."""
+    return [view for stack, *_ in controller._plan.div_groups for view in stack]
 
 
 def _apart_and_flat(blocks, steps=4):

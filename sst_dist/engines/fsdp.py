@@ -6,7 +6,8 @@ each forward and frees it after), and AdamW's moments are DTensors sharded the s
 write copies this rank's rows of the full value into its local shard, and a state reset zeroes
 the chosen slots in the local shards of the moments: no gather, no mirror to keep in step
 (docs/design.md §3). Only `read` and `optimizer_state` gather; they run at resample / re-SVD time and in
-tests, never per step.
+tests, never per step. On one process the functional path's frozen factors are left out
+(unsharded_frozen): plain tensors, whole.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from sst_dist.errors import ConfigError
 from sst_dist.layouts import older_names, pack
 from sst_dist.models import decoder_blocks
 from sst_dist.optim import RESET_KEYS, build_optimizer
+from sst_dist.sst import SSTLinear
 
 
 def local_rows(tensor: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -94,6 +96,7 @@ class FSDPBackend(Backend):
         self._units = [m for m in model.modules() if isinstance(m, FSDPModule)]
         self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
         self._maybe_gathered = True  # a forward ran since the units were last resharded
+        self._shard_cache: dict[int, tuple] = {}  # id(param) -> (param, local tensor, its data_ptr, shards)
         model.register_forward_pre_hook(self._forward_ran)
 
     def _forward_ran(self, *_):
@@ -152,9 +155,19 @@ class FSDPBackend(Backend):
 
     def shards(self, param):
         self._sharded()
-        local, start = local_rows(param)
-        row = local[0].numel() if local.dim() > 1 else 1
-        return [Shard(local.view(-1), start * row)], []
+        # asked for every SST layer at every step: the last answer, while the DTensor's local
+        # tensor is the same object on the same storage (read as attributes, which dispatch no op)
+        local = param._local_tensor if isinstance(param, DTensor) else None
+        hit = self._shard_cache.get(id(param))
+        if local is not None and hit is not None and hit[0] is param and hit[1] is local \
+                and hit[2] == local.data_ptr():
+            return hit[3]
+        values, start = local_rows(param)
+        row = values[0].numel() if values.dim() > 1 else 1
+        shards = [Shard(values.view(-1), start * row)], []
+        if local is not None:
+            self._shard_cache[id(param)] = (param, local, local.data_ptr(), shards)
+        return shards
 
     @torch.no_grad()
     def optimizer_state(self, param, key):
@@ -163,6 +176,19 @@ class FSDPBackend(Backend):
             return None
         value = value.full_tensor() if isinstance(value, DTensor) else value
         return value.to(self._device).clone()
+
+
+def unsharded_frozen(module: nn.Module, world_size: int) -> set[nn.Parameter] | None:
+    """The frozen parameters FSDP2 leaves alone (fully_shard's ignored_params): on one process, the
+    factors of the SST layers that cast them themselves (the functional path forms W from them
+    inside the block's compiled graph). There a shard is the whole tensor, and FSDP2 would copy
+    it, and cast it, in at every unshard, forward and backward: one tensor per layer more than
+    nn.Linear's weight and bias, a host cost that bounds the step at 125M-350M. On more ranks
+    sharding them is what saves memory, and they stay sharded."""
+    if world_size != 1:
+        return None
+    ignored = {m.factors for m in module.modules() if isinstance(m, SSTLinear) and m.traceable}
+    return ignored or None
 
 
 class FSDPEngine(Engine):
@@ -192,11 +218,11 @@ class FSDPEngine(Engine):
         for block in decoder_blocks(model):
             if materialize is not None:
                 materialize(block)
-            fully_shard(block, mesh=mesh, mp_policy=mp)
+            fully_shard(block, mesh=mesh, mp_policy=mp, ignored_params=unsharded_frozen(block, ctx.world_size))
         if materialize is not None:
             materialize(model)
         # the root unit holds the embeddings, the tied LM head and the final LayerNorm
-        fully_shard(model, mesh=mesh, mp_policy=mp)
+        fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=unsharded_frozen(model, ctx.world_size))
         self.model = model
         first: dict[int, str] = {}  # a tied weight's later names -> its first name
         self._aliases = {}

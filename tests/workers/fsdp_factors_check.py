@@ -2,12 +2,13 @@
 decoder blocks hold and gather. Writes one JSON report per rank:
 
     params        per SST layer, its parameters as the module holds them (name -> sharded or not)
+    managed       per SST layer, which of its parameters FSDP2 holds (name -> a DTensor or not)
     fsdp_params   per SST layer, the tensors its block's FSDP parameter group holds (param names)
     gathered      per SST layer, in a forward: whether `factors` was the whole unsharded tensor
                   and U, Vh views of its storage
     logits_max_diff  the FSDP2 forward against the same model's forward in one process, unsharded
 
-    torchrun --nproc_per_node 2 tests/workers/fsdp_factors_check.py --out DIR
+    torchrun --nproc_per_node 2 tests/workers/fsdp_factors_check.py --out DIR [--set KEY=VALUE ...]
 """
 
 import argparse
@@ -34,9 +35,10 @@ VOCAB = 128
 def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("--out", required=True)
+    parser.add_argument("--set", action="append", default=[], help="recipe overrides")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    recipe = load_recipe("recipes/tiny-sst.yaml", ["train.global_batch=4", "optim.warmup_steps=0"])
+    recipe = load_recipe("recipes/tiny-sst.yaml", ["train.global_batch=4", "optim.warmup_steps=0", *args.set])
     ctx = distributed_context("fsdp")
     device, dtype = torch.device("cpu"), torch.float64
     torch.manual_seed(0)  # every rank builds the same model
@@ -49,10 +51,13 @@ def main():
                           micro_batch=2, accumulation=1, ctx=ctx)
     names = {id(m): n for n, m in engine.model.named_modules()}
     layers = [m for m in engine.model.modules() if isinstance(m, SSTLinear)]
-    report = {"rank": ctx.rank, "layers": len(layers), "params": {}, "fsdp_params": {}, "gathered": {}}
+    report = {"rank": ctx.rank, "layers": len(layers), "params": {}, "managed": {}, "fsdp_params": {},
+              "gathered": {}}
     for layer in layers:
         report["params"][names[id(layer)]] = {n: isinstance(p, DTensor) and p.to_local().numel() < p.numel()
                                               for n, p in layer.named_parameters(recurse=False)}
+        report["managed"][names[id(layer)]] = {n: isinstance(p, DTensor)
+                                               for n, p in layer.named_parameters(recurse=False)}
     for block in decoder_blocks(engine.model):
         for fsdp_param in block._get_fsdp_state()._fsdp_param_group.fsdp_params:
             info = fsdp_param._module_info
