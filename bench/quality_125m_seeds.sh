@@ -51,9 +51,9 @@ methods() {
   bench --methods relora,sst+galore --seeds 0,1
 }
 
-ablations() {  # one bench, so 4 runs are always on each GPU; T3 100 and 50 first (never run),
-  # then T3 400 and rank 128 (12-07 pilots to step 700), the lr (to step 800), the moment reset (12-03)
-  bench --methods sst --seeds 1,2 --one-at-a-time --sweep sst:sst.steps_per_iteration=100,50,400 --sweep sst:rank=128 \
+ablations() {  # one bench, so 4 runs are always on each GPU; rank 128 and T3 400 first (12-07
+  # pilots to step 700), then T3 100 and 50 (12-07, to step 1,000), the lr (to step 800), the moment reset (12-03)
+  bench --methods sst --seeds 1,2 --one-at-a-time --sweep sst:rank=128 --sweep sst:sst.steps_per_iteration=400,100,50 \
     --sweep sst:optim.lowrank_lr=2e-3,5e-4 --sweep sst:optim.reset=moments
 }
 
