@@ -122,14 +122,14 @@ class AdamW(torch.optim.AdamW):
             return
         # each tensor's own count, kept for tools that read it
         torch._foreach_add_([self.state[p]["step"] for p in stepped], 1)
-        for dtype, device, members, params, exp_avgs, exp_avg_sqs, ages, sizes in batches:
+        for dtype, device, members, params, exp_avgs, exp_avg_sqs, ages, sizes, flat1d in batches:
             grads = [_local(p.grad) for p in members]
             table = self._table(beta1, beta2, dtype, device)
             torch._foreach_add_(ages, 1)
             # one table lookup for the batch: its ages side by side (FSDP2's shards of a flat
-            # parameter are 1-D already: no reshape, no view back)
-            flat1d = all(a.dim() == 1 for a in ages)
-            flat = ages[0].reshape(-1) if len(ages) == 1 else torch.cat(ages if flat1d else [a.reshape(-1) for a in ages])
+            # parameter are 1-D already, flat1d: no reshape, no view back)
+            flat = ages[0].reshape(-1) if len(ages) == 1 else \
+                torch.cat(ages if flat1d else [a.reshape(-1) for a in ages])
             bc1, bc2_sqrt = (c.split(sizes) for c in table.lookup(flat))
             if not flat1d:
                 bc1 = [b.view_as(a) for b, a in zip(bc1, ages)]
@@ -146,9 +146,10 @@ class AdamW(torch.optim.AdamW):
 
     def _batches(self, group: dict) -> tuple[list, list]:
         """(the group's parameters that have a gradient, their batches), each batch (dtype, device,
-        parameters, local params, exp_avgs, exp_avg_sqs, ages, sizes). Built again only when the
-        parameters stepped or their state tensors are other objects than last time (a first step,
-        a checkpoint load): the cache holds those objects, so their ids cannot be reused."""
+        parameters, local params, exp_avgs, exp_avg_sqs, ages, sizes, whether every age is 1-D).
+        Built again only when the parameters stepped or their state tensors are other objects than
+        last time (a first step, a checkpoint load): the cache holds those objects, so their ids
+        cannot be reused."""
         stepped = [p for p in group["params"] if p.grad is not None]
         for p in stepped:
             state = self.state[p]
@@ -177,7 +178,7 @@ class AdamW(torch.optim.AdamW):
             for batch in kind:
                 members, params, exp_avgs, exp_avg_sqs, ages = (list(column) for column in zip(*batch))
                 batches.append((dtype, device, members, params, exp_avgs, exp_avg_sqs, ages,
-                                [a.numel() for a in ages]))
+                                [a.numel() for a in ages], all(a.dim() == 1 for a in ages)))
         self._batch_cache[id(group)] = (group, objects, batches)
         return stepped, batches
 

@@ -8,6 +8,8 @@ under FSDP. The per-step work runs on each rank's own shards, batched over all l
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from sst_dist.engines.views import region, row_pieces, signature, strided_runs
@@ -62,33 +64,30 @@ class _RenormPlan:
             for stack, rows in stacks:
                 self.norm_groups.append((kind, stack))
                 slots += rows
-        flat = [(i * 2 + kind) * rank + first + j for i, kind, first, count in slots for j in range(count)]
-        self.slot_index = torch.tensor(flat, dtype=torch.long, device=device)
+        self.slot_index = _slot_index(slots, rank, device)
         # every run (mirrors too) of one shape divided by its norms in one kernel: a list division
         # whose divisors broadcast takes torch's per-tensor fallback, a kernel and a launch per
         # view (two per layer under FSDP2, which holds each layer apart). So the runs of a stack are
         # copied into one scratch tensor, divided there and copied back (a list copy of equal
         # shapes, one kernel); a stack of one run is divided in place.
-        self.div_groups = []  # (runs, divisor index, divisor shape, scratch or None, its pieces)
-        scratch_numel: dict[torch.dtype, int] = {}
-        for (kind, shape, dtype), stacks in _stacks(pieces, self.MAX_STACK).items():
-            for stack, rows in stacks:
-                index = torch.tensor([(i * 2 + kind) * rank + first + j for i, kind, first, count in rows
-                                      for j in range(count)], dtype=torch.long, device=device)
-                count = rows[0][3]
-                total = sum(view.shape[0] for view in stack)
-                divisor_shape = (total, 1, count) if kind == 0 else (total, count, 1)
-                if len(stack) > 1:
-                    scratch_numel[dtype] = max(scratch_numel.get(dtype, 0), total * shape[0] * shape[1])
-                self.div_groups.append([stack, index, divisor_shape, dtype, (total, *shape)])
+        stacks = [(kind, (sum(view.shape[0] for view in stack), *shape), dtype, stack, rows)
+                  for (kind, shape, dtype), of_shape in _stacks(pieces, self.MAX_STACK).items()
+                  for stack, rows in of_shape]
+        scratch_numel: dict[torch.dtype, int] = {}  # one scratch per dtype, shared: the stacks run one by one
+        for _, whole_shape, dtype, stack, _ in stacks:
+            if len(stack) > 1:
+                scratch_numel[dtype] = max(scratch_numel.get(dtype, 0), math.prod(whole_shape))
         scratch = {dtype: torch.empty(numel, dtype=dtype, device=device) for dtype, numel in scratch_numel.items()}
-        for group in self.div_groups:  # one scratch per dtype, shared: the stacks run one by one
-            stack, index, divisor_shape, dtype, whole_shape = group
-            if len(stack) == 1:
-                group[3:] = [None, None]
-                continue
-            whole = scratch[dtype][:whole_shape[0] * whole_shape[1] * whole_shape[2]].view(whole_shape)
-            group[3:] = [whole, list(whole.split([view.shape[0] for view in stack]))]
+        self.div_groups = []  # (runs, divisor index, divisor shape, scratch view or None, its pieces)
+        for kind, whole_shape, dtype, stack, rows in stacks:
+            count = rows[0][3]
+            divisor_shape = (whole_shape[0], 1, count) if kind == 0 else (whole_shape[0], count, 1)
+            whole = pieces_of_whole = None
+            if len(stack) > 1:
+                whole = scratch[dtype][:math.prod(whole_shape)].view(whole_shape)
+                pieces_of_whole = list(whole.split([view.shape[0] for view in stack]))
+            self.div_groups.append((stack, _slot_index(rows, rank, device), divisor_shape, whole, pieces_of_whole))
+        self._active_key: list | None = None  # (buffer, its version) per layer, of _active_stack
 
     def matches(self, shards) -> bool:
         return signature(shards) == self.signature
@@ -129,12 +128,19 @@ class _RenormPlan:
     def _active(self, layers) -> torch.Tensor:
         """Every layer's active indices stacked (n, r), stacked again only when one changed (a
         resample, a re-SVD, a load: each bumps the buffer's version or replaces it)."""
-        known = getattr(self, "_active_key", None)
+        known = self._active_key
         if known is None or any(index is not t or version != t._version
                                 for (t, version), index in zip(known, (layer.active_indices for layer in layers))):
             self._active_stack = torch.stack([layer.active_indices.to(self.device) for layer in layers])
             self._active_key = [(layer.active_indices, layer.active_indices._version) for layer in layers]
         return self._active_stack
+
+
+def _slot_index(rows, rank: int, device) -> torch.Tensor:
+    """The positions in the (n, 2, rank) norms of `rows`' slots, one per slot, in order; rows:
+    (layer index, kind, first slot, slot count), as _stacks gives them."""
+    return torch.tensor([(i * 2 + kind) * rank + first + j for i, kind, first, count in rows for j in range(count)],
+                        dtype=torch.long, device=device)
 
 
 def _stacks(pieces, limit: int) -> dict[tuple, list]:
