@@ -22,11 +22,14 @@ reports their milliseconds per step and the share of that time the GPU was busy 
 profiled pass): a step whose synchronised phases add up to less than its free-running time, or
 whose GPU is busy well under 100 %, is bound by the host, not by the GPU. `--syncs N` then runs N steps under CUDA's sync debug mode
 and lists, per step, every operation that made the host wait for the GPU, by the line that called it.
+Under ZeRO-3 the table adds its per-module hooks' host time per step (fetch, release) and the
+parameters they gathered (sst_dist.engines.deepspeed_internals.parameter_traffic).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -149,6 +152,10 @@ def worker(job: dict) -> dict:
             torch.cuda.reset_peak_memory_stats(run.device)
 
     kernels = sites = None
+    zero3 = getattr(run.engine, "zero_stage", None) == 3
+    if zero3:
+        from sst_dist.engines.deepspeed_internals import parameter_traffic
+    traffic_steps: list[dict] = []  # ZeRO-3: per timed step, its hooks' host work
     for step in range(job["warmup"] + job["steps"]):
         blocks = [run.batch(job["micro_batch"], job["seq"]) for _ in range(job["accumulation"])]
         run.sync()
@@ -160,21 +167,24 @@ def worker(job: dict) -> dict:
         if last and job["memory_sites"] and cuda:
             torch.cuda.memory._record_memory_history(max_entries=2_000_000, stacks="python")
             baseline = torch.cuda.memory_allocated(run.device)
-        if profile:
-            activities = [torch.profiler.ProfilerActivity.CPU] + (
-                [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
-            marks["profiling"] = True
-            with torch.profiler.profile(activities=activities) as prof:
+        with parameter_traffic() if zero3 else contextlib.nullcontext({}) as traffic:
+            if profile:
+                activities = [torch.profiler.ProfilerActivity.CPU] + (
+                    [torch.profiler.ProfilerActivity.CUDA] if cuda else [])
+                marks["profiling"] = True
+                with torch.profiler.profile(activities=activities) as prof:
+                    run.step(step, blocks, mark)
+                marks["profiling"] = False
+                kernels = ops_by_phase(prof.events(), job["kernels"])
+            else:
                 run.step(step, blocks, mark)
-            marks["profiling"] = False
-            kernels = ops_by_phase(prof.events(), job["kernels"])
-        else:
-            run.step(step, blocks, mark)
         if last and job["memory_sites"] and cuda:
             sites = peak_sites(torch.cuda.memory._snapshot(), baseline, job["memory_sites"])
             torch.cuda.memory._record_memory_history(enabled=None)
         if step >= job["warmup"]:
             samples.append(marks["current"])
+            if zero3 and not profile:  # the profiler's own overhead would land in the hooks' time
+                traffic_steps.append(traffic)
     free = free_running(run, job) if job.get("free") and cuda else None
     waits = host_waits(run, job) if job.get("syncs") and cuda else None
     report = {"setup_s": run.setup_s, "tokens": job["micro_batch"] * job["seq"] * job["accumulation"],
@@ -187,6 +197,8 @@ def worker(job: dict) -> dict:
                                        "max_ms": max(ms for ms, _ in ran), "steps": len(ran),
                                        "peak_gib": max(peak for _, peak in ran) / GIB}
     report["step_ms"] = statistics.median(sum(ms for ms, _ in s.values()) for s in samples)
+    if traffic_steps:
+        report["zero3"] = {key: statistics.median(t[key] for t in traffic_steps) for key in traffic_steps[0]}
     if free:
         report["free"] = free
     if waits:
@@ -323,6 +335,12 @@ def print_tables(labels: list[str], reports: list[dict]) -> None:
         print(f"{'ms per step':12} " + " ".join(f"{f['ms']:8.1f}        ".rjust(width) for f in free))
         print(f"{'x ' + ok[0][0]:12} " + " ".join(f"{free[0]['ms'] / f['ms']:8.3f}        ".rjust(width) for f in free))
         print(f"{'GPU busy':12} " + " ".join(f"{f['busy']:8.1%}        ".rjust(width) for f in free))
+    if all("zero3" in r for _, r in ok):
+        hooks = [r["zero3"] for _, r in ok]
+        print("\nZeRO-3's per-module hooks, host time per step (median of the timed steps but a profiled one)")
+        print(f"{'fetch ms':12} " + " ".join(f"{h['fetch_s'] * 1e3:8.1f}        ".rjust(width) for h in hooks))
+        print(f"{'release ms':12} " + " ".join(f"{h['release_s'] * 1e3:8.1f}        ".rjust(width) for h in hooks))
+        print(f"{'gathered':12} " + " ".join(f"{h['gathered']:8.0f}        ".rjust(width) for h in hooks))
     for label, r in ok:
         if r.get("host_waits"):
             w = r["host_waits"]

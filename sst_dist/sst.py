@@ -183,7 +183,9 @@ class _SSTMatmul(torch.autograd.Function):
             grad_u = g2.T @ h2[:, idx]
             grad_vh = gh[:, idx].T @ x2
             return grad_x, None, layer.pack(grad_s, grad_u, grad_vh), None, grad_bias, None, None
+        synced = False  # whether U, Vh hold the trained active vectors (spectral_weight writes them in)
         if ctx.needs_input_grad[0]:
+            synced = extra is None
             weight = extra if extra is not None else spectral_weight(U, Vh, s, u_active, vh_active, idx)
             grad_x = gy @ weight
         if ctx.path == "materialized" and not layer.holds_gradient:
@@ -196,9 +198,8 @@ class _SSTMatmul(torch.autograd.Function):
             layer.gradient_sum = None
         else:
             G = g2.T @ x2  # (out, in): the dense weight gradient
-        # U and Vh hold the trained active vectors again (an engine may have gathered them anew
-        # since the forward)
-        sync_active(U, Vh, u_active, vh_active, idx)
+        if not synced:  # an engine may have gathered U and Vh anew since the forward
+            sync_active(U, Vh, u_active, vh_active, idx)
         grads = factor_gradients(G, U, Vh, u_active, vh_active, idx.to(G.device))
         return grad_x, None, layer.pack(*grads), None, grad_bias, None, None
 

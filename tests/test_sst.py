@@ -168,6 +168,34 @@ def test_enhanced_gradient_matches_formulas(path, shape):
     assert layer.U.grad is None and layer.Vh.grad is None
 
 
+@pytest.mark.parametrize("input_grad", [True, False])  # the dense path forms W again only for x's gradient
+@pytest.mark.parametrize("path", ["dense", "materialized", "factored"])
+def test_the_backward_uses_the_trained_vectors_of_factors_gathered_anew(path, input_grad):
+    """An engine may hand the backward factors gathered anew from their stored partitions (ZeRO-3),
+    whose active columns / rows hold stale frozen copies: the factor gradients must still be
+    those of the trained vectors, whether or not the input needs a gradient."""
+    _, layer = make_layer(12, 8, rank=3, path=path)
+    train_a_little(layer)
+    idx = layer.active_indices
+    U = layer.U.detach().index_copy(1, idx, layer.u_active.detach())
+    V = layer.Vh.detach().index_copy(0, idx, layer.vh_active.detach()).T
+    x = torch.randn(2, 3, 8, requires_grad=input_grad)
+    gy = torch.randn(2, 3, 12)
+    y = layer(x)
+    with torch.no_grad():  # what a re-gather brings back: other values where the trained vectors go
+        layer.U[:, idx] = torch.randn(12, 3)
+        layer.Vh[idx] = torch.randn(3, 8)
+    y.backward(gy)
+    G = gy.reshape(-1, 12).T @ x.detach().reshape(-1, 8)
+    grad_s, grad_u, grad_vh = layer.split(layer.spectral.grad)
+    torch.testing.assert_close(grad_s, torch.diagonal(U.T @ G @ V), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_u, G @ V[:, idx], rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad_vh, U[:, idx].T @ G, rtol=1e-10, atol=1e-12)
+    if input_grad:
+        W = U @ torch.diag(layer.s.detach()) @ V.T
+        torch.testing.assert_close(x.grad, gy @ W, rtol=1e-10, atol=1e-12)
+
+
 @pytest.mark.parametrize("path", PATHS)
 def test_a_layer_used_twice_before_one_backward_sums_both_gradients(path):
     """Forming W writes the trained vectors into U and Vh in place; a second forward through the

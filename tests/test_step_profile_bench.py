@@ -1,7 +1,8 @@
 """bench/step_profile.py: the GPU's busy time out of profiler events, the host waits out of CUDA's
-sync debug warnings, and the phase table on CPU under both engines the harness builds (the flow,
-not timings)."""
+sync debug warnings, the phase table on CPU under both engines the harness builds (the flow,
+not timings), and ZeRO-3's hook rows."""
 
+import json
 import re
 import subprocess
 import sys
@@ -51,3 +52,22 @@ def test_the_phase_table_on_cpu_under_each_engine(engine):
           for line in proc.stdout.splitlines() if line.strip()}
     assert all(len(ms[phase]) == 2 and min(ms[phase]) > 0 for phase in ("forward", "backward", "step"))
     assert ms["after_step"][1] > 0  # SST's renormalisation
+
+
+def test_zero3_hooks_row_counts_each_parameter_an_sst_layer_adds(tmp_path):
+    """Under ZeRO-3 the table gains the per-module hooks' host time and the parameters they
+    gathered; with nothing persistent an SST layer hands ZeRO-3 one parameter more than
+    nn.Linear (factors, spectral, bias against weight, bias): 12 more in the tiny OPT's 12 targets."""
+    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = tmp_path / "zero3_partitioned.json"
+    path.write_text(json.dumps(config))
+    proc = subprocess.run([sys.executable, "-m", "bench.step_profile", "--device", "cpu", "--size", "tiny", "--seq", "32",
+                           "--methods", "full,sst", "--warmup", "1", "--steps", "2", "--ds-config", str(path)],
+                          cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    rows = {line[:12].strip(): [float(x) for x in line[12:].split()] for line in proc.stdout.splitlines()
+            if line[:12].strip() in ("fetch ms", "release ms", "gathered")}
+    assert min(rows["fetch ms"]) > 0 and min(rows["release ms"]) > 0
+    full, sst = rows["gathered"]
+    assert sst - full == 12

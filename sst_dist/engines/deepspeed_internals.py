@@ -12,7 +12,9 @@ change between minor releases, so they are reached only through the functions be
 
 from __future__ import annotations
 
+import contextlib
 import re
+import time
 
 import deepspeed
 import torch
@@ -178,3 +180,40 @@ def partition_numel_and_state_keys(param) -> tuple[int, set[str]]:
     optimizer = param._z3_optimizer
     group, _, numel = optimizer.grad_position[optimizer.get_param_id(param)]
     return numel, set(optimizer.optimizer.state.get(optimizer.fp32_partitioned_groups_flat[group], {}))
+
+
+@contextlib.contextmanager
+def parameter_traffic():
+    """ZeRO-3: what its per-module hooks cost the host while the block runs. Yields a dict that
+    fills in: `fetch_s` and `release_s`, host seconds in the parameter coordinator's
+    fetch_sub_module (which gathers a module's parameters, and waits for them) and
+    release_sub_module (which frees them again), and `gathered`, the parameters it gathered (a
+    persistent one, below stage3_param_persistence_threshold, stays gathered and counts nothing)."""
+    from deepspeed.runtime.zero.partition_parameters import ZeroParamStatus
+    from deepspeed.runtime.zero.partitioned_param_coordinator import PartitionedParameterCoordinator as C
+
+    traffic = {"fetch_s": 0.0, "release_s": 0.0, "gathered": 0}
+    gather_name = "_PartitionedParameterCoordinator__all_gather_params_"  # name-mangled private
+    originals = {name: getattr(C, name) for name in ("fetch_sub_module", "release_sub_module", gather_name)}
+
+    def timed(name, key):
+        def hook(self, *args, **kwargs):
+            start = time.perf_counter()
+            try:
+                return originals[name](self, *args, **kwargs)
+            finally:
+                traffic[key] += time.perf_counter() - start
+        return hook
+
+    def gather(self, params, *args, **kwargs):
+        traffic["gathered"] += sum(p.ds_status == ZeroParamStatus.NOT_AVAILABLE for p in params)
+        return originals[gather_name](self, params, *args, **kwargs)
+
+    C.fetch_sub_module = timed("fetch_sub_module", "fetch_s")
+    C.release_sub_module = timed("release_sub_module", "release_s")
+    setattr(C, gather_name, gather)
+    try:
+        yield traffic
+    finally:
+        for name, original in originals.items():
+            setattr(C, name, original)
