@@ -44,6 +44,16 @@ def run_deepspeed(args, nproc, timeout):
         remove_shm_buffers(port)
 
 
+def zero3_partitioned_config(folder) -> Path:
+    """ds_configs/zero3.json with nothing persistent (stage3_param_persistence_threshold 0): every
+    parameter partitioned, the tiny model's small ones too. Written into `folder`; returns its path."""
+    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
+    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    path = Path(folder) / "zero3_partitioned.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
 def pretrain(output_dir, recipe, *extra, launcher=None, nproc=1, timeout=600, check=True):
     """Runs launch/pretrain.py as a user would: plain python, `deepspeed` or `torchrun`."""
     args = ["launch/pretrain.py", "--recipe", recipe, "--output-dir", str(output_dir),

@@ -4,8 +4,8 @@ import json
 
 import pytest
 
-from conftest import (ROOT, assert_curves_match, assert_events_crossed, engine_parity_overrides, losses, pretrain,
-                      read_metrics, run_deepspeed)
+from conftest import (assert_curves_match, assert_events_crossed, engine_parity_overrides, losses, pretrain,
+                      read_metrics, run_deepspeed, zero3_partitioned_config)
 
 pytestmark = pytest.mark.slow
 
@@ -63,10 +63,7 @@ def test_zero3_with_every_parameter_partitioned_follows_the_single_process_curve
     so zero3.json keeps SST's U and Vh whole; at threshold 0 they are partitioned, and a resample
     or re-SVD writes each rank's own partition of them."""
     recipe = "recipes/tiny-sst.yaml"
-    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_partitioned.json"
-    path.write_text(json.dumps(config))
+    path = zero3_partitioned_config(tmp_path)
     extra = engine_parity_overrides(recipe)
     reference = single_process_curves(recipe, *extra)
     pretrain(tmp_path / "run", recipe, "--ds-config", str(path), *extra, launcher="deepspeed", nproc=2)

@@ -2,7 +2,6 @@
 sync debug warnings, the phase table on CPU under both engines the harness builds (the flow,
 not timings), and ZeRO-3's hook rows."""
 
-import json
 import re
 import subprocess
 import sys
@@ -10,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from conftest import ROOT, quiet_env
+from conftest import ROOT, quiet_env, zero3_partitioned_config
 
 from bench import step_profile
 
@@ -58,10 +57,7 @@ def test_zero3_hooks_row_counts_each_parameter_an_sst_layer_adds(tmp_path):
     """Under ZeRO-3 the table gains the per-module hooks' host time and the parameters they
     gathered; with nothing persistent an SST layer hands ZeRO-3 one parameter more than
     nn.Linear (factors, spectral, bias against weight, bias): 12 more in the tiny OPT's 12 targets."""
-    config = json.loads((ROOT / "ds_configs" / "zero3.json").read_text())
-    config["zero_optimization"]["stage3_param_persistence_threshold"] = 0
-    path = tmp_path / "zero3_partitioned.json"
-    path.write_text(json.dumps(config))
+    path = zero3_partitioned_config(tmp_path)
     proc = subprocess.run([sys.executable, "-m", "bench.step_profile", "--device", "cpu", "--size", "tiny", "--seq", "32",
                            "--methods", "full,sst", "--warmup", "1", "--steps", "2", "--ds-config", str(path)],
                           cwd=ROOT, env=quiet_env(), capture_output=True, text=True, timeout=600)
