@@ -11,7 +11,9 @@ would use (deepspeed / torchrun), on the size's recipes (recipes/opt-SIZE-METHOD
 recipes/tiny-METHOD.yaml). Prints the table, then each (engine, method) at every GPU count side by
 side with the per-GPU efficiency, and writes throughput.csv; each run's folder and log are named
 ENGINE-METHOD-NgpuS with no commas or plus signs (sst+galore -> sst-galore). ZeRO-3 runs take
-model.compile=false (it compiles nothing there). Measures; asserts nothing.
+model.compile=false, as it compiles no block there, except SST's with sst.path=functional and
+model.compile, whose layers then compile alone (sst_dist.models.compile_layers) while full-rank's
+blocks run eagerly like every block under ZeRO-3. Measures; asserts nothing.
 
 --repeat N runs each (engine, GPU count) N times over, the methods interleaved (full, sst, full,
 sst, ...), so a drift of the machine (clocks, a neighbour's load) falls on every method alike; the
@@ -55,8 +57,10 @@ if not __package__:  # run as a file: its sibling modules import only as the pac
     sys.exit(2)
 
 from bench.size_recipe import size_recipe  # noqa: E402
+from sst_dist.config import load_recipe  # noqa: E402
 from sst_dist.errors import ConfigError  # noqa: E402
 from sst_dist.engines import free_port  # noqa: E402
+from sst_dist.registry import spec  # noqa: E402
 
 # an H200 (SXM) and an H100 SXM: dense BF16 tensor-core peak, 989 TFLOP/s (NVIDIA's data sheets
 # give 1,979 with 2:4 sparsity, which no dense training uses)
@@ -104,13 +108,20 @@ def deepspeed_gpus(gpus: int, env) -> list[str]:
     return ["--include", "localhost:" + ",".join(visible[:gpus])]
 
 
+def compiles_layers_alone(recipe: str, extra: list[str]) -> bool:
+    """Whether the run (its recipe with the --set overrides) compiles its method's layers alone
+    under ZeRO-3."""
+    loaded = load_recipe(ROOT / recipe, extra[1::2])
+    return loaded.model.compile and spec(loaded.method).compiles_layers_alone(loaded)
+
+
 def launch(engine: str, gpus: int, recipe: str, out: Path, steps: int, extra: list[str]) -> tuple[float, int]:
     """Runs one job; (wall seconds, exit code)."""
     args = ["launch/pretrain.py", "--recipe", recipe, "--output-dir", str(out), "--max-steps", str(steps),
             "--set", "wandb.mode=disabled", "--set", "eval.every_steps=0", "--set", "checkpoint.save=false",
             *extra]
-    if engine.startswith("zero3"):  # ZeRO-3 runs eager: model.compile is refused there (read_ds_config)
-        args += ["--set", "model.compile=false"]
+    if engine.startswith("zero3") and not compiles_layers_alone(recipe, extra):
+        args += ["--set", "model.compile=false"]  # refused there, compiling nothing (read_ds_config)
     if engine == "fsdp":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(gpus),
                "--master_port", str(free_port()), *args, "--engine", "fsdp"]

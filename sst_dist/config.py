@@ -37,7 +37,8 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool = False  # recompute each decoder block in the backward (any method)
     # torch.compile each decoder block (every method and engine; the methods' own layers stay
-    # eager inside it, but SST's with sst.path=functional: sst_dist.models.compile_blocks)
+    # eager inside it, but SST's with sst.path=functional: sst_dist.models.compile_blocks). Under
+    # ZeRO-3 only SST's functional layers, each alone (sst_dist.models.compile_layers)
     compile: bool = False
     # dense: the HF model built whole, then the method's surgery | meta: built on the meta device,
     # each module materialised on its device, SST layers directly as their factors (sst_dist.build)

@@ -211,6 +211,15 @@ def compile_blocks(model: torch.nn.Module, method_layers=()) -> int:
     return len(blocks)
 
 
+def compile_layers(method_layers) -> int:
+    """model.compile where blocks cannot be compiled (ZeRO-3: its per-module hooks fetch and release
+    parameters inside every block, which dynamo would trace and recompile past its limit): the
+    methods' layers that can compile their computation alone do (`compile_alone`: SST's
+    functional path), between the hooks; the rest of the model runs eagerly. Returns the number
+    of layers compiled."""
+    return sum(bool(layer.compile_alone()) for layer in method_layers if hasattr(layer, "compile_alone"))
+
+
 def build_model(size: str, vocab_size: int = OPT_VOCAB, seq_len: int = 2048,
                 attn_implementation: str = "sdpa", init_from: str | None = None) -> nn.Module:
     model = model_class(size)(model_config(size, vocab_size, seq_len, attn_implementation))

@@ -51,6 +51,9 @@ class MethodSpec:
     prunable: bool = False  # its layers have singular values that export --keep-singular prunes
     # whether torch.compile can trace a checkpointed block (its layers are not kept eager)
     compiles_checkpointed: Callable[[object], bool] = _never
+    # whether its layers compile alone, outside an engine's per-module hooks (model.compile under
+    # ZeRO-3: sst_dist.models.compile_layers)
+    compiles_layers_alone: Callable[[object], bool] = _never
     builder: Callable | None = None
     # its layer classes (each merges its own checkpoint entries into a dense weight for the
     # export: owns_state, dense_from_state), set with the builder
@@ -95,7 +98,7 @@ METHODS: dict[str, MethodSpec] = {spec.name: spec for spec in (
     MethodSpec("full", adapts=False, compiles_checkpointed=lambda recipe: True),
     MethodSpec("lora"),
     MethodSpec("relora"),
-    MethodSpec("sst", compiles_checkpointed=_functional_sst, prunable=True),
+    MethodSpec("sst", compiles_checkpointed=_functional_sst, compiles_layers_alone=_functional_sst, prunable=True),
     MethodSpec("galore", uses_galore=True),
     MethodSpec("sst+galore", uses_galore=True, prunable=True),
 )}

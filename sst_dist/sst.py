@@ -241,6 +241,24 @@ class _SpectralWeight(torch.autograd.Function):
         return None, pack_spectral(grad_s.to(spectral.dtype), grad_u, grad_vh), None, None, None
 
 
+def spectral_linear(x, factors, spectral, idx, bias, dtype, shape):
+    """The functional path's layer: F.linear with W formed by _SpectralWeight. A pure function of its
+    tensors, which torch.compile traces alone where a whole block cannot be compiled (under ZeRO-3,
+    whose per-module hooks a block's graph would hold: SSTLinear.compile_alone)."""
+    return F.linear(x, _SpectralWeight.apply(factors, spectral, idx, dtype, shape), bias)
+
+
+# one compiled function for every layer, so its graphs (one per weight shape and grad mode) are shared
+_compiled_spectral_linear = None
+
+
+def compiled_spectral_linear():
+    global _compiled_spectral_linear
+    if _compiled_spectral_linear is None:
+        _compiled_spectral_linear = torch.compile(spectral_linear, dynamic=False)
+    return _compiled_spectral_linear
+
+
 def split_spectral(packed: torch.Tensor, out: int, rank: int, inp: int):
     """Views (s (k,), u_active (out, r), vh_active (r, in)) of a flat tensor in SSTLinear.spectral's
     layout: s, then u_active and vh_active row-major."""
@@ -311,6 +329,7 @@ class SSTLinear(nn.Module):
     """
 
     older_layout = {"factors": ("U", "Vh")}  # sst_dist.layouts: factors = U ‖ Vh, row-major
+    compute = staticmethod(spectral_linear)  # the functional path's; compile_alone compiles it
 
     def __init__(self, in_features: int, out_features: int, rank: int, bias: bool = True, *,
                  path: str = "dense", device=None, dtype=None):
@@ -474,13 +493,21 @@ class SSTLinear(nn.Module):
         """Whether torch.compile can trace this layer into its block's graph (sst_dist.models.compile_blocks)."""
         return self.path == "functional"
 
+    def compile_alone(self) -> bool:
+        """torch.compile of this layer's computation alone, not its module call, so the engine's
+        per-module hooks stay outside the graph (sst_dist.models.compile_layers). Only the
+        functional path is a pure function; returns whether the layer was compiled."""
+        if self.path != "functional":
+            return False
+        self.compute = compiled_spectral_linear()
+        return True
+
     def forward(self, x):
         if self.path == "functional":
             device = x.device.type
             dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else self.spectral.dtype
-            weight = _SpectralWeight.apply(self.factors, self.spectral, self.active_indices, dtype,
-                                           (self.out_features, self.rank, self.in_features))
-            return F.linear(x, weight, self.bias)
+            return self.compute(x, self.factors, self.spectral, self.active_indices, self.bias, dtype,
+                                (self.out_features, self.rank, self.in_features))
         return _SSTMatmul.apply(x, self.factors, self.spectral, self.active_indices, self.bias, self.path, self)
 
     def _factors(self) -> tuple:

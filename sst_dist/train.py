@@ -23,8 +23,8 @@ from sst_dist.build import Materializer, build_on_meta
 from sst_dist.evaluate import check_held_out, evaluate_checkpoint, lm_loss, run_eval
 from sst_dist.methods import Method, ProbePass, build_method
 from sst_dist.metrics import MetricsLogger, PhaseClock, StepReadout
-from sst_dist.models import (build_model, check_attn_implementation, compile_blocks, enable_activation_checkpointing,
-                             model_vocab)
+from sst_dist.models import (build_model, check_attn_implementation, compile_blocks, compile_layers,
+                             enable_activation_checkpointing, model_vocab)
 from sst_dist.registry import spec
 from sst_dist.runtime import StopFlag, batch_geometry, resolve_device, resolve_dtype, to_device
 
@@ -75,8 +75,13 @@ def build_run(recipe: Recipe, engine_name: str, ctx, *, device, dtype, vocab_siz
                           micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config, ctx=ctx,
                           materialize=materialize)
     method.attach(engine.backend, recipe)
-    if recipe.model.compile:  # last: the blocks as the engine wraps them, hooks included
+    if recipe.model.compile and engine.compiles_blocks:  # last: the blocks as the engine wraps them, hooks included
         compile_blocks(engine.model, method.layers.values())
+    elif recipe.model.compile:
+        compiled = compile_layers(method.layers.values())
+        if ctx.rank == 0:
+            print(f"model.compile: {compiled} SST layers compiled alone; the engine's per-module hooks and the"
+                  " rest of each block run eagerly", flush=True)
     return method, engine
 
 

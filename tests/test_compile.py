@@ -9,7 +9,8 @@ from torch._dynamo.utils import counters
 from sst_dist.config import load_recipe
 from sst_dist.engines import distributed_context
 from sst_dist.errors import ConfigError
-from sst_dist.models import build_model, decoder_blocks
+from sst_dist.engines.deepspeed import read_ds_config
+from sst_dist.models import build_model, compile_layers, decoder_blocks
 from sst_dist.registry import METHODS
 from sst_dist.train import build_run, train_step
 
@@ -17,7 +18,7 @@ STEPS = 6
 VOCAB = 512
 
 
-def _losses(method: str, compile: bool, *sets, breaks: dict | None = None) -> list[float]:
+def _losses(method: str, compile: bool, *sets, breaks: dict | None = None, after_build=None) -> list[float]:
     torch._dynamo.reset()  # each run compiles afresh: no graph of another run's model is reused
     counters.clear()
     # an event every other step: SST resamples (and re-SVDs), ReLoRA* resets, GaLore refreshes
@@ -26,12 +27,14 @@ def _losses(method: str, compile: bool, *sets, breaks: dict | None = None) -> li
         "galore.update_proj_gap=2", *sets])
     built, engine = build_run(recipe, "torch", distributed_context("torch"), device=torch.device("cpu"),
                               dtype=torch.float64, vocab_size=VOCAB, micro_batch=4, accumulation=2)
+    if after_build is not None:
+        after_build(engine, built)
     tokens = torch.Generator().manual_seed(1)
     out = []
     for step in range(STEPS):
         chunks = torch.randint(0, VOCAB, (8, 33), generator=tokens).split(4)
         out.append(float(train_step(engine, built, step, chunks).loss))
-    if compile:  # the blocks did go through the compiler (else the comparison proves nothing)
+    if compile or after_build:  # the model did go through the compiler (else the comparison proves nothing)
         assert counters["stats"]["unique_graphs"] >= 1
     if breaks is not None:
         breaks.update(counters["graph_break"])
@@ -99,3 +102,20 @@ def test_decoder_blocks_are_the_models_layers():
     with pytest.raises(ConfigError) as err:
         decoder_blocks(torch.nn.Sequential(torch.nn.Linear(2, 2)))
     assert "Sequential" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_sst_layers_compiled_alone_follow_the_eager_losses():
+    """Where blocks cannot be compiled (ZeRO-3), model.compile compiles each functional SST layer's
+    computation alone: one graph per weight shape (q/k/v/out, fc1, fc2), shared by the layers, no
+    graph break, and the eager dense path's losses."""
+    def compiled_alone(engine, built):
+        assert compile_layers(built.layers.values()) == len(built.layers) == 12
+
+    breaks = {}
+    compiled = _losses("sst", False, "sst.path=functional", breaks=breaks, after_build=compiled_alone)
+    assert breaks == {} and counters["stats"]["unique_graphs"] == 3
+    assert compiled == pytest.approx(_losses("sst", False), rel=1e-10, abs=0)
+    with pytest.raises(ConfigError, match="compiles only method sst's layers with sst.path=functional"):
+        read_ds_config("ds_configs/zero3.json", load_recipe("recipes/tiny-full.yaml", ["model.compile=true"]))
+    read_ds_config("ds_configs/zero3.json", load_recipe("recipes/tiny-sst.yaml", ["model.compile=true",
+                                                                                 "sst.path=functional"]))

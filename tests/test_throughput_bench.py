@@ -152,3 +152,11 @@ def test_deepspeed_runs_on_the_visible_gpus():
     assert throughput.deepspeed_gpus(2, {"CUDA_VISIBLE_DEVICES": "2, 3,4"}) == ["--include", "localhost:2,3"]
     assert throughput.deepspeed_gpus(2, {"CUDA_VISIBLE_DEVICES": "0"}) == ["--num_gpus", "2"]  # too few named
     assert throughput.deepspeed_gpus(2, {}) == ["--num_gpus", "2"]  # a CPU machine: gloo ranks
+
+
+def test_under_zero3_only_sst_functional_layers_keep_model_compile():
+    """ZeRO-3 compiles no block, so full-rank's runs there go eager; SST's functional layers
+    compile alone (the 350M recipe's path), the dense path's do not."""
+    assert throughput.compiles_layers_alone("recipes/opt-350m-sst.yaml", [])
+    assert not throughput.compiles_layers_alone("recipes/opt-350m-full.yaml", ["--set", "model.compile=true"])
+    assert not throughput.compiles_layers_alone("recipes/opt-350m-sst.yaml", ["--set", "sst.path=dense"])

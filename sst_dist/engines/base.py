@@ -158,6 +158,12 @@ class Engine(ABC):
         """Reads back what save() wrote into `path`."""
 
     @property
+    def compiles_blocks(self) -> bool:
+        """Whether model.compile compiles whole decoder blocks (sst_dist.models.compile_blocks); where
+        not, only the methods' layers that compile alone are (compile_layers)."""
+        return True
+
+    @property
     def zero_stage(self) -> int | None:
         """The ZeRO stage a checkpoint records; None where the engine has none (DeepSpeed's only)."""
         return None

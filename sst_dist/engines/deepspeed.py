@@ -27,6 +27,7 @@ from sst_dist.engines.deepspeed_internals import is_zero3
 from sst_dist.errors import ConfigError
 from sst_dist.layouts import older_names, pack
 from sst_dist.optim import RESET_KEYS, build_optimizer
+from sst_dist.registry import spec
 
 
 def _resident_full(param) -> bool:
@@ -250,10 +251,11 @@ def read_ds_config(path: str | None, recipe) -> dict:
     if isinstance(stage, bool) or stage not in STAGES:
         raise ConfigError(f"{where}: zero_optimization.stage is {_json(stage)}; use 1, 2 or 3 (no sharding:"
                           " drop --ds-config for the torch engine)")
-    if stage == 3 and recipe.model.compile:
-        raise ConfigError(f"{where}: model.compile under ZeRO-3 compiles nothing (dynamo traces ZeRO-3's "
-                          "parameter hooks in every block and recompiles each past its limit, leaving them "
-                          "eager); use ZeRO-1/2 or --engine fsdp, or --set model.compile=false")
+    if stage == 3 and recipe.model.compile and not spec(recipe.method).compiles_layers_alone(recipe):
+        raise ConfigError(f"{where}: model.compile under ZeRO-3 compiles only method sst's layers with"
+                          " sst.path=functional, each alone (a whole block's graph would hold ZeRO-3's parameter"
+                          f" hooks, which dynamo recompiles past its limit), and this {recipe.method} recipe has"
+                          " none; use sst.path=functional (method sst), ZeRO-1/2 or --engine fsdp, or --set model.compile=false")
     fp16 = config.get("fp16")
     if fp16 is not None and (not isinstance(fp16, dict) or fp16.get("enabled", False) not in (False, "auto")):
         # the recipe owns the precision (train.dtype); DeepSpeed's fp16 fails on CPU ranks and cannot
@@ -373,6 +375,10 @@ class DeepSpeedEngine(Engine):
     @property
     def zero_stage(self) -> int:
         return self.model.zero_optimization_stage()
+
+    @property
+    def compiles_blocks(self) -> bool:
+        return self.zero_stage != 3  # ZeRO-3's per-module hooks sit inside every block
 
     def save(self, path):
         self.model.save_checkpoint(str(path), tag="engine", save_latest=False)
