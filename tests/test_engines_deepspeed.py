@@ -44,9 +44,11 @@ def test_the_prune_check_detects_a_skipped_reset(tmp_path):
 
 # On an Intel Xeon CPU (AVX-512; the AMD EPYC ones before it ran them bit-identical) the LLaMA
 # recipes under ZeRO-3 leave the single-process curve by 1e-7 to 1e-5 from step 2 to 6 on,
-# everything persistent or not, where ZeRO-2 and OPT under ZeRO-3 stay bit-identical; GaLore's
-# refresh at step 31 then amplifies SST + GaLore's 1e-6 to 2.5e-4. Its curve is compared up to
-# that refresh, past every kind of event.
+# everything persistent or not, where ZeRO-2 and OPT under ZeRO-3 stay bit-identical. Full-rank
+# shows where: after one step the head and the last block's MLP are bit-identical, its attention
+# and everything below differ (by 1e-7; the embedding by 4e-6), so the backward through attention
+# differs, not the optimizer. GaLore's refresh at step 31 then amplifies SST + GaLore's 1e-6 to
+# 2.5e-4. Its curve is compared up to that refresh, past every kind of event.
 COMPARED_STEPS = {("recipes/tiny-llama-sst+galore.yaml", 3): 30}
 
 
