@@ -104,17 +104,21 @@ def test_decoder_blocks_are_the_models_layers():
     assert "Sequential" in str(err.value) and "\n" not in str(err.value)
 
 
-def test_sst_layers_compiled_alone_follow_the_eager_losses():
+@pytest.mark.parametrize("method, layers", [("sst", 12), ("llama-sst", 14)])
+def test_sst_layers_compiled_alone_follow_the_eager_losses(method, layers):
     """Where blocks cannot be compiled (ZeRO-3), model.compile compiles each functional SST layer's
-    computation alone: one graph per weight shape (q/k/v/out, fc1, fc2), shared by the layers, no
-    graph break, and the eager dense path's losses."""
+    computation alone: one graph per weight shape (OPT: q/k/v/out, fc1, fc2; LLaMA: q/k/v/o,
+    gate/up, down), shared by the layers, no graph break, and the eager dense path's losses."""
     def compiled_alone(engine, built):
-        assert compile_layers(built.layers.values()) == len(built.layers) == 12
+        assert compile_layers(built.layers.values()) == len(built.layers) == layers
 
     breaks = {}
-    compiled = _losses("sst", False, "sst.path=functional", breaks=breaks, after_build=compiled_alone)
+    compiled = _losses(method, False, "sst.path=functional", breaks=breaks, after_build=compiled_alone)
     assert breaks == {} and counters["stats"]["unique_graphs"] == 3
-    assert compiled == pytest.approx(_losses("sst", False), rel=1e-10, abs=0)
+    assert compiled == pytest.approx(_losses(method, False), rel=1e-10, abs=0)
+
+
+def test_compile_under_zero3_is_refused_where_no_layer_compiles_alone():
     with pytest.raises(ConfigError, match="compiles only method sst's layers with sst.path=functional"):
         read_ds_config("ds_configs/zero3.json", load_recipe("recipes/tiny-full.yaml", ["model.compile=true"]))
     read_ds_config("ds_configs/zero3.json", load_recipe("recipes/tiny-sst.yaml", ["model.compile=true",
