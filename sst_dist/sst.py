@@ -12,6 +12,7 @@ clamp and renormalisation) is sst_dist.sst_controller.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Iterable
 
@@ -248,15 +249,10 @@ def spectral_linear(x, factors, spectral, idx, bias, dtype, shape):
     return F.linear(x, _SpectralWeight.apply(factors, spectral, idx, dtype, shape), bias)
 
 
-# one compiled function for every layer, so its graphs (one per weight shape and grad mode) are shared
-_compiled_spectral_linear = None
-
-
+@functools.cache
 def compiled_spectral_linear():
-    global _compiled_spectral_linear
-    if _compiled_spectral_linear is None:
-        _compiled_spectral_linear = torch.compile(spectral_linear, dynamic=False)
-    return _compiled_spectral_linear
+    """One compiled function for every layer, so its graphs (one per weight shape and grad mode) are shared."""
+    return torch.compile(spectral_linear, dynamic=False)
 
 
 def split_spectral(packed: torch.Tensor, out: int, rank: int, inp: int):
@@ -497,7 +493,7 @@ class SSTLinear(nn.Module):
         """torch.compile of this layer's computation alone, not its module call, so the engine's
         per-module hooks stay outside the graph (sst_dist.models.compile_layers). Only the
         functional path is a pure function; returns whether the layer was compiled."""
-        if self.path != "functional":
+        if not self.traceable:
             return False
         self.compute = compiled_spectral_linear()
         return True

@@ -75,13 +75,14 @@ def build_run(recipe: Recipe, engine_name: str, ctx, *, device, dtype, vocab_siz
                           micro_batch=micro_batch, accumulation=accumulation, ds_config=ds_config, ctx=ctx,
                           materialize=materialize)
     method.attach(engine.backend, recipe)
-    if recipe.model.compile and engine.compiles_blocks:  # last: the blocks as the engine wraps them, hooks included
-        compile_blocks(engine.model, method.layers.values())
-    elif recipe.model.compile:
-        compiled = compile_layers(method.layers.values())
-        if ctx.rank == 0:
-            print(f"model.compile: {compiled} SST layers compiled alone; the engine's per-module hooks and the"
-                  " rest of each block run eagerly", flush=True)
+    if recipe.model.compile:  # last: the blocks as the engine wraps them, hooks included
+        if engine.compiles_blocks:
+            compile_blocks(engine.model, method.layers.values())
+        else:
+            compiled = compile_layers(method.layers.values())
+            if ctx.rank == 0:
+                print(f"model.compile: {compiled} SST layers compiled alone; the engine's per-module hooks and"
+                      " the rest of each block run eagerly", flush=True)
     return method, engine
 
 
